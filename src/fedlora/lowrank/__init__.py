@@ -1,0 +1,42 @@
+"""Pure tensor algebra of low-rank adapters: no ``nn.Module``, no I/O.
+
+Shapes follow ``nn.Linear.weight``: ``B`` is d_out x r, ``A`` is r x d_in, the update ``s B A``.
+"""
+
+from fedlora.lowrank.batched import group_by_shape, lowrank_svd_many
+from fedlora.lowrank.delta import FactoredDelta
+from fedlora.lowrank.lora import lora_init, lora_scale
+from fedlora.lowrank.procrustes import alignment_rotation, polar, procrustes, rotate, soft_rotation
+from fedlora.lowrank.svd import (
+    SPLITS,
+    LowRankSVD,
+    compute_dtype,
+    energy_rank,
+    lowrank_svd,
+    pad_rank,
+    split_factors,
+    stack_products,
+    truncated_factors,
+)
+
+__all__ = [
+    "SPLITS",
+    "FactoredDelta",
+    "LowRankSVD",
+    "alignment_rotation",
+    "compute_dtype",
+    "energy_rank",
+    "group_by_shape",
+    "lora_init",
+    "lora_scale",
+    "lowrank_svd",
+    "lowrank_svd_many",
+    "pad_rank",
+    "polar",
+    "procrustes",
+    "rotate",
+    "soft_rotation",
+    "split_factors",
+    "stack_products",
+    "truncated_factors",
+]
