@@ -212,6 +212,11 @@ class Method(ABC):
         """Which factors every upload in round ``state.round`` must carry."""
         return AB
 
+    def needs_global(self, round_: int) -> bool:
+        """Whether aggregating round ``round_`` needs the true round-start global factors (and
+        cannot work from factors reconstructed out of the uploads)."""
+        return False
+
     # ---- server side -------------------------------------------------------------------
     @abstractmethod
     def aggregate(

@@ -67,6 +67,9 @@ class FedRotLoRA(Method):
         if not 0.0 <= self.settings.lam <= 1.0:
             raise ValueError(f"lam must lie in [0, 1], got {self.settings.lam}")
 
+    def needs_global(self, round_: int) -> bool:
+        return aligned_side(round_, self.settings.align, self.settings.skip_first) is not None
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         side = aligned_side(state.round, self.settings.align, self.settings.skip_first)
