@@ -1,0 +1,263 @@
+"""The experiment configuration: one YAML file, validated on load, overridable with ``--set``.
+
+Every section is a dataclass whose fields document themselves (``metadata["help"]``); an
+unknown key or a bad value raises :class:`ConfigError` naming the dotted key and what is
+allowed. ``fedlora run --set train.lr=1e-3 --set method.settings.tau=0.9`` overrides any key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key that does not exist or whose value is not allowed."""
+
+
+def _f(default: Any, help_text: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help_text, **kw})
+    return field(default=default, metadata={"help": help_text, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("offline:smollm2-135m", "hub id, local folder, .gguf file, or offline:smollm2-135m / offline:minilm")
+    kind: Literal["causal_lm", "seq_cls"] = _f("causal_lm", "model head")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype the base weights are stored in")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    num_labels: int = _f(2, "classes, for seq_cls", min=1)
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _f(8, "global LoRA rank r", min=1)
+    alpha: float = _f(16.0, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with rslora)", min=0.0)
+    targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names to adapt")
+    dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
+    rslora: bool = _f(False, "rank-stabilised scale alpha/sqrt(r)")
+    client_ranks: dict[str, int] = _f({}, "per-client rank overrides {client_id: rank} (flexlora, flora)")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("fedmomentum", "registered method (fedlora methods)")
+    settings: dict[str, Any] = _f({}, "method settings, e.g. {tau: 0.99}")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("math", "task plug-in")
+    settings: dict[str, Any] = _f({}, "task settings (see the task's documentation)")
+
+
+@dataclass
+class PartitionConfig:
+    scheme: Literal["iid", "dirichlet", "k_classes", "natural"] = _f(
+        "dirichlet", "how train data is split over clients"
+    )
+    num_clients: int = _f(4, "number of clients", min=1)
+    alpha: float = _f(0.5, "Dirichlet concentration (smaller = more skewed)", min=0.0)
+    k: int = _f(2, "groups per client for k_classes", min=1)
+    min_size: int = _f(8, "minimum examples per client", min=1)
+
+
+@dataclass
+class RoundsConfig:
+    num_rounds: int = _f(5, "federated rounds", min=1)
+    clients_per_round: float = _f(1.0, "clients sampled per round: a count (>= 1) or a fraction (< 1)", min=0.0)
+    min_clients: int = _f(1, "fewest accepted updates to aggregate; fewer skips the round", min=1)
+    eval_every: int = _f(1, "evaluate the global model every k rounds (0 = only at the end)", min=0)
+    eval_baseline: bool = _f(True, "evaluate the untuned base model first")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adamw", "sgd"] = _f("adamw", "local optimizer")
+    lr: float = _f(1e-3, "peak learning rate", min=0.0)
+    momentum: float = _f(0.0, "SGD momentum", min=0.0)
+    weight_decay: float = _f(0.0, "weight decay", min=0.0)
+    schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule within a round")
+    warmup_steps: int = _f(0, "linear warm-up steps within a round", min=0)
+    round_decay: Literal["none", "cosine", "linear"] = _f("none", "peak learning rate across rounds")
+    min_lr_ratio: float = _f(0.1, "final/peak learning rate of the across-round decay", min=0.0, max=1.0)
+    batch_size: int = _f(4, "examples per micro-batch", min=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
+    max_steps: int = _f(10, "optimizer steps per client per round (0: use epochs)", min=0)
+    epochs: float = _f(0.0, "local epochs per round when max_steps is 0", min=0.0)
+    clip: float = _f(1.0, "gradient-norm clip (0 = off)", min=0.0)
+    optimizer_state: Literal["fresh", "carry"] = _f("fresh", "new optimizer each round, or carried per client")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "autocast dtype (auto: bf16 on GPU, fp32 on CPU)"
+    )
+    grad_batches: int = _f(4, "batches for full-weight gradient estimates (fedsmooth_lora)", min=1)
+
+
+@dataclass
+class Config:
+    name: str = _f("default", "run name: outputs go to <output_dir>/<name>")
+    seed: int = _f(0, "seed of everything (data, partition, sampling, init, dropout)")
+    output_dir: str = _f("runs", "where run folders are written")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- parsing ----------------------------------------------------------------------------------
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown key {dotted!r}; allowed: {', '.join(fields)}")
+        kwargs[key] = _value(hints[key], value, dotted, fields[key])
+    return cls(**kwargs)
+
+
+def _value(ann: Any, value: Any, dotted: str, f: dataclasses.Field) -> Any:
+    if dataclasses.is_dataclass(ann):
+        return _build(ann, value, f"{dotted}.")
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        allowed = typing.get_args(ann)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{dotted} must be a list of strings, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
+        key_t, val_t = typing.get_args(ann)
+        if val_t is int:
+            for k, v in value.items():
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ConfigError(f"{dotted}.{k} must be a positive integer, got {v!r}")
+        return {str(k): v for k, v in value.items()}
+    if ann is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted} must be true or false, got {value!r}")
+        return value
+    if ann is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{dotted} must be an integer, got {value!r}")
+    elif ann is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{dotted} must be a number, got {value!r}")
+        value = float(value)
+    elif ann is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{dotted} must be a string, got {value!r}")
+        return value
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{dotted}={value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{dotted}={value!r} is above the maximum {hi}")
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    """A ``--set`` value as YAML would read it (numbers, booleans, lists), else the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str]) -> dict[str, Any]:
+    """Set dotted keys (``train.lr=1e-3``) in a nested dict; values parsed as YAML scalars."""
+    for dotted, text in overrides.items():
+        parts = dotted.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply ``overrides``, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+    data = apply_overrides(data, overrides or {})
+    cfg = _build(Config, data, "")
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field checks (the method exists and its settings parse, etc.)."""
+    from fedlora.methods import build_method
+
+    try:
+        build_method(cfg.method.name, cfg.method.settings)
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from None
+    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
+        raise ConfigError("train.max_steps and train.epochs are both 0: set one of them")
+    if cfg.rounds.clients_per_round > cfg.partition.num_clients:
+        raise ConfigError(
+            f"rounds.clients_per_round={cfg.rounds.clients_per_round} exceeds "
+            f"partition.num_clients={cfg.partition.num_clients}"
+        )
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(f"name={cfg.name!r} must be a plain folder name")
+
+
+def describe_config(cls: type = Config, prefix: str = "") -> list[str]:
+    """``key (type, default): help`` lines for the whole schema (docs and ``--help``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        ann = hints[f.name]
+        if dataclasses.is_dataclass(ann):
+            lines.extend(describe_config(ann, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kind = (
+            "|".join(map(str, typing.get_args(ann)))
+            if typing.get_origin(ann) is Literal
+            else getattr(ann, "__name__", str(ann))
+        )
+        lines.append(f"{prefix}{f.name} ({kind}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,536 @@
+"""The one-machine simulation runtime: rounds of sampled clients training one shared base model.
+
+One round, as data::
+
+    server state --method.client_start--> per-client start (factors, trainable, local shift)
+      -> load factors into the single PEFT model, train locally, read factors back
+      -> method.client_finish -> upload (+ client memory) -> screen_uploads (bad ones rejected)
+      -> method.aggregate -> new global state + backbone delta (applied once, kept in a ledger)
+      -> evaluation -> metrics.jsonl line -> atomic checkpoint
+
+The runtime holds no method-specific code: what differs between methods lives in
+``fedlora.methods``. Everything needed to continue is checkpointed after every round (global
+factors, method state, the ledger of backbone deltas, client memories and optimizer states,
+data cursors, RNG state), so ``--resume`` after a kill at any moment finishes with the same
+metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from fedlora.lowrank import FactoredDelta
+from fedlora.methods import ClientContext, ClientUpload, GlobalState, Method, ModuleFactors, build_method
+from fedlora.methods.base import Factors
+from fedlora.methods.validation import InvalidUpdate, screen_uploads
+from fedlora.model.binding import LoRABinding, LoRASettings
+from fedlora.sim.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.sim.config import Config
+from fedlora.sim.train import example_stream, steps_for, train_local
+
+log = logging.getLogger("fedlora")
+FAULT_ENV = "FEDLORA_FAULT"
+
+
+def _loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _fault(event: str, round_: int, client_index: int | None = None) -> None:
+    """Testing hook: ``FEDLORA_FAULT=event:round[:client_index]`` SIGKILLs this process there."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != event or int(parts[1]) != round_:
+        return
+    if len(parts) > 2 and client_index is not None and int(parts[2]) != client_index:
+        return
+    if len(parts) > 2 and client_index is None:
+        return
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class ClientRecord:
+    """What the server keeps per client between rounds (in the checkpoint)."""
+
+    cursor: int = 0
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+
+
+class Simulation:
+    """A federated fine-tuning run on one machine (see the module docstring)."""
+
+    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.progress = progress
+        self.method: Method = build_method(cfg.method.name, cfg.method.settings)
+        self.device = _device(cfg.model.device)
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from fedlora.data.partition import partition_report, plot_partition
+        from fedlora.model.loading import load_model, load_tokenizer
+        from fedlora.tasks import build_task
+
+        cfg = self.cfg
+        self.task = build_task(cfg.task.name, cfg.task.settings, seed=cfg.seed)
+        data = self.task.load()
+        self.train_examples, self.test_examples = data.train, data.test
+        groups = [str(ex.get(data.group_key, "")) for ex in self.train_examples]
+        self.parts = self._partition(groups)
+        self.client_ids = [str(i) for i in range(len(self.parts))]
+        report = partition_report(groups, self.parts)
+        (self.run_dir / "partition.json").write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            plot_partition(report, self.run_dir / "partition.png")
+        except Exception as exc:  # a plot must never stop a run
+            log.warning("partition plot failed: %s", exc)
+        dtype = getattr(torch, cfg.model.dtype)
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        torch.manual_seed(cfg.seed)
+        model = load_model(
+            cfg.model.name, cfg.model.kind, dtype=dtype, num_labels=cfg.model.num_labels, device=str(self.device)
+        )
+        lora = LoRASettings(
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            targets=tuple(cfg.lora.targets),
+            dropout=cfg.lora.dropout,
+            rslora=cfg.lora.rslora,
+            modules_to_save=("classifier", "score") if cfg.model.kind == "seq_cls" else (),
+        )
+        self.binding = LoRABinding(model, lora, task_type="SEQ_CLS" if cfg.model.kind == "seq_cls" else "CAUSAL_LM")
+        self.global_extras = self.binding.extras()
+
+    def _partition(self, groups: list[str]) -> list[list[int]]:
+        from fedlora.data import partition as P
+
+        p = self.cfg.partition
+        if p.scheme == "iid":
+            return P.iid(len(groups), p.num_clients, self.cfg.seed)
+        if p.scheme == "dirichlet":
+            return P.dirichlet(groups, p.num_clients, p.alpha, self.cfg.seed, min_size=p.min_size)
+        if p.scheme == "k_classes":
+            return P.k_classes(groups, p.num_clients, p.k, self.cfg.seed)
+        return P.natural(groups)
+
+    def _client_rank(self, cid: str) -> int:
+        return int(self.cfg.lora.client_ranks.get(cid, self.cfg.lora.rank))
+
+    # ---- batches ------------------------------------------------------------------------------
+    def _batches(self, cid: str, start_cursor: int) -> Iterator[dict[str, torch.Tensor]]:
+        stream = example_stream(self.parts[int(cid)], self.cfg.seed, cid, start_cursor)
+        bs = self.cfg.train.batch_size
+        while True:
+            idx = [next(stream) for _ in range(bs)]
+            batch = self.task.collate([self.train_examples[i] for i in idx], self.tokenizer)
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def _grad_fn(self, cid: str, round_: int) -> Callable[[dict[str, FactoredDelta]], dict[str, torch.Tensor]]:
+        def grad_fn(offsets):
+            stream = example_stream(self.parts[int(cid)], self.cfg.seed, f"{cid}:grad:{round_}", 0)
+            bs = self.cfg.train.batch_size
+            batches = []
+            for _ in range(self.cfg.train.grad_batches):
+                idx = [next(stream) for _ in range(bs)]
+                batch = self.task.collate([self.train_examples[i] for i in idx], self.tokenizer)
+                batches.append({k: v.to(self.device) for k, v in batch.items()})
+            with self.binding.shifted(offsets):
+                return self.binding.full_weight_gradients(batches, _loss)
+
+        return grad_fn
+
+    # ---- state --------------------------------------------------------------------------------
+    def _initial_state(self) -> GlobalState:
+        return GlobalState(round=0, factors=self.binding.get_factors(), spec=self.binding.spec)
+
+    def _checkpoint(self, metrics_lines: int) -> None:
+        s = self.state
+        save_checkpoint(
+            self.run_dir / "checkpoint",
+            {
+                "round": s.round,
+                "factors": {m: {"A": f.A, "B": f.B} for m, f in s.factors.items()},
+                "method_state": s.method_state,
+                "ledger": [{m: [d.ups, d.downs] for m, d in step.items()} for step in self.ledger],
+                "clients": {
+                    c: {"cursor": r.cursor, "memory": r.memory, "optimizer": r.optimizer}
+                    for c, r in self.clients.items()
+                },
+                "extras": self.global_extras,
+                "bytes_total": self.bytes_total,
+                "metrics_lines": metrics_lines,
+                "torch_rng": torch.get_rng_state(),
+                "elapsed": self.elapsed + (time.perf_counter() - self.t0),
+            },
+        )
+
+    def _restore(self) -> int:
+        ck = load_checkpoint(self.run_dir / "checkpoint")
+        factors = {m: ModuleFactors(A=f["A"], B=f["B"]) for m, f in ck["factors"].items()}
+        self.state = GlobalState(
+            round=ck["round"], factors=factors, spec=self.binding.spec, method_state=ck["method_state"]
+        )
+        self.ledger = []
+        for step in ck["ledger"]:
+            deltas = {}
+            for m, (ups, downs) in step.items():
+                d = FactoredDelta(int(ups[0].shape[0]), int(downs[0].shape[1]), list(ups), list(downs)) if ups else None
+                if d is not None:
+                    deltas[m] = d
+            self.ledger.append(deltas)
+            self.binding.apply_delta(deltas)  # replay, in order: same float ops as the original run
+        self.clients = {
+            c: ClientRecord(cursor=r["cursor"], memory=r["memory"], optimizer=r["optimizer"])
+            for c, r in ck["clients"].items()
+        }
+        self.global_extras = ck["extras"]
+        self.bytes_total = ck["bytes_total"]
+        self.elapsed = ck["elapsed"]
+        torch.set_rng_state(ck["torch_rng"])
+        return int(ck["metrics_lines"])
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _evaluate(self) -> dict[str, float]:
+        self.binding.set_factors(self.state.factors)
+        if self.global_extras:
+            self.binding.set_extras(self.global_extras)
+        self.binding.model.eval()
+        with torch.no_grad():
+            return self.task.evaluate(self.binding.model, self.tokenizer, self.test_examples)
+
+    def _evaluate_base(self) -> dict[str, float]:
+        self.binding.model.eval()
+        with torch.no_grad(), self.binding.model.disable_adapter():
+            return self.task.evaluate(self.binding.model, self.tokenizer, self.test_examples)
+
+    # ---- the run ------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _setup_logging(self.run_dir)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        (self.run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        self._setup()
+        self.t0 = time.perf_counter()
+        self.elapsed = 0.0
+        if resume:
+            lines = self._restore()
+            _truncate_lines(metrics_path, lines)
+            log.info("resumed %s at round %d", self.run_dir, self.state.round)
+        else:
+            self.state = self._initial_state()
+            self.ledger: list[dict[str, FactoredDelta]] = []
+            self.clients: dict[str, ClientRecord] = {}
+            self.bytes_total = 0
+            metrics_path.write_text("")
+            if cfg.rounds.eval_baseline:
+                t = time.perf_counter()
+                base = self._evaluate_base()
+                _append(
+                    metrics_path,
+                    {
+                        "round": 0,
+                        "phase": "baseline",
+                        "eval": base,
+                        "bytes_total": 0,
+                        "eval_seconds": time.perf_counter() - t,
+                    },
+                )
+                log.info("base model: %s", _fmt(base))
+            self._checkpoint(_count_lines(metrics_path))
+        (self.run_dir / "protocol.json").write_text(json.dumps(self.task.protocol(), indent=2) + "\n")
+
+        k = self._clients_per_round()
+        total_steps = cfg.rounds.num_rounds * k * cfg.train.max_steps if cfg.train.max_steps else None
+        done_steps = self.state.round * k * cfg.train.max_steps if cfg.train.max_steps else 0
+        bar = tqdm(total=total_steps, initial=done_steps, disable=not self.progress, unit="step", dynamic_ncols=True)
+        try:
+            while self.state.round < cfg.rounds.num_rounds:
+                record = self._round(k, bar)
+                _append(metrics_path, record)
+                self._checkpoint(_count_lines(metrics_path))
+                _fault("after_checkpoint", self.state.round)
+        finally:
+            bar.close()
+        return self._finish(metrics_path)
+
+    def _clients_per_round(self) -> int:
+        c, n = self.cfg.rounds.clients_per_round, len(self.client_ids)
+        return min(n, int(c)) if c >= 1 else max(1, round(c * n))
+
+    def _round(self, k: int, bar: tqdm) -> dict[str, Any]:
+        cfg, t = self.cfg, self.state.round
+        sampled = sorted(random.Random(f"{cfg.seed}:sample:{t}").sample(self.client_ids, k), key=int)
+        uploads, train_stats, failures, extras = [], {}, [], []
+        ranks = {}
+        t_train = time.perf_counter()
+        for pos, cid in enumerate(sampled):
+            bar.set_description(f"round {t + 1}/{cfg.rounds.num_rounds} client {cid} ({pos + 1}/{k})")
+            try:
+                upload, stats, client_extras = self._train_client(cid, bar)
+            except Exception as exc:  # one client's failure (OOM included) must not stop the run
+                log.error(
+                    "round %d: client %s failed during local training: %s: %s", t + 1, cid, type(exc).__name__, exc
+                )
+                failures.append({"client": cid, "reason": f"{type(exc).__name__}: {exc}"})
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            uploads.append(upload)
+            train_stats[cid] = stats
+            extras.append(client_extras)
+            ranks[cid] = self._client_rank(cid)
+            _fault("after_client", t, pos)
+        train_seconds = time.perf_counter() - t_train
+
+        screening = screen_uploads(uploads, self.state, self.method, ranks if self.method.heterogeneous_ranks else None)
+        rejected = failures + [
+            {"client": e.client_id, "module": e.module, "reason": e.problem} for e in screening.rejected
+        ]
+        for e in screening.rejected:
+            log.warning("round %d: rejected %s", t + 1, e)
+        accepted = screening.accepted
+        record: dict[str, Any] = {
+            "round": t + 1,
+            "phase": "train",
+            "clients": sampled,
+            "train": train_stats,
+            "rejected": rejected,
+        }
+        t_agg = time.perf_counter()
+        if len(accepted) < cfg.rounds.min_clients:
+            log.warning(
+                "round %d skipped: %d accepted updates < min_clients=%d", t + 1, len(accepted), cfg.rounds.min_clients
+            )
+            self.state = GlobalState(t + 1, self.state.factors, self.state.spec, self.state.method_state)
+            record.update(skipped=True, bytes_up=0, bytes_down=0)
+        else:
+            result = self.method.aggregate(self.state, accepted)
+            deltas = dict(result.backbone_delta)
+            state = result.state
+            if state.round >= cfg.rounds.num_rounds:
+                state, final = self.method.finalize(state)
+                for m, d in final.items():
+                    deltas[m] = deltas[m].extend(d) if m in deltas else d
+            deltas = {m: d for m, d in deltas.items() if not d.is_empty}
+            if deltas:
+                self.binding.apply_delta(deltas)
+            self.ledger.append(deltas)
+            self.state = state
+            keep = {u.client_id for u in accepted}
+            kept_extras = [e for u, e in zip(uploads, extras) if u.client_id in keep]
+            if kept_extras and kept_extras[0]:
+                self.global_extras = _mean_extras(kept_extras, [u.num_examples for u in accepted])
+            bytes_down = result.bytes_down * k
+            self.bytes_total += result.bytes_up + bytes_down
+            record.update(
+                skipped=False,
+                bytes_up=result.bytes_up,
+                bytes_down=bytes_down,
+                backbone_delta_rank=sum(d.rank for d in deltas.values()),
+                report=_summarise(result.report),
+            )
+        agg_seconds = time.perf_counter() - t_agg
+        losses = [s["loss"] for s in train_stats.values()]
+        record["train_loss"] = sum(losses) / len(losses) if losses else None
+        record["bytes_total"] = self.bytes_total
+        every = cfg.rounds.eval_every
+        eval_seconds = 0.0
+        if (every and (t + 1) % every == 0) or t + 1 == cfg.rounds.num_rounds:
+            t_eval = time.perf_counter()
+            record["eval"] = self._evaluate()
+            eval_seconds = time.perf_counter() - t_eval
+            log.info("round %d: train loss %s, %s", t + 1, _num(record["train_loss"]), _fmt(record["eval"]))
+        record["seconds"] = {"train": train_seconds, "aggregate": agg_seconds, "eval": eval_seconds}
+        return record
+
+    def _train_client(self, cid: str, bar: tqdm) -> tuple[ClientUpload, dict[str, Any], dict[str, torch.Tensor]]:
+        cfg, state = self.cfg, self.state
+        rec = self.clients.setdefault(cid, ClientRecord())
+        ctx = ClientContext(
+            client_id=cid,
+            round=state.round,
+            rank=self._client_rank(cid),
+            num_rounds=cfg.rounds.num_rounds,
+            memory=rec.memory,
+            seed=cfg.seed,
+            grad_fn=self._grad_fn(cid, state.round) if self.method.needs_gradient else None,
+        )
+        start = self.method.client_start(state, ctx)
+        self.binding.set_factors(start.factors)
+        if self.global_extras:
+            self.binding.set_extras(self.global_extras)
+        params = self.binding.set_trainable(start.trainable)
+        n_local = len(self.parts[int(cid)])
+        steps = steps_for(cfg.train, n_local)
+        carry = cfg.train.optimizer_state == "carry"
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        with self.binding.shifted(start.local_shift):
+            result, opt_state = train_local(
+                self.binding.model,
+                params,
+                self._batches(cid, rec.cursor),
+                _loss,
+                cfg.train,
+                steps=steps,
+                round_=state.round,
+                num_rounds=cfg.rounds.num_rounds,
+                optimizer_state=rec.optimizer if carry else None,
+                on_step=on_step,
+            )
+        trained = self.binding.get_factors()
+        factors, memory = self.method.client_finish(state, ctx, start, trained)
+        rec.cursor += result.examples
+        rec.memory = memory
+        rec.optimizer = _cpu(opt_state) if carry else None
+        upload = ClientUpload(cid, factors, num_examples=n_local)
+        stats = {"loss": result.loss, "steps": result.steps, "examples": result.examples, "seconds": result.seconds}
+        return upload, stats, self.binding.extras()
+
+    def _finish(self, metrics_path: Path) -> dict[str, Any]:
+        from fedlora.sim.report import write_plots
+
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        final_dir = self.run_dir / "final"
+        merged = _merge_ledger(self.ledger)
+        self.binding.save_adapter(final_dir, self.state.factors, merged if self.method.changes_backbone else None)
+        evals = [r for r in records if r.get("eval")]
+        baseline = next((r["eval"] for r in records if r.get("phase") == "baseline"), None)
+        final = evals[-1]["eval"] if evals and evals[-1].get("phase") != "baseline" else None
+        summary = {
+            "name": self.cfg.name,
+            "method": self.method.name,
+            "settings": self.cfg.method.settings,
+            "rounds": self.state.round,
+            "baseline": baseline,
+            "final": final,
+            "bytes_total": self.bytes_total,
+            "seconds": self.elapsed + (time.perf_counter() - self.t0),
+            "rejected": sum(len(r.get("rejected", [])) for r in records),
+            "skipped_rounds": sum(1 for r in records if r.get("skipped")),
+            "protocol": self.task.protocol(),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            write_plots(records, self.run_dir, title=f"{self.cfg.name} ({self.method.name})")
+        except Exception as exc:
+            log.warning("plots failed: %s", exc)
+        if baseline and final:
+            log.info("untuned base model: %s", _fmt(baseline))
+            log.info("federated %s after %d rounds: %s", self.method.name, self.state.round, _fmt(final))
+        return summary
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def _merge_ledger(ledger: list[dict[str, FactoredDelta]]) -> dict[str, FactoredDelta]:
+    merged: dict[str, FactoredDelta] = {}
+    for step in ledger:
+        for m, d in step.items():
+            merged.setdefault(m, FactoredDelta(d.d_out, d.d_in)).extend(d)
+    return {m: d.compress() for m, d in merged.items()}
+
+
+def _mean_extras(extras: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
+    total = float(sum(weights))
+    return {
+        k: sum(e[k].double() * (w / total) for e, w in zip(extras, weights)).to(extras[0][k].dtype) for k in extras[0]
+    }
+
+
+def _summarise(report: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each per-module number over modules (the per-module detail is too long for a line)."""
+    sums: dict[str, list[float]] = {}
+    for values in report.values():
+        for k, v in values.items():
+            sums.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    lines = [line for line in path.read_text().splitlines() if line.strip()][:n] if path.exists() else []
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {_num(v)}" for k, v in metrics.items())
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _setup_logging(run_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    fh = logging.FileHandler(run_dir / "log.txt")
+    fh.setFormatter(fmt)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    log.addHandler(fh)
+    log.addHandler(sh)
+    log.propagate = False
+
+
+def run_experiment(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the experiment ``cfg`` and return its summary."""
+    return Simulation(cfg, progress=progress).run(resume=resume)
+
+
+__all__ = ["Factors", "InvalidUpdate", "Simulation", "run_experiment"]

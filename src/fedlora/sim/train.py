@@ -1,0 +1,137 @@
+"""A client's local training: optimizer, learning-rate schedule, accumulation, clipping, autocast.
+
+The data order is a pure function of ``(seed, client, pass)`` plus the client's cursor (how
+many examples it has consumed so far), so a resumed run replays exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fedlora.sim.config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    examples: int
+    seconds: float
+    losses: list[float]
+
+
+def example_stream(indices: Sequence[int], seed: int, client: str, cursor: int) -> Iterator[int]:
+    """Example indices in a fresh seeded permutation per pass over the data, from ``cursor`` on."""
+    n = len(indices)
+    if n == 0:
+        raise ValueError(f"client {client} has no training examples")
+    pass_, offset = divmod(cursor, n)
+    while True:
+        order = list(indices)
+        random.Random(f"{seed}:{client}:{pass_}").shuffle(order)
+        yield from order[offset:]
+        pass_, offset = pass_ + 1, 0
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int, round_: int, num_rounds: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total_steps`` in round ``round_``."""
+    peak = cfg.lr
+    if cfg.round_decay != "none" and num_rounds > 1:
+        frac = round_ / (num_rounds - 1)
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.round_decay == "cosine" else 1 - frac
+        peak = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps + 1:
+        return peak
+    frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps - 1)
+    if cfg.schedule == "linear":
+        return peak * (1 - frac)
+    return peak * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "float32" or (cfg.precision == "auto" and device.type != "cuda"):
+        return None
+    if cfg.precision == "auto":
+        return torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.precision]
+
+
+def steps_for(cfg: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps this round: ``max_steps``, or ``epochs`` over the client's data."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * num_examples / per_step))
+
+
+def train_local(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batches: Iterator[dict[str, torch.Tensor]],
+    loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
+    cfg: TrainConfig,
+    *,
+    steps: int,
+    round_: int,
+    num_rounds: int,
+    optimizer_state: dict[str, Any] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Run ``steps`` optimizer steps; return the result and the optimizer's state dict."""
+    device = params[0].device
+    optimizer = make_optimizer(cfg, params)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    amp = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    model.train()
+    losses: list[float] = []
+    examples = 0
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step, steps, round_, num_rounds)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            examples += int(batch["input_ids"].shape[0])
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = loss_fn(model, batch) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {step}")
+            (scaler.scale(loss) if scaler else loss).backward()
+            total += float(loss.detach())
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        losses.append(total)
+        if on_step:
+            on_step(step, total)
+    model.eval()
+    seconds = time.perf_counter() - start
+    result = TrainResult(
+        loss=sum(losses) / max(1, len(losses)), steps=steps, examples=examples, seconds=seconds, losses=losses
+    )
+    return result, optimizer.state_dict()
