@@ -1,0 +1,308 @@
+"""fedlora.sim.report on synthetic run folders (no model): plots, run loading, the comparison table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedlora.sim.report import RunData, compare_runs, load_run, lower_is_better, write_plots
+
+MIN_PNG_BYTES = 10_000
+
+
+def make_records(
+    values: list[float | None],
+    *,
+    metric: str = "exact_match",
+    baseline: float | None = 0.12,
+    clients: int = 3,
+    skipped: tuple[int, ...] = (),
+    rejected: tuple[int, ...] = (),
+    mb_per_round: float = 2.5,
+    extra_metrics: dict[str, list[float | None]] | None = None,
+) -> list[dict]:
+    """One baseline line (optional) and one line per entry of ``values`` (None: round not evaluated)."""
+    records: list[dict] = []
+    if baseline is not None:
+        ev = {metric: baseline, "n": 50}
+        for k, vs in (extra_metrics or {}).items():
+            ev[k] = vs[0] if vs[0] is not None else 0.0
+        records.append({"round": 0, "phase": "baseline", "eval": ev, "bytes_total": 0, "eval_seconds": 4.0})
+    total = 0
+    for t, v in enumerate(values, start=1):
+        ids = [str(c) for c in range(clients)]
+        train = {
+            c: {"loss": 2.0 / t + 0.1 * i, "steps": 4, "examples": 16, "seconds": 1.5 + 0.1 * i}
+            for i, c in enumerate(ids)
+        }
+        skip = t in skipped
+        up = 0 if skip else int(mb_per_round * 1e6 * 0.4)
+        down = 0 if skip else int(mb_per_round * 1e6 * 0.6)
+        total += up + down
+        rec = {
+            "round": t,
+            "phase": "train",
+            "clients": ids,
+            "train": train,
+            "train_loss": sum(s["loss"] for s in train.values()) / len(train),
+            "rejected": [{"client": "1", "module": "q_proj", "reason": "non-finite"}] if t in rejected else [],
+            "skipped": skip,
+            "bytes_up": up,
+            "bytes_down": down,
+            "bytes_total": total,
+            "seconds": {"train": 5.0 + t % 2, "aggregate": 0.4, "eval": 3.0 if v is not None else 0.0},
+        }
+        if not skip:
+            rec["report"] = {"tail_energy": 0.01}
+        if v is not None:
+            rec["eval"] = {metric: v, "n": 50}
+            for k, vs in (extra_metrics or {}).items():
+                if vs[t] is not None:
+                    rec["eval"][k] = vs[t]
+        records.append(rec)
+    return records
+
+
+def write_run(
+    root: Path, name: str, records: list[dict], *, method: str = "fedavg", summary: bool = True, seconds: float = 42.0
+) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "config.yaml").write_text(f"name: {name}\nmethod:\n  name: {method}\n")
+    if summary:
+        train = [r for r in records if r.get("phase") == "train"]
+        evals = [r["eval"] for r in records if r.get("eval")]
+        base = next((r["eval"] for r in records if r.get("phase") == "baseline"), None)
+        final = evals[-1] if evals and (not base or evals[-1] is not base) else None
+        (run / "summary.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "method": method,
+                    "settings": {},
+                    "rounds": len(train),
+                    "baseline": base,
+                    "final": final,
+                    "bytes_total": train[-1]["bytes_total"] if train else 0,
+                    "seconds": seconds,
+                    "rejected": sum(len(r.get("rejected", [])) for r in records),
+                    "skipped_rounds": sum(1 for r in records if r.get("skipped")),
+                    "protocol": {},
+                }
+            )
+        )
+    return run
+
+
+def assert_png(path: Path, min_w: int = 800, min_h: int = 500) -> tuple[int, int]:
+    import matplotlib.image as mpimg
+
+    assert path.is_file(), path
+    assert path.stat().st_size > MIN_PNG_BYTES, (path, path.stat().st_size)
+    img = mpimg.imread(path)
+    h, w = img.shape[:2]
+    assert w >= min_w and h >= min_h, (w, h)
+    assert img.shape[2] in (3, 4)
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+    return w, h
+
+
+def table_row(table: str, name: str) -> list[str]:
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("run "))
+    row = next(line for line in lines if line.split()[:1] == [name])
+    cols, cells = header.split(), row.split()
+    assert len(cols) == len(cells), (header, row)
+    return dict(zip(cols, cells))
+
+
+# ---- write_plots ----------------------------------------------------------------------------------
+def test_write_plots_full_run(tmp_path):
+    records = make_records([None, 0.30, None, 0.45, 0.38], skipped=(3,), rejected=(2,))
+    paths = write_plots(records, tmp_path, title="demo (fedavg)")
+    assert paths == [tmp_path / "curves.png"]
+    w, h = assert_png(paths[0])
+    assert w > h  # the 13x9 inch 2x2 figure
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        pytest.param(make_records([None, None, None], baseline=None), id="no-eval-at-all"),
+        pytest.param(make_records([None, None], baseline=0.2), id="baseline-only"),
+        pytest.param(make_records([0.5]), id="single-round"),
+        pytest.param(make_records([0.5], baseline=None, clients=1), id="single-round-single-client"),
+        pytest.param(make_records([0.1, 0.2, 0.3], skipped=(1, 2, 3)), id="all-skipped"),
+        pytest.param(make_records([]), id="baseline-line-only"),
+        pytest.param([], id="empty"),
+    ],
+)
+def test_write_plots_edge_cases(tmp_path, records):
+    (path,) = write_plots(records, tmp_path / "run", title="edge")
+    assert_png(path)
+
+
+def test_write_plots_odd_records(tmp_path):
+    records = make_records([0.2, 0.3, 0.4])
+    records[1]["train_loss"] = None  # every client failed
+    records[1]["train"] = {}
+    records[2]["train"]["0"]["loss"] = math.nan  # a diverged client
+    del records[3]["seconds"]
+    records[3]["eval"]["accuracy"] = 0.7  # a metric appearing late
+    (path,) = write_plots(records, tmp_path, title="odd")
+    assert_png(path)
+
+
+def test_write_plots_metrics_on_different_scales(tmp_path):
+    records = make_records(
+        [0.2, 0.3, 0.35], extra_metrics={"perplexity": [40.0, 20.0, 12.0, 9.0], "f1": [0.1, 0.2, 0.3, 0.4]}
+    )
+    (path,) = write_plots(records, tmp_path, title="scales")
+    assert_png(path)
+
+
+def test_write_plots_leaves_pyplot_alone(tmp_path):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    write_plots(make_records([0.2, 0.3]), tmp_path, title="x")
+    assert plt.get_fignums() == before
+
+
+# ---- load_run -------------------------------------------------------------------------------------
+def test_load_run(tmp_path):
+    records = make_records([0.2, 0.4])
+    run = write_run(tmp_path, "alpha", records, method="fedmomentum")
+    data = load_run(run)
+    assert isinstance(data, RunData)
+    assert (data.name, data.method, data.path) == ("alpha", "fedmomentum", run)
+    assert data.records == records
+    assert data.summary["rounds"] == 2
+    assert load_run(run / "metrics.jsonl").name == "alpha"
+
+
+def test_load_run_without_summary_uses_config(tmp_path):
+    run = write_run(tmp_path, "beta", make_records([0.2]), method="fedrot", summary=False)
+    data = load_run(run)
+    assert (data.name, data.method, data.summary) == ("beta", "fedrot", {})
+
+
+def test_load_run_without_metrics_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no metrics\.jsonl"):
+        load_run(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl"):
+        compare_runs([tmp_path / "empty"], None)
+
+
+def test_load_run_partial_last_line_and_corrupt_middle(tmp_path):
+    run = write_run(tmp_path, "cut", make_records([0.2, 0.3]), summary=False)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 3, "phase": "tr')  # killed mid-write
+    assert [r["round"] for r in load_run(run).records] == [0, 1, 2]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = "garbage"
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
+        load_run(run)
+
+
+# ---- compare_runs ---------------------------------------------------------------------------------
+def test_compare_reports_final_not_running_max(tmp_path):
+    # best != final in both directions, so a running max (or "last best") would show the wrong number
+    a = write_run(tmp_path, "peaky", make_records([0.30, 0.55, 0.41, 0.40]), method="fedavg", seconds=10.0)
+    b = write_run(tmp_path, "steady", make_records([0.20, None, 0.35, 0.50], rejected=(2, 3)), method="fedmomentum")
+    c = write_run(tmp_path, "dips", make_records([0.60, 0.20, 0.25], baseline=None), method="ffa")
+    table = compare_runs([a, b, c], None)
+    assert "metric: exact_match" in table
+    ra, rb, rc = table_row(table, "peaky"), table_row(table, "steady"), table_row(table, "dips")
+    assert (ra["FINAL"], ra["best"], ra["best@round"], ra["base"]) == ("0.4000", "0.5500", "2", "0.1200")
+    assert (rb["FINAL"], rb["best"], rb["best@round"]) == ("0.5000", "0.5000", "4")
+    assert (rc["FINAL"], rc["best"], rc["best@round"], rc["base"]) == ("0.2500", "0.6000", "1", "-")
+    assert (ra["method"], ra["rounds"], ra["MB"], ra["seconds"], ra["rejected"]) == (
+        "fedavg",
+        "4",
+        "10.00",
+        "10.0",
+        "0",
+    )
+    assert (rb["rejected"], rc["MB"]) == ("2", "7.50")
+    # FINAL is the headline column: it comes before best
+    header = next(line for line in table.splitlines() if line.startswith("run "))
+    assert header.index("FINAL") < header.index("best")
+    # rows in the given order, whatever it is
+    names = {"peaky", "steady", "dips"}
+    for order in ([a, b, c], [b, c, a]):
+        rows = [
+            ln.split()[0] for ln in compare_runs(order, None).splitlines() if ln.split()[:1] and ln.split()[0] in names
+        ]
+        assert rows == [p.name for p in order]
+
+
+def test_compare_loss_like_metric_best_is_min(tmp_path):
+    run = write_run(tmp_path, "ppl", make_records([30.0, 12.0, 15.0], metric="perplexity", baseline=50.0))
+    row = table_row(compare_runs([run], None), "ppl")
+    assert (row["FINAL"], row["best"], row["best@round"]) == ("15.0000", "12.0000", "2")
+
+
+@pytest.mark.parametrize(
+    ("metric", "lower"),
+    [
+        ("exact_match", False),
+        ("accuracy", False),
+        ("pass@1", False),
+        ("answer_match", False),
+        ("eval_loss", True),
+        ("perplexity", True),
+        ("test_wer", True),
+        ("char_error_rate", True),
+    ],
+)
+def test_lower_is_better(metric, lower):
+    assert lower_is_better(metric) is lower
+
+
+def test_compare_different_metrics_get_their_own_columns(tmp_path):
+    a = write_run(tmp_path, "math", make_records([0.1, 0.3, 0.2]))
+    b = write_run(tmp_path, "cls", make_records([0.6, 0.8, 0.7], metric="accuracy", baseline=0.5))
+    table = compare_runs([a, b], None)
+    assert "metrics differ" in table
+    ra, rb = table_row(table, "math"), table_row(table, "cls")
+    cols = ["base", "FINAL", "best", "best@round"]
+    assert [ra[f"exact_match:{c}"] for c in cols] == ["0.1200", "0.2000", "0.3000", "2"]
+    assert [ra[f"accuracy:{c}"] for c in cols] == ["-"] * 4
+    assert [rb[f"exact_match:{c}"] for c in cols] == ["-"] * 4
+    assert [rb[f"accuracy:{c}"] for c in cols] == ["0.5000", "0.7000", "0.8000", "2"]
+
+
+def test_compare_handles_missing_eval_and_missing_summary(tmp_path):
+    noeval = write_run(tmp_path, "noeval", make_records([None, None], baseline=None))
+    nosummary = write_run(tmp_path, "nosum", make_records([0.2, 0.3, None]), summary=False)
+    empty = write_run(tmp_path, "empty", [], summary=False)
+    out = tmp_path / "cmp" / "compare.png"
+    table = compare_runs([noeval, nosummary, empty], out)
+    r0, r1, r2 = table_row(table, "noeval"), table_row(table, "nosum"), table_row(table, "empty")
+    assert (r0["FINAL"], r0["best"], r0["rounds"]) == ("-", "-", "2")
+    assert (r1["FINAL"], r1["best"], r1["best@round"], r1["rounds"]) == ("0.3000", "0.3000", "2", "3")
+    # no summary: wall time is the sum of the recorded phases (baseline eval 4 + train 17 + aggregate 1.2 + eval 6)
+    assert r1["seconds"] == "28.2"
+    assert (r2["rounds"], r2["MB"], r2["FINAL"]) == ("0", "0.00", "-")
+    assert_png(out, min_w=1200, min_h=400)
+
+
+def test_compare_plot(tmp_path):
+    runs = [
+        write_run(tmp_path, f"run{i}", make_records([0.1 * i + 0.05 * t for t in range(5)], mb_per_round=1 + i))
+        for i in range(1, 4)
+    ]
+    out = tmp_path / "compare.png"
+    table = compare_runs(runs, out)
+    assert f"plot: {out}" in table
+    w, h = assert_png(out, min_w=1200, min_h=400)
+    assert w > 2 * h
