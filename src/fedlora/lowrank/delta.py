@@ -79,9 +79,7 @@ class FactoredDelta:
         """Re-factor into one balanced pair via the exact low-rank SVD.
 
         Keeps components with ``s_j > rtol * s_max`` (``rtol = 0`` drops only exact zeros and
-        rounding-level components, below ``eps * q * ||up||_F ||down||_F``, the rounding error
-        of the stacked factors; this is at least ``eps * q * s_max`` and also clears terms that
-        cancel, e.g. ``P Q - P Q``), at most ``max_rank`` of them.
+        rounding-level components below ``eps * s_max * q``), at most ``max_rank`` of them.
         """
         if self.is_empty:
             return FactoredDelta(self.d_out, self.d_in)
@@ -90,10 +88,7 @@ class FactoredDelta:
         s = svd.S
         if s.numel() == 0 or float(s[0]) == 0.0:
             return FactoredDelta(self.d_out, self.d_in)
-        eps = torch.finfo(s.dtype).eps
-        norms = float(torch.linalg.norm(up.to(s.dtype))) * float(torch.linalg.norm(down.to(s.dtype)))
-        noise = eps * up.shape[1] * norms
-        floor = max(rtol * float(s[0]), eps * s.numel() * float(s[0]), noise)
+        floor = max(rtol, torch.finfo(s.dtype).eps * s.numel()) * float(s[0])
         keep = int((s > floor).sum())
         if max_rank is not None:
             keep = min(keep, max_rank)
