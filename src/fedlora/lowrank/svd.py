@@ -118,11 +118,12 @@ def energy_rank(S: Tensor, tau: float) -> int:
     if S.ndim != 1:
         raise ValueError("energy_rank takes one spectrum (1-D)")
     e = S.double() ** 2
-    total = float(e.sum())
+    # tail[k] = sum_{j >= k} e_j, k = 0..n; tail[n] = 0. The total is tail[0] itself (summed in
+    # the same order), so that tau = 0 gives 0 exactly.
+    tail = torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
+    total = float(tail[0])
     if total == 0.0:
         return 0
-    # tail[k] = sum_{j >= k} e_j, k = 0..n; tail[n] = 0.
-    tail = torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
     allowed = (1.0 - tau) * total
     return int(torch.nonzero(tail <= allowed)[0, 0])
 
