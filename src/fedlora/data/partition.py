@@ -198,7 +198,10 @@ def plot_partition(report: dict[str, Any], path: str | os.PathLike[str], title: 
     ax.set_ylabel("examples")
     if len(clients) <= 40:
         ax.set_xticks(xs, [str(c["client"]) for c in clients])
-    ax.set_title(title or f"{report['num_examples']} examples over {len(clients)} clients")
+    default = f"{report['num_examples']} examples over {len(clients)} clients"
+    if "label_skew" in report:
+        default += f" (label skew {report['label_skew']:.2f})"
+    ax.set_title(title or default, fontsize=10)
     if len(names) <= 20:
         ax.legend(fontsize=7, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
