@@ -121,6 +121,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlora.model.export import export_merged
+    from fedlora.sim.config import load_config
+
+    run = Path(args.run)
+    cfg = load_config(run / "config.yaml")
+    out = export_merged(cfg.model.name, run / "final", args.out, kind=cfg.model.kind, num_labels=cfg.model.num_labels)
+    print(f"wrote a merged model to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of LLMs with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("export", help="save a run's final model, fully merged, with save_pretrained")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("compare", help="one table and shared plots for several runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -261,3 +261,27 @@ def describe_config(cls: type = Config, prefix: str = "") -> list[str]:
         )
         lines.append(f"{prefix}{f.name} ({kind}, default {default!r}): {f.metadata.get('help', '')}")
     return lines
+
+
+def schema_markdown() -> str:
+    """``docs/config.md``: the whole schema as a Markdown table (kept in sync by a test)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for line in describe_config():
+        key, rest = line.split(" (", 1)
+        kind, rest = rest.split(", default ", 1)
+        default, help_text = rest.split("): ", 1)
+        rows.append(f"| `{key}` | {kind.replace('|', ' / ')} | `{default}` | {help_text} |")
+    head = (
+        "# Experiment configuration\n\n"
+        "`fedlora run CONFIG.yaml` reads one YAML file with the sections below (every key optional; "
+        "defaults shown). Any key can be overridden on the command line: "
+        "`--set train.lr=5e-4 --set method.settings.tau=0.9`. Unknown keys and bad values are errors "
+        "that name the key and what is allowed. Method settings are listed by `fedlora methods`. "
+        "Shipped presets: `src/fedlora/configs/` (`default`, `ci`).\n\n"
+        "Generated from `fedlora.sim.config` (`python -m fedlora.sim.config > docs/config.md`).\n\n"
+    )
+    return head + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(schema_markdown(), end="")
