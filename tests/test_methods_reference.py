@@ -514,6 +514,13 @@ def test_flexlora(shape, r, n, wmode, rslora, split):
             fj = start.factors[m]
             assert fj.B.shape[1] == rj and fj.A.shape[0] == rj
             assert_close(s_j * fj.B @ fj.A, svd_truncate(M, rj), 1e-8, f"client rank {rj}")
+            # the rescaling is placed as the split places S
+            if split == "balanced":
+                assert_close(fj.B.mT @ fj.B, fj.A @ fj.A.mT, 1e-9, "balanced client factors")
+            elif split == "left":
+                assert_close(fj.A @ fj.A.mT, torch.eye(rj, dtype=F64), 1e-9)
+            else:
+                assert_close(fj.B.mT @ fj.B, torch.eye(rj, dtype=F64), 1e-9)
 
 
 def test_flexlora_round0_and_rank_above_global():
