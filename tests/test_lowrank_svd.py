@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from fractions import Fraction
 
@@ -173,7 +174,12 @@ def test_lowrank_svd_batched_equals_per_slice(b, d_out, d_in, q, seed):
     assert svd.truncate(1).U.shape == (b, d_out, 1)
 
 
-def test_lowrank_svd_many_equals_per_module_calls():
+# ``stack`` (batch shape groups into stacked calls; off by default on CPU) where supported.
+STACK_MODES = [{}] + ([{"stack": True}] if "stack" in inspect.signature(lowrank_svd_many).parameters else [])
+
+
+@pytest.mark.parametrize("mode", STACK_MODES, ids=lambda kw: "stacked" if kw else "default")
+def test_lowrank_svd_many_equals_per_module_calls(mode):
     g = gen(11)
     pairs = {}
     for i in range(5):
@@ -188,7 +194,7 @@ def test_lowrank_svd_many_equals_per_module_calls():
     }
     # a small max_batch_elements forces chunks (of 2 for the first group) plus singletons
     for budget in (1 << 27, 2 * (13 + 7) * 6, 1):
-        many = lowrank_svd_many(pairs, max_batch_elements=budget)
+        many = lowrank_svd_many(pairs, max_batch_elements=budget, **mode)
         assert list(many) == list(pairs)
         for name, (up, down) in pairs.items():
             one = lowrank_svd(up, down)

@@ -414,6 +414,9 @@ def test_rolora(shape, r, n, wmode, round_, first):
     assert method.uploaded_factors(state) == {active}
     start = method.client_start(state, ClientContext("c", round_, r))
     assert start.trainable == {active} and start.upload == {active}
+    for m, gf in state.factors.items():  # clients start from (copies of) the global factors
+        assert torch.equal(start.factors[m].A, gf.A) and torch.equal(start.factors[m].B, gf.B)
+        assert start.factors[m].get(frozen).data_ptr() != gf.get(frozen).data_ptr()
     res = method.aggregate(state, uploads, wargs)
     for m, gf in state.factors.items():
         f = res.state.factors[m]
