@@ -1,0 +1,727 @@
+"""Run untrusted Python programs (model-generated code plus its tests) in a separate process.
+
+Protocol
+--------
+:func:`run_sandboxed` runs one program and returns a :class:`SandboxResult` with a ``status``:
+
+* ``"passed"``: the program ran to its end without an exception;
+* ``"failed"``: an ``AssertionError`` (a test did not hold);
+* ``"error"``: any other exception (syntax error, ``NameError``, a call the sandbox blocks, ...),
+  an ``exit()`` / ``sys.exit()`` before the end (so a program cannot pass by exiting early), or a
+  sandbox set-up failure;
+* ``"timeout"``: the wall-clock ``timeout`` or the CPU-time limit was reached;
+* ``"killed"``: a resource limit stopped it (``MemoryError`` under the address-space limit, a
+  write past the file-size limit) or it ended by a signal (e.g. a segfault).
+
+Only ``"passed"`` counts as a pass. ``detail`` says why (the last line of the traceback, the
+limit, the signal).
+
+Containment, in layers (each one applied where the machine allows it; see
+:func:`sandbox_capabilities` for what this machine allows):
+
+1. **Process**: a new session and process group (``start_new_session``); a fresh temporary
+   working directory (``HOME`` and ``TMPDIR`` too), deleted afterwards; ``python -I`` (isolated
+   mode: no ``PYTHON*`` variables, no user site, no script directory on ``sys.path``) with a
+   minimal environment; stdout/stderr go to files the sandbox reads back truncated.
+2. **Resource limits** (``resource.setrlimit`` in ``preexec_fn``, soft = hard, so the program
+   cannot raise them): ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` = ``ceil(timeout) + 1`` s,
+   ``RLIMIT_FSIZE`` = ``max_file_mb``, ``RLIMIT_NOFILE`` = 64, ``RLIMIT_CORE`` = 0 (no core
+   dumps) and ``RLIMIT_NPROC`` (see 4).
+3. **Wall clock**: after ``timeout`` seconds the whole process group gets ``SIGKILL``. After every
+   run (timed out or not) the group is killed again, so no descendant outlives the sample.
+4. **Privileges** (when the caller is root): the kernel ignores ``RLIMIT_NPROC`` for root, and
+   root code could kill the caller or write anywhere. So the program runs under a fresh, unused
+   numeric uid/gid (no supplementary groups), dropped by the trusted runner before the program is
+   read. Then ``RLIMIT_NPROC = max_procs`` bounds its processes and threads (a fork bomb stops
+   there), it cannot signal the caller or other samples (``EPERM``), and it can only write to
+   its own directory and world-writable ones. Afterwards every process of that uid is killed
+   (``kill(-1, SIGKILL)`` sent as that uid, which also reaches processes that left the process
+   group) and its files in ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are removed. The
+   interpreter must be reachable by that uid: ``sys.executable`` when it is, else a system
+   ``python3`` (e.g. ``/usr/bin/python3`` when the venv's python lives under ``/root``); the
+   choice is probed once per process. As a non-root user, ``RLIMIT_NPROC`` is the user's current
+   task count plus ``max_procs`` (the limit counts all of the user's processes).
+5. **Network**: where ``unshare -n`` works (root), the program runs in a new, empty network
+   namespace (only a downed loopback device): no network at all. Elsewhere only the in-process
+   guard below applies (best effort); true isolation needs a network namespace or a firewall.
+6. **In-process guards** (best effort; installed by the runner before the program runs): ``fork``,
+   ``exec*``, ``spawn*``, ``posix_spawn``, ``system``, ``popen``, ``subprocess``,
+   ``kill``/``killpg``/``pidfd_*``, ``setsid``/``setpgid``, ``os._exit``, file removal/rename/
+   ``chmod``/``chown``/links, ``socket.socket``/``create_connection``/``socketpair`` raise
+   ``SandboxViolation`` (on both ``os`` and ``posix``); ``open``/``os.open`` for writing outside the
+   working directory raises; ``ctypes`` cannot be imported. These guards live in the program's own
+   interpreter, so a determined program can undo them (e.g. by re-importing a module);
+   layers 1-5 do not depend on them.
+
+What is NOT contained: reading files the program's uid may read (world-readable system and
+project files; with no privilege drop, everything the caller may read); CPU and memory
+bandwidth stolen from other processes during ``timeout``; disk filled via many files below the
+file-size limit within ``timeout`` in world-writable directories (removed afterwards when the uid
+is dropped); network access where neither the namespace nor the guard applies (guard undone);
+and, without a privilege drop (a non-root caller with the guards undone), signals to the
+caller's other processes and writes anywhere the caller may write. For hostile code at scale
+use a container or VM (gVisor, nsjail, firecracker) on top.
+
+Linux only (``/proc``, ``resource``, process groups).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import random
+import resource
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["passed", "failed", "timeout", "killed", "error"]
+STATUSES: tuple[str, ...] = ("passed", "failed", "timeout", "killed", "error")
+
+# exit codes of the trusted runner (unusual values, so that python's own 1/2 read as "error")
+EXIT_PASSED = 0
+EXIT_ASSERTION = 81
+EXIT_EXCEPTION = 82
+EXIT_SYSEXIT = 83
+EXIT_MEMORY = 84
+EXIT_FILESIZE = 85
+EXIT_VIOLATION = 86
+EXIT_SETUP = 87
+
+NOFILE = 64
+OUTPUT_KEEP = 4000  # characters of stdout/stderr kept in the result
+# fresh uids for privilege-dropped runs: far above any real account
+UID_BASE = 1_500_000_000
+UID_SPAN = 1 << 24
+WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+_RUNNER = r'''
+import os, sys
+_real_exit = os._exit
+
+
+class SandboxViolation(PermissionError):
+    """A call the sandbox does not allow."""
+
+
+def _install_guards(workdir):
+    import builtins, io, posix, signal, socket, _socket, _posixsubprocess
+
+    def blocked(name):
+        def guard(*args, **kwargs):
+            raise SandboxViolation(f"sandbox: {name} is not allowed")
+        guard.__name__ = name
+        return guard
+
+    names = (
+        "fork forkpty posix_spawn posix_spawnp system popen execv execve execl execle execlp execlpe execvp execvpe "
+        "spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe kill killpg pidfd_open setsid setpgid "
+        "setpgrp _exit remove unlink rmdir removedirs rename renames replace truncate chmod fchmod lchmod chown "
+        "fchown lchown link symlink chroot mknod mkfifo"
+    ).split()
+    for mod in (os, posix):
+        for name in names:
+            if hasattr(mod, name):
+                setattr(mod, name, blocked("os." + name))
+    _posixsubprocess.fork_exec = blocked("subprocess")
+    if hasattr(signal, "pidfd_send_signal"):
+        signal.pidfd_send_signal = blocked("signal.pidfd_send_signal")
+
+    class NoSocket(socket.socket):
+        def __init__(self, *args, **kwargs):
+            raise SandboxViolation("sandbox: network access is not allowed")
+
+    class NoRawSocket(_socket.socket):
+        def __init__(self, *args, **kwargs):
+            raise SandboxViolation("sandbox: network access is not allowed")
+
+    socket.socket = socket.SocketType = NoSocket
+    _socket.socket = _socket.SocketType = NoRawSocket
+    for name in ("create_connection", "create_server", "socketpair", "fromfd"):
+        setattr(socket, name, blocked("socket." + name))
+    for name in ("ctypes", "_ctypes", "cffi", "_cffi_backend"):
+        sys.modules[name] = None
+
+    root = os.path.realpath(workdir)
+    real_open, real_os_open = builtins.open, posix.open
+    allowed = (os.devnull,)
+
+    def writable(path):
+        if isinstance(path, int):
+            return True
+        full = os.path.realpath(os.fspath(path))
+        return full in allowed or full == root or full.startswith(root + os.sep)
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and not writable(file):
+            raise SandboxViolation(f"sandbox: writing {file!r} outside the working directory is not allowed")
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC) and not writable(path):
+            raise SandboxViolation(f"sandbox: writing {path!r} outside the working directory is not allowed")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    builtins.open = io.open = guarded_open
+    os.open = posix.open = guarded_os_open
+
+
+def _main():
+    program, uid, gid, guards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    try:
+        if uid >= 0:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
+                raise RuntimeError("privilege drop failed")
+        with open(program, encoding="utf-8") as fh:
+            source = fh.read()
+        import builtins, errno, traceback
+        if guards:
+            _install_guards(os.getcwd())
+        sys.argv = [program]
+    except BaseException as exc:
+        sys.stderr.write(f"[sandbox] set-up failed: {exc!r}\n")
+        sys.stderr.flush()
+        _real_exit(87)
+    scope = {"__name__": "__main__", "__builtins__": builtins, "__file__": program}
+    rc = 0
+    try:
+        exec(compile(source, program, "exec"), scope)
+    except BaseException as exc:
+        if isinstance(exc, AssertionError):
+            rc = 81
+        elif isinstance(exc, SystemExit):
+            rc = 83
+        elif isinstance(exc, MemoryError):
+            rc = 84
+        elif isinstance(exc, SandboxViolation):
+            rc = 86
+        elif isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+            rc = 85
+        else:
+            rc = 82
+        try:
+            if rc == 83:
+                sys.stderr.write(f"SystemExit: the program called exit({exc.code!r}) before its end\n")
+            else:
+                traceback.print_exc()
+        except BaseException:
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    _real_exit(rc)
+
+
+_main()
+'''
+
+_KILL_ALL = "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\n"
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """The outcome of one sandboxed program (see the module docstring for the statuses)."""
+
+    passed: bool
+    status: str
+    detail: str
+    returncode: int | None = None
+    duration: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+    pgid: int | None = None  # the program's process group (killed after the run)
+    uid: int | None = None  # the uid it ran under when privileges were dropped
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "status": self.status,
+            "detail": self.detail,
+            "returncode": self.returncode,
+            "duration": round(self.duration, 4),
+        }
+
+
+@dataclass(frozen=True)
+class SandboxCapabilities:
+    """What containment this machine allows (probed once per process)."""
+
+    root: bool
+    drop_privileges: bool
+    interpreter: str
+    network_namespace: bool
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "drop_privileges": self.drop_privileges,
+            "interpreter": self.interpreter,
+            "network_namespace": self.network_namespace,
+            "notes": list(self.notes),
+        }
+
+
+# ---- /proc helpers -------------------------------------------------------------------------------
+def _proc_pids() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:  # pragma: no cover - no /proc
+        return []
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _pgid_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses
+    rest = text[text.rfind(")") + 2 :].split()
+    return int(rest[2]) if len(rest) > 2 and rest[0] != "Z" else None
+
+
+def processes_of_uid(uid: int) -> list[int]:
+    """Live (non-zombie) processes whose real uid is ``uid``."""
+    out = []
+    for pid in _proc_pids():
+        f = _status_fields(pid)
+        uids = f.get("Uid", "").split()
+        if uids and int(uids[0]) == uid and not f.get("State", "").startswith(("Z", "X")):
+            out.append(pid)
+    return out
+
+
+def processes_with_token(token: str) -> list[int]:
+    """Live processes whose initial environment holds ``FEDLORA_SANDBOX=token`` (descendants
+    inherit it, whatever their process group or session)."""
+    needle = f"FEDLORA_SANDBOX={token}".encode() + b"\0"
+    out = []
+    for pid in _proc_pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = b"\0" + fh.read()
+        except OSError:
+            continue
+        if b"\0" + needle in env + b"\0" and _pgid_of(pid) is not None:
+            out.append(pid)
+    return out
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    return [pid for pid in _proc_pids() if _pgid_of(pid) == pgid]
+
+
+def _user_task_count(uid: int) -> int:
+    """Tasks (processes and threads) of real uid ``uid``: what RLIMIT_NPROC counts."""
+    total = 0
+    for pid in _proc_pids():
+        f = _status_fields(pid)
+        uids = f.get("Uid", "").split()
+        if uids and int(uids[0]) == uid:
+            total += int(f.get("Threads", "1") or 1)
+    return total
+
+
+def _uid_mapped(uid: int) -> bool:
+    try:
+        lines = Path("/proc/self/uid_map").read_text().splitlines()
+    except OSError:
+        return True
+    for line in lines:
+        inside, _outside, count = (int(x) for x in line.split())
+        if inside <= uid < inside + count:
+            return True
+    return False
+
+
+def _fresh_uid() -> int | None:
+    """A numeric uid no process uses now (uid = gid; no account needed for setuid)."""
+    if not (_uid_mapped(UID_BASE) and _uid_mapped(UID_BASE + UID_SPAN - 1)):
+        return None
+    rng = random.SystemRandom()
+    for _ in range(20):
+        uid = UID_BASE + rng.randrange(UID_SPAN)
+        if not processes_of_uid(uid):
+            return uid
+    return None  # pragma: no cover
+
+
+# ---- capabilities --------------------------------------------------------------------------------
+def _probe_netns() -> bool:
+    exe = shutil.which("unshare")
+    if exe is None:
+        return False
+    try:
+        return subprocess.run([exe, "-n", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _interpreter_candidates() -> list[str]:
+    out = []
+    for c in (sys.executable, getattr(sys, "_base_executable", None), "/usr/bin/python3", shutil.which("python3")):
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            real = os.path.realpath(c)
+            if real not in out:
+                out.append(real)
+    return out
+
+
+PROBE_PROGRAM = (
+    "import collections, functools, hashlib, heapq, itertools, json, math, re, string, typing\nassert 1 + 1 == 2\n"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def sandbox_capabilities() -> SandboxCapabilities:
+    """Probe (once) whether privileges can be dropped, with which interpreter, and ``unshare -n``."""
+    root = os.geteuid() == 0
+    notes: list[str] = []
+    netns = root and _probe_netns()
+    if not netns:
+        notes.append("no network namespace (unshare -n unavailable): only the in-process socket guard applies")
+    if not root:
+        return SandboxCapabilities(False, False, sys.executable, netns, (*notes, "not root: running as the caller"))
+    for interp in _interpreter_candidates():
+        res = _run(
+            PROBE_PROGRAM,
+            timeout=20.0,
+            memory_mb=512,
+            max_procs=16,
+            max_file_mb=1,
+            interpreter=interp,
+            drop=True,
+            netns=netns,
+            guards=True,
+        )
+        if res.passed:
+            if interp != os.path.realpath(sys.executable):
+                notes.append(f"{sys.executable} is not reachable by an unprivileged uid; programs run with {interp}")
+            return SandboxCapabilities(True, True, interp, netns, tuple(notes))
+        notes.append(f"privilege drop with {interp} failed: {res.status} {res.detail[:200]}")
+    notes.append("running as root without a privilege drop: RLIMIT_NPROC does not apply, guards only")
+    return SandboxCapabilities(True, False, sys.executable, netns, tuple(notes))
+
+
+# ---- running ---------------------------------------------------------------------------------------
+def _preexec(memory_mb: int, cpu_s: int, file_mb: int, nproc: int | None) -> Callable[[], None]:
+    mem = int(memory_mb) * 1024 * 1024
+    fsize = int(file_mb) * 1024 * 1024
+
+    def apply() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if nproc is not None:
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+    return apply
+
+
+def _env(workdir: str, token: str) -> dict[str, str]:
+    return {
+        "FEDLORA_SANDBOX": token,
+        "PATH": "/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _read_tail(path: Path, keep: int = OUTPUT_KEEP) -> str:
+    """The start and end of a captured stream (at most ``keep`` characters in all)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            if size <= keep:
+                return fh.read().decode("utf-8", "replace")
+            head = fh.read(keep // 4).decode("utf-8", "replace")
+            fh.seek(size - (keep - keep // 4))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return f"{head}\n...[{size - keep} bytes truncated]...\n{tail}"
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _classify(rc: int | None, timed_out: bool, timeout: float, stderr: str) -> tuple[str, str]:
+    last = _last_line(stderr)
+    if timed_out:
+        return "timeout", f"wall-clock timeout after {timeout:g} s"
+    if rc is None:  # pragma: no cover
+        return "error", "no exit status"
+    if rc == EXIT_PASSED:
+        return "passed", ""
+    if rc == EXIT_ASSERTION:
+        return "failed", last or "AssertionError"
+    if rc == EXIT_MEMORY:
+        return "killed", f"memory limit (MemoryError) {last}".strip()
+    if rc == EXIT_FILESIZE:
+        return "killed", f"file size limit (EFBIG) {last}".strip()
+    if rc in (EXIT_EXCEPTION, EXIT_SYSEXIT, EXIT_VIOLATION, EXIT_SETUP):
+        return "error", last or f"exit code {rc}"
+    if rc < 0:
+        sig = -rc
+        if sig == signal.SIGXCPU:
+            return "timeout", "CPU time limit (SIGXCPU)"
+        if sig == signal.SIGXFSZ:
+            return "killed", "file size limit (SIGXFSZ)"
+        if sig == signal.SIGKILL:
+            return "killed", "killed by SIGKILL (out of memory, or CPU hard limit)"
+        return "killed", f"killed by {_signal_name(sig)}"
+    return "error", f"exit code {rc}: {last}"
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _kill_uid(uid: int, interpreter: str) -> None:
+    """SIGKILL every process of ``uid``: ``kill(-1)`` sent as that uid, repeated until none is left."""
+    for attempt in range(20):
+        if not processes_of_uid(uid):
+            return
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                [interpreter, "-I", "-S", "-c", _KILL_ALL],
+                user=uid,
+                group=uid,
+                extra_groups=[],
+                env={"PATH": "/usr/bin:/bin"},
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=10,
+            )
+        for pid in processes_of_uid(uid):  # and as root, by pid
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01 * (attempt + 1))
+
+
+def _sweep(pgid: int, token: str) -> None:
+    """SIGKILL the process group, and any process that carries the run's environment token."""
+    for attempt in range(20):
+        _kill_group(pgid)
+        rest = processes_with_token(token)
+        if not rest and not processes_in_group(pgid):
+            return
+        for pid in rest:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01 * (attempt + 1))
+
+
+def _remove_files_of(uid: int) -> None:
+    """Entries owned by ``uid`` at the top of the world-writable directories."""
+    for d in WORLD_WRITABLE_DIRS:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid != uid:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                _rmtree(e.path)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+
+
+def _rmtree(path: str) -> None:
+    def fix(func: Any, p: str, _exc: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    if sys.version_info >= (3, 12):  # pragma: no cover
+        shutil.rmtree(path, onexc=fix)
+    else:
+        shutil.rmtree(path, onerror=fix)
+
+
+def _run(
+    program: str,
+    *,
+    timeout: float,
+    memory_mb: int,
+    max_procs: int,
+    max_file_mb: int,
+    interpreter: str,
+    drop: bool,
+    netns: bool,
+    guards: bool,
+) -> SandboxResult:
+    uid = _fresh_uid() if drop else None
+    if drop and uid is None:
+        return SandboxResult(False, "error", "sandbox: no free uid to drop privileges to")
+    token = secrets.token_hex(12)
+    outer = Path(tempfile.mkdtemp(prefix="fedlora-sandbox-"))
+    proc: subprocess.Popen[bytes] | None = None
+    t0 = time.perf_counter()
+    try:
+        work = outer / "work"
+        work.mkdir()
+        (work / "program.py").write_text(program, encoding="utf-8")
+        (outer / "runner.py").write_text(_RUNNER, encoding="utf-8")
+        os.chmod(outer / "runner.py", 0o644)
+        if uid is not None:
+            os.chmod(outer, 0o711)
+            os.chown(work, uid, uid)
+            os.chmod(work, 0o700)
+            os.chmod(work / "program.py", 0o644)
+        if uid is not None:
+            nproc: int | None = max_procs
+        elif os.geteuid() == 0:
+            nproc = None  # ignored for root anyway
+        else:
+            nproc = _user_task_count(os.getuid()) + max_procs
+        cmd = [interpreter, "-I", "-B", "-X", "utf8", str(outer / "runner.py"), "program.py"]
+        cmd += [str(uid if uid is not None else -1), str(uid if uid is not None else -1), "1" if guards else "0"]
+        if netns:
+            cmd = [shutil.which("unshare") or "unshare", "-n", "--", *cmd]
+        with open(outer / "stdout", "wb") as out, open(outer / "stderr", "wb") as err:
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=work,
+                    env=_env(str(work), token),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                    preexec_fn=_preexec(memory_mb, math.ceil(timeout) + 1, max_file_mb, nproc),
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                return SandboxResult(False, "error", f"sandbox: could not start the program: {exc}", uid=uid)
+            timed_out = False
+            try:
+                rc: int | None = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc.pid)
+                rc = proc.wait()
+        duration = time.perf_counter() - t0
+        stdout, stderr = _read_tail(outer / "stdout"), _read_tail(outer / "stderr")
+        status, detail = _classify(rc, timed_out, timeout, stderr)
+        return SandboxResult(status == "passed", status, detail, rc, duration, stdout, stderr, proc.pid, uid)
+    finally:
+        if proc is not None:
+            _sweep(proc.pid, token)
+        if uid is not None:
+            _kill_uid(uid, interpreter)
+            _remove_files_of(uid)
+        _rmtree(str(outer))
+
+
+def run_sandboxed(
+    program: str,
+    timeout: float = 5.0,
+    memory_mb: int = 512,
+    max_procs: int = 16,
+    *,
+    max_file_mb: int = 16,
+    guards: bool = True,
+    drop_privileges: bool | None = None,
+    network_namespace: bool | None = None,
+    interpreter: str | None = None,
+) -> SandboxResult:
+    """Run ``program`` (Python source) in a sandboxed process; see the module docstring.
+
+    ``timeout``: wall-clock seconds (the CPU limit is ``ceil(timeout) + 1`` s); ``memory_mb``:
+    address-space limit; ``max_procs``: processes/threads the program may have (kernel-enforced
+    where privileges are dropped or the caller is not root); ``max_file_mb``: largest file it may
+    write; ``guards``: the in-process guards (turn off only to test the other layers).
+    ``drop_privileges`` / ``network_namespace`` / ``interpreter``: ``None`` = what
+    :func:`sandbox_capabilities` found; ``True`` where unavailable raises ``RuntimeError``.
+    """
+    if timeout <= 0 or memory_mb < 32 or max_procs < 1 or max_file_mb < 1:
+        raise ValueError("need timeout > 0, memory_mb >= 32, max_procs >= 1 and max_file_mb >= 1")
+    caps = sandbox_capabilities()
+    drop = caps.drop_privileges if drop_privileges is None else drop_privileges
+    netns = caps.network_namespace if network_namespace is None else network_namespace
+    if drop and not caps.drop_privileges:
+        raise RuntimeError(f"privileges cannot be dropped here: {'; '.join(caps.notes)}")
+    if netns and not caps.network_namespace:
+        raise RuntimeError("unshare -n does not work here")
+    interp = interpreter or (caps.interpreter if drop else sys.executable)
+    return _run(
+        program,
+        timeout=float(timeout),
+        memory_mb=int(memory_mb),
+        max_procs=int(max_procs),
+        max_file_mb=int(max_file_mb),
+        interpreter=interp,
+        drop=drop,
+        netns=netns,
+        guards=guards,
+    )
+
+
+__all__ = [
+    "STATUSES",
+    "SandboxCapabilities",
+    "SandboxResult",
+    "processes_in_group",
+    "processes_of_uid",
+    "run_sandboxed",
+    "sandbox_capabilities",
+]
