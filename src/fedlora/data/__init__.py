@@ -1,0 +1,1 @@
+"""Data: offline generators, local/hub sources, partitioners and partition reports."""
