@@ -7,7 +7,7 @@ Data (:meth:`MathTask.load`), split into train and test *before* any client part
 * ``source="generated"`` (default, offline): ``n_train`` problems from
   :func:`fedlora.data.math_generator.generate_math` (stream ``seed``, indices ``0..n_train-1``)
   and ``n_test`` test problems from a disjoint index range of the same stream (indices from
-  ``TEST_START`` on), skipping any test question that also occurs in train.
+  ``TEST_START`` on), skipping any test question that also occurs in train (or earlier in test).
 * a hub dataset id or a folder with ``train*`` / ``test*`` files: the source's own ``train`` and
   ``test`` splits (``split_train`` / ``split_test``), each subsampled (seeded) to ``n_train`` /
   ``n_test`` (``0`` = all rows); train rows whose question is in test are dropped.
