@@ -248,3 +248,28 @@ def test_config_doc_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == schema_markdown(), "regenerate: python -m fedlora.sim.config > docs/config.md"
+
+
+def test_carried_optimizer_state_and_heterogeneous_ranks(tmp_path):
+    from fedlora.sim.checkpoint import load_checkpoint
+
+    cfg = tiny(
+        tmp_path,
+        "carry",
+        method__name="flexlora",
+        train__optimizer_state="carry",
+        rounds__clients_per_round="3",
+        lora__client_ranks="{'0': 2, '2': 3}",
+    )
+    run_experiment(cfg, progress=False)
+    ck = load_checkpoint(tmp_path / "carry" / "checkpoint")
+    for cid in ("0", "1", "2"):
+        opt = ck["clients"][cid]["optimizer"]
+        assert opt is not None and opt["state"], cid
+        steps = {int(s["step"]) for s in opt["state"].values()}
+        assert steps == {2}  # 1 step per round, carried over 2 rounds
+        ranks = {s["exp_avg"].shape for s in opt["state"].values()}
+        want = {"0": 2, "1": cfg.lora.rank, "2": 3}[cid]
+        assert all(want in shape for shape in ranks)
+    adapter = read_adapter(tmp_path / "carry" / "final")
+    assert adapter.rank == cfg.lora.rank

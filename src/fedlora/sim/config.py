@@ -233,6 +233,8 @@ def _check(cfg: Config) -> None:
         build_method(cfg.method.name, cfg.method.settings)
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
+    if cfg.partition.scheme == "dirichlet" and cfg.partition.alpha <= 0:
+        raise ConfigError(f"partition.alpha={cfg.partition.alpha} must be positive for the dirichlet scheme")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("train.max_steps and train.epochs are both 0: set one of them")
     if cfg.rounds.clients_per_round > cfg.partition.num_clients:

@@ -24,28 +24,23 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from fedlora.lowrank import FactoredDelta
-from fedlora.methods import ClientContext, ClientUpload, GlobalState, Method, ModuleFactors, build_method
+from fedlora.methods import ClientUpload, GlobalState, Method, ModuleFactors, build_method
 from fedlora.methods.base import Factors
 from fedlora.methods.validation import InvalidUpdate, screen_uploads
 from fedlora.model.binding import LoRABinding, LoRASettings
 from fedlora.sim.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.sim.client import ClientRecord, LocalData, client_round
 from fedlora.sim.config import Config
-from fedlora.sim.train import example_stream, steps_for, train_local
 
 log = logging.getLogger("fedlora")
 FAULT_ENV = "FEDLORA_FAULT"
-
-
-def _loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    return model(**batch).loss
 
 
 def _device(name: str) -> torch.device:
@@ -68,15 +63,6 @@ def _fault(event: str, round_: int, client_index: int | None = None) -> None:
         return
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class ClientRecord:
-    """What the server keeps per client between rounds (in the checkpoint)."""
-
-    cursor: int = 0
-    memory: dict[str, torch.Tensor] = field(default_factory=dict)
-    optimizer: dict[str, Any] | None = None
 
 
 class Simulation:
@@ -140,28 +126,17 @@ class Simulation:
     def _client_rank(self, cid: str) -> int:
         return int(self.cfg.lora.client_ranks.get(cid, self.cfg.lora.rank))
 
-    # ---- batches ------------------------------------------------------------------------------
-    def _batches(self, cid: str, start_cursor: int) -> Iterator[dict[str, torch.Tensor]]:
-        stream = example_stream(self.parts[int(cid)], self.cfg.seed, cid, start_cursor)
-        bs = self.cfg.train.batch_size
-        while True:
-            idx = [next(stream) for _ in range(bs)]
-            batch = self.task.collate([self.train_examples[i] for i in idx], self.tokenizer)
-            yield {k: v.to(self.device) for k, v in batch.items()}
-
-    def _grad_fn(self, cid: str, round_: int) -> Callable[[dict[str, FactoredDelta]], dict[str, torch.Tensor]]:
-        def grad_fn(offsets):
-            stream = example_stream(self.parts[int(cid)], self.cfg.seed, f"{cid}:grad:{round_}", 0)
-            bs = self.cfg.train.batch_size
-            batches = []
-            for _ in range(self.cfg.train.grad_batches):
-                idx = [next(stream) for _ in range(bs)]
-                batch = self.task.collate([self.train_examples[i] for i in idx], self.tokenizer)
-                batches.append({k: v.to(self.device) for k, v in batch.items()})
-            with self.binding.shifted(offsets):
-                return self.binding.full_weight_gradients(batches, _loss)
-
-        return grad_fn
+    def _local_data(self, cid: str) -> LocalData:
+        return LocalData(
+            client_id=cid,
+            examples=self.train_examples,
+            indices=self.parts[int(cid)],
+            task=self.task,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            seed=self.cfg.seed,
+            batch_size=self.cfg.train.batch_size,
+        )
 
     # ---- state --------------------------------------------------------------------------------
     def _initial_state(self) -> GlobalState:
@@ -369,51 +344,23 @@ class Simulation:
         return record
 
     def _train_client(self, cid: str, bar: tqdm) -> tuple[ClientUpload, dict[str, Any], dict[str, torch.Tensor]]:
-        cfg, state = self.cfg, self.state
-        rec = self.clients.setdefault(cid, ClientRecord())
-        ctx = ClientContext(
-            client_id=cid,
-            round=state.round,
-            rank=self._client_rank(cid),
-            num_rounds=cfg.rounds.num_rounds,
-            memory=rec.memory,
-            seed=cfg.seed,
-            grad_fn=self._grad_fn(cid, state.round) if self.method.needs_gradient else None,
-        )
-        start = self.method.client_start(state, ctx)
-        self.binding.set_factors(start.factors)
-        if self.global_extras:
-            self.binding.set_extras(self.global_extras)
-        params = self.binding.set_trainable(start.trainable)
-        n_local = len(self.parts[int(cid)])
-        steps = steps_for(cfg.train, n_local)
-        carry = cfg.train.optimizer_state == "carry"
-
         def on_step(step: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
 
-        with self.binding.shifted(start.local_shift):
-            result, opt_state = train_local(
-                self.binding.model,
-                params,
-                self._batches(cid, rec.cursor),
-                _loss,
-                cfg.train,
-                steps=steps,
-                round_=state.round,
-                num_rounds=cfg.rounds.num_rounds,
-                optimizer_state=rec.optimizer if carry else None,
-                on_step=on_step,
-            )
-        trained = self.binding.get_factors()
-        factors, memory = self.method.client_finish(state, ctx, start, trained)
-        rec.cursor += result.examples
-        rec.memory = memory
-        rec.optimizer = _cpu(opt_state) if carry else None
-        upload = ClientUpload(cid, factors, num_examples=n_local)
-        stats = {"loss": result.loss, "steps": result.steps, "examples": result.examples, "seconds": result.seconds}
-        return upload, stats, self.binding.extras()
+        out = client_round(
+            self.binding,
+            self.method,
+            self.state,
+            self.clients.setdefault(cid, ClientRecord()),
+            self._local_data(cid),
+            self.cfg.train,
+            rank=self._client_rank(cid),
+            num_rounds=self.cfg.rounds.num_rounds,
+            global_extras=self.global_extras,
+            on_step=on_step,
+        )
+        return out.upload, out.stats, out.extras
 
     def _finish(self, metrics_path: Path) -> dict[str, Any]:
         from fedlora.sim.report import write_plots
@@ -472,16 +419,6 @@ def _summarise(report: dict[str, dict[str, float]]) -> dict[str, float]:
         for k, v in values.items():
             sums.setdefault(k, []).append(float(v))
     return {k: sum(v) / len(v) for k, v in sums.items()}
-
-
-def _cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu(v) for v in obj]
-    return obj
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:

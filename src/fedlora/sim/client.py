@@ -1,0 +1,145 @@
+"""One client's part of a round, shared by every runtime (simulation and Flower).
+
+``client_round`` asks the method where the client starts, loads that into the single PEFT
+model, trains locally, reads the factors back and lets the method shape the upload. It knows
+nothing about how the factors got here or where the upload goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from fedlora.lowrank import FactoredDelta
+from fedlora.methods import ClientContext, ClientUpload, GlobalState, Method
+from fedlora.model.binding import LoRABinding
+from fedlora.sim.config import TrainConfig
+from fedlora.sim.train import example_stream, steps_for, train_local
+
+
+def causal_or_cls_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The task's loss: transformers computes it from ``labels`` (prompt tokens masked)."""
+    return model(**batch).loss
+
+
+@dataclass
+class ClientRecord:
+    """What persists for a client between its rounds (checkpointed by the runtime)."""
+
+    cursor: int = 0
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+
+
+@dataclass
+class LocalData:
+    """A client's training examples and how to batch them."""
+
+    client_id: str
+    examples: Sequence[dict[str, Any]]
+    indices: Sequence[int]
+    task: Any
+    tokenizer: Any
+    device: torch.device
+    seed: int
+    batch_size: int
+
+    def _batch(self, stream: Iterator[int]) -> dict[str, torch.Tensor]:
+        idx = [next(stream) for _ in range(self.batch_size)]
+        batch = self.task.collate([self.examples[i] for i in idx], self.tokenizer)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def batches(self, cursor: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches from the client's ``cursor`` on (deterministic, see ``example_stream``)."""
+        stream = example_stream(self.indices, self.seed, self.client_id, cursor)
+        while True:
+            yield self._batch(stream)
+
+    def gradient_batches(self, round_: int, count: int) -> list[dict[str, torch.Tensor]]:
+        """``count`` batches for a full-weight gradient estimate (own stream: training order unchanged)."""
+        stream = example_stream(self.indices, self.seed, f"{self.client_id}:grad:{round_}", 0)
+        return [self._batch(stream) for _ in range(count)]
+
+
+def gradient_fn(
+    binding: LoRABinding, data: LocalData, round_: int, count: int
+) -> Callable[..., dict[str, torch.Tensor]]:
+    """``grad_fn(offsets)`` for :class:`~fedlora.methods.ClientContext`: the mean full-weight gradient
+    at ``W + offsets`` over ``count`` local batches."""
+
+    def grad_fn(offsets: dict[str, FactoredDelta]) -> dict[str, torch.Tensor]:
+        batches = data.gradient_batches(round_, count)
+        with binding.shifted(offsets):
+            return binding.full_weight_gradients(batches, causal_or_cls_loss)
+
+    return grad_fn
+
+
+@dataclass
+class ClientOutcome:
+    upload: ClientUpload
+    stats: dict[str, Any]
+    extras: dict[str, torch.Tensor]
+
+
+def client_round(
+    binding: LoRABinding,
+    method: Method,
+    state: GlobalState,
+    record: ClientRecord,
+    data: LocalData,
+    train: TrainConfig,
+    *,
+    rank: int,
+    num_rounds: int,
+    global_extras: dict[str, torch.Tensor] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> ClientOutcome:
+    """Train client ``data.client_id`` for one round; updates ``record`` in place."""
+    cid = data.client_id
+    ctx = ClientContext(
+        client_id=cid,
+        round=state.round,
+        rank=rank,
+        num_rounds=num_rounds,
+        memory=record.memory,
+        seed=data.seed,
+        grad_fn=gradient_fn(binding, data, state.round, train.grad_batches) if method.needs_gradient else None,
+    )
+    start = method.client_start(state, ctx)
+    binding.set_factors(start.factors)
+    if global_extras:
+        binding.set_extras(global_extras)
+    params = binding.set_trainable(start.trainable)
+    carry = train.optimizer_state == "carry"
+    with binding.shifted(start.local_shift):
+        result, opt_state = train_local(
+            binding.model,
+            params,
+            data.batches(record.cursor),
+            causal_or_cls_loss,
+            train,
+            steps=steps_for(train, len(data.indices)),
+            round_=state.round,
+            num_rounds=num_rounds,
+            optimizer_state=record.optimizer if carry else None,
+            on_step=on_step,
+        )
+    factors, memory = method.client_finish(state, ctx, start, binding.get_factors())
+    record.cursor += result.examples
+    record.memory = memory
+    record.optimizer = _cpu(opt_state) if carry else None
+    stats = {"loss": result.loss, "steps": result.steps, "examples": result.examples, "seconds": result.seconds}
+    return ClientOutcome(ClientUpload(cid, factors, num_examples=len(data.indices)), stats, binding.extras())
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
