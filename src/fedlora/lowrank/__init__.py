@@ -3,15 +3,17 @@
 Shapes follow ``nn.Linear.weight``: ``B`` is d_out x r, ``A`` is r x d_in, the update ``s B A``.
 """
 
-from fedlora.lowrank.batched import group_by_shape, lowrank_svd_many
+from fedlora.lowrank.batched import group_by_shape, implicit_svd_many, leading_many, lowrank_svd_many
 from fedlora.lowrank.delta import FactoredDelta
 from fedlora.lowrank.lora import lora_init, lora_scale
 from fedlora.lowrank.procrustes import alignment_rotation, polar, procrustes, rotate, soft_rotation
 from fedlora.lowrank.svd import (
     SPLITS,
+    ImplicitSVD,
     LowRankSVD,
     compute_dtype,
     energy_rank,
+    implicit_svd,
     lowrank_svd,
     pad_rank,
     split_factors,
@@ -22,11 +24,15 @@ from fedlora.lowrank.svd import (
 __all__ = [
     "SPLITS",
     "FactoredDelta",
+    "ImplicitSVD",
     "LowRankSVD",
     "alignment_rotation",
     "compute_dtype",
     "energy_rank",
     "group_by_shape",
+    "implicit_svd",
+    "implicit_svd_many",
+    "leading_many",
     "lora_init",
     "lora_scale",
     "lowrank_svd",

@@ -1,19 +1,35 @@
-"""Batching the exact low-rank SVD across modules of one shape.
+"""The exact low-rank SVD of many modules at once.
 
 A model adapts many modules of few shapes (e.g. 32 layers x {q, k, v, o} share 4096 x 4096).
-Stacking a shape group into one batched QR/SVD call removes per-call overhead, which
-dominates for small ranks, and keeps the GPU busy. Results equal the per-module calls.
+
+- On accelerators, a shape group is stacked into one batched QR/SVD call, which removes
+  per-call overhead (dominant for small ranks) and keeps the device busy.
+- On CPU, torch's batched QR and SVD only loop over the batch, and its multi-threaded LAPACK
+  scales poorly on these tall, skinny QRs (many synchronisation points per call; a 15x
+  slow-down when another process occupies a core). So modules are factored unstacked, in
+  parallel over ``workers`` threads (default ``torch.get_num_threads()``) with single-threaded
+  LAPACK each. While that runs, torch's intra-op thread count is 1 process-wide; it is restored
+  afterwards. ``workers=1`` keeps the serial loop with torch's own threading.
+
+Results equal the per-module calls (to rounding), in the order of the input mapping.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
-from typing import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from fedlora.lowrank.svd import LowRankSVD, lowrank_svd
+from fedlora.lowrank.svd import ImplicitSVD, LowRankSVD, implicit_svd
+
+T = TypeVar("T")
+_THREADS = threading.Lock()
 
 
 def group_by_shape(pairs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[tuple[int, ...], list[str]]:
@@ -24,30 +40,108 @@ def group_by_shape(pairs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[tuple[int
     return dict(groups)
 
 
+@contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    with _THREADS:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def _map(fn: Callable[[str], T], names: Sequence[str], on_cpu: bool, workers: int | None) -> list[T]:
+    """``fn`` over ``names``: in parallel threads with single-threaded torch on CPU (see the
+    module docstring), else (or with one worker) in a plain loop."""
+    n = min(len(names), torch.get_num_threads() if workers is None else max(1, workers))
+    if not on_cpu or n <= 1:
+        return [fn(name) for name in names]
+    with _single_threaded_torch(), ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(fn, names))
+
+
+def _blocks(
+    pairs: Mapping[str, tuple[Tensor, Tensor]], max_batch_elements: int, stack: bool | None
+) -> tuple[list[str], list[list[str]]]:
+    """The modules to factor one by one, and the stacked batches: shape groups cut into chunks of
+    at most ``max_batch_elements`` stacked input elements (``stack`` default: off CPU only)."""
+    singles: list[str] = []
+    batches: list[list[str]] = []
+    for (d_out, q, d_in), names in group_by_shape(pairs).items():
+        batched = pairs[names[0]][0].device.type != "cpu" if stack is None else stack
+        per_item = max(1, (d_out + d_in) * max(q, 1))
+        chunk = max(1, max_batch_elements // per_item) if batched else 1
+        for start in range(0, len(names), chunk):
+            block = names[start : start + chunk]
+            if len(block) == 1:
+                singles.append(block[0])
+            else:
+                batches.append(block)
+    return singles, batches
+
+
+def _on_cpu(pairs: Mapping[str, tuple[Tensor, Tensor]]) -> bool:
+    return all(up.device.type == "cpu" for up, _ in pairs.values())
+
+
+def implicit_svd_many(
+    pairs: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    dtype: torch.dtype | None = None,
+    max_batch_elements: int = 1 << 27,
+    stack: bool | None = None,
+    workers: int | None = None,
+) -> dict[str, ImplicitSVD]:
+    """:func:`~fedlora.lowrank.svd.implicit_svd` of every ``up @ down``: all singular values,
+    singular vectors kept implicit (form the needed ones with :func:`leading_many`).
+    ``max_batch_elements``, ``stack`` and ``workers`` as in :func:`lowrank_svd_many`."""
+    singles, batches = _blocks(pairs, max_batch_elements, stack)
+    out = dict(zip(singles, _map(lambda n: implicit_svd(*pairs[n], dtype=dtype), singles, _on_cpu(pairs), workers)))
+    for block in batches:
+        isvd = implicit_svd(
+            torch.stack([pairs[n][0] for n in block]), torch.stack([pairs[n][1] for n in block]), dtype=dtype
+        )
+        for i, n in enumerate(block):
+            out[n] = isvd[i]
+    return {n: out[n] for n in pairs}
+
+
+def leading_many(
+    isvds: Mapping[str, ImplicitSVD], ranks: Mapping[str, int] | None = None, *, workers: int | None = None
+) -> dict[str, LowRankSVD]:
+    """``isvds[m].leading(ranks[m])`` for every module (all components where ``ranks`` has no
+    entry), in parallel on CPU as in :func:`lowrank_svd_many`."""
+    ranks = ranks or {}
+    names = list(isvds)
+    on_cpu = all(v.S.device.type == "cpu" for v in isvds.values())
+    return dict(zip(names, _map(lambda n: isvds[n].leading(ranks.get(n)), names, on_cpu, workers)))
+
+
 def lowrank_svd_many(
     pairs: Mapping[str, tuple[Tensor, Tensor]],
     *,
     dtype: torch.dtype | None = None,
     max_batch_elements: int = 1 << 27,
+    stack: bool | None = None,
+    workers: int | None = None,
 ) -> dict[str, LowRankSVD]:
-    """:func:`lowrank_svd` of every ``up @ down``, batched per shape group.
+    """:func:`~fedlora.lowrank.svd.lowrank_svd` of every ``up @ down``.
 
-    ``max_batch_elements`` bounds the elements of one stacked input (memory), splitting large
-    groups into chunks.
+    ``stack``: batch each shape group into stacked calls (default: on every device but the
+    CPU); ``max_batch_elements`` bounds the elements of one stacked input (memory), splitting
+    large groups into chunks. ``workers``: parallel threads for the unstacked CPU path (default
+    ``torch.get_num_threads()``; see the module docstring).
     """
-    out: dict[str, LowRankSVD] = {}
-    for (d_out, q, d_in), names in group_by_shape(pairs).items():
-        per_item = max(1, (d_out + d_in) * max(q, 1))
-        chunk = max(1, max_batch_elements // per_item)
-        for start in range(0, len(names), chunk):
-            block = names[start : start + chunk]
-            if len(block) == 1:
-                up, down = pairs[block[0]]
-                out[block[0]] = lowrank_svd(up, down, dtype=dtype)
-                continue
-            ups = torch.stack([pairs[n][0] for n in block])
-            downs = torch.stack([pairs[n][1] for n in block])
-            svd = lowrank_svd(ups, downs, dtype=dtype)
-            for i, n in enumerate(block):
-                out[n] = LowRankSVD(svd.U[i], svd.S[i], svd.Vh[i])
-    return out
+    singles, batches = _blocks(pairs, max_batch_elements, stack)
+
+    def one(n: str) -> LowRankSVD:
+        return implicit_svd(*pairs[n], dtype=dtype).leading()
+
+    out = dict(zip(singles, _map(one, singles, _on_cpu(pairs), workers)))
+    for block in batches:
+        ups = torch.stack([pairs[n][0] for n in block])
+        svd = implicit_svd(ups, torch.stack([pairs[n][1] for n in block]), dtype=dtype).leading()
+        for i, n in enumerate(block):
+            out[n] = LowRankSVD(svd.U[i], svd.S[i], svd.Vh[i])
+    return {n: out[n] for n in pairs}

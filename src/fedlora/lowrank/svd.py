@@ -11,6 +11,13 @@ This is the exact SVD of ``M`` up to floating-point rounding; no sketch, no rand
 sum of weighted products ``sum_i p_i B_i A_i`` is the product of the stacked factors
 ``[p_1 B_1 ... p_n B_n] @ [A_1; ...; A_n]`` (see :func:`stack_products`).
 
+:func:`implicit_svd` stops after the small SVD: it keeps ``Q_P`` and ``Q_Q`` as Householder
+reflectors (LAPACK ``geqrf`` form) and forms singular vectors only on request, for the leading
+``k`` components (:meth:`ImplicitSVD.leading`). Applying the reflectors to the ``k`` wanted columns
+of ``u`` costs ``O(d q k)`` instead of ``O(d q^2)`` for forming ``Q`` and multiplying, so callers that
+need all singular values but few vectors (FedMomentum: top r plus a residual band) save most of
+the work after the QR. :func:`lowrank_svd` is ``implicit_svd(...).leading()``.
+
 All functions accept a leading batch dimension (several modules of one shape at once).
 """
 
@@ -88,6 +95,87 @@ def stack_products(
     return torch.cat(scaled, dim=-1), torch.cat(list(downs), dim=-2)
 
 
+def _apply_q(reflectors: Tensor, tau: Tensor, small: Tensor) -> Tensor:
+    """``Q @ small`` for the orthonormal ``Q`` (..., m, a) held as Householder reflectors
+    (``torch.geqrf`` output, first ``a`` columns) and ``small`` (..., a, k)."""
+    m, a = reflectors.shape[-2], reflectors.shape[-1]
+    k = small.shape[-1]
+    if k == 0 or a == 0:
+        return small.new_zeros(*small.shape[:-2], m, k)
+    if 2 * k > a:
+        # Most columns wanted: forming Q (orgqr) and one GEMM is as cheap and batches better.
+        return torch.linalg.householder_product(reflectors, tau) @ small
+    padded = small.new_zeros(*small.shape[:-2], m, k)
+    padded[..., :a, :] = small
+    return torch.ormqr(reflectors, tau, padded)
+
+
+@dataclass(frozen=True)
+class ImplicitSVD:
+    """The exact SVD ``up @ down = U diag(S) Vh`` with ``S`` formed and ``U``, ``Vh`` implicit.
+
+    ``U = Q_up @ core_u`` and ``Vh = core_vh @ Q_down^T``, where ``Q_up`` (..., d_out, a) and
+    ``Q_down`` (..., d_in, b) are held as Householder reflectors and ``tau`` (``torch.geqrf``
+    output; only the first ``a`` resp. ``b`` columns of ``*_reflectors`` are used). Optionally
+    batched like :class:`LowRankSVD`; ``S``: (..., k) descending.
+    """
+
+    S: Tensor
+    up_reflectors: Tensor
+    up_tau: Tensor
+    core_u: Tensor
+    down_reflectors: Tensor
+    down_tau: Tensor
+    core_vh: Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.shape[-1])
+
+    def energy(self) -> Tensor:
+        """Squared Frobenius norm, ``sum_j s_j^2``."""
+        return (self.S**2).sum(-1)
+
+    def __getitem__(self, i: int) -> ImplicitSVD:
+        """Batch element ``i`` (views)."""
+        return ImplicitSVD(
+            self.S[i],
+            self.up_reflectors[i],
+            self.up_tau[i],
+            self.core_u[i],
+            self.down_reflectors[i],
+            self.down_tau[i],
+            self.core_vh[i],
+        )
+
+    def leading(self, k: int | None = None) -> LowRankSVD:
+        """The first ``k`` components (all if ``None``) with their singular vectors formed;
+        equal to ``lowrank_svd(up, down).truncate(k)`` up to rounding."""
+        k = self.rank if k is None else max(0, min(int(k), self.rank))
+        a, b = self.core_u.shape[-2], self.core_vh.shape[-1]
+        U = _apply_q(self.up_reflectors[..., :a], self.up_tau, self.core_u[..., :k])
+        V = _apply_q(self.down_reflectors[..., :b], self.down_tau, self.core_vh[..., :k, :].mT)
+        return LowRankSVD(U, self.S[..., :k], V.mT)
+
+
+def implicit_svd(up: Tensor, down: Tensor, *, dtype: torch.dtype | None = None) -> ImplicitSVD:
+    """Exact SVD of ``up @ down`` without forming it, singular vectors kept implicit.
+
+    ``up``: (..., d_out, q), ``down``: (..., q, d_in). ``k = min(q, d_out, d_in)`` components
+    (trailing ones may be zero when the product's rank is lower). Computes in ``dtype``
+    (float32 or float64; default: float64 if an input is float64, else float32).
+    """
+    if up.shape[-1] != down.shape[-2]:
+        raise ValueError(f"inner dimensions differ: up {tuple(up.shape)} @ down {tuple(down.shape)}")
+    cd = compute_dtype(dtype, up, down)
+    h_up, tau_up = torch.geqrf(up.to(cd))  # R_up = triu of the first a rows, a = min(d_out, q)
+    h_dn, tau_dn = torch.geqrf(down.to(cd).mT)  # down^T = Q_dn R_dn, b = min(d_in, q)
+    a, b = tau_up.shape[-1], tau_dn.shape[-1]
+    core = h_up[..., :a, :].triu() @ h_dn[..., :b, :].triu().mT  # (a, b) = R_up R_dn^T
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    return ImplicitSVD(s, h_up, tau_up, u, h_dn, tau_dn, vh)
+
+
 def lowrank_svd(up: Tensor, down: Tensor, *, dtype: torch.dtype | None = None) -> LowRankSVD:
     """Exact thin SVD of ``up @ down`` without forming it.
 
@@ -95,16 +183,7 @@ def lowrank_svd(up: Tensor, down: Tensor, *, dtype: torch.dtype | None = None) -
     components (trailing ones may be zero when the product's rank is lower). Computes in
     ``dtype`` (float32 or float64; default: float64 if an input is float64, else float32).
     """
-    if up.shape[-1] != down.shape[-2]:
-        raise ValueError(f"inner dimensions differ: up {tuple(up.shape)} @ down {tuple(down.shape)}")
-    cd = compute_dtype(dtype, up, down)
-    up = up.to(cd)
-    down = down.to(cd)
-    q_up, r_up = torch.linalg.qr(up, mode="reduced")  # (d_out, a), (a, q)
-    q_dn, r_dn = torch.linalg.qr(down.mT, mode="reduced")  # (d_in, b), (b, q)
-    core = r_up @ r_dn.mT  # (a, b), a, b <= q
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    return LowRankSVD(q_up @ u, s, vh @ q_dn.mT)
+    return implicit_svd(up, down, dtype=dtype).leading()
 
 
 def energy_rank(S: Tensor, tau: float) -> int:
