@@ -1,0 +1,358 @@
+"""Helpers shared by the classification, commonsense and instruction tasks.
+
+* :func:`parse_settings`: a settings dataclass from a config mapping (unknown keys and mistyped
+  values raise ``ValueError`` naming the key).
+* :func:`read_rows`: raw rows (dicts) of one split of a local file, a folder of split files, or
+  a hub dataset (``datasets.load_dataset``; offline, a :class:`~fedlora.data.sources.SourceError`
+  names the dataset and how to use a local file instead). A single file has no splits.
+* :func:`holdout`: a seeded test hold-out before any client partition.
+* :func:`fit_completion`, :func:`completion_batch`: completion-only training batches (prompt and
+  padding labels ``-100``), the math task's truncation rule.
+* :func:`completion_logprobs`: the summed log-probability of each completion's tokens given its
+  prompt (one forward pass per batch of prompt+completion sequences).
+* :func:`greedy_generate`: batched, left-padded greedy decoding of new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import types
+import typing
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlora.data.sources import SourceError, is_local, read_records, split_files
+
+IGNORE_INDEX = -100
+_EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+Row = dict[str, Any]
+
+
+# ---- settings ----------------------------------------------------------------------------------
+def parse_settings(cls: type, settings: Mapping[str, Any], task: str) -> Any:
+    """``cls(**settings)`` after checking names and types (ints are accepted for floats)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {task} task settings {unknown}; allowed: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    values = {key: _checked(task, key, value, hints[key]) for key, value in settings.items()}
+    return cls(**values)
+
+
+def _checked(task: str, key: str, value: Any, ann: Any) -> Any:
+    union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+    args = typing.get_args(ann) if union else (ann,)
+    if value is None and type(None) in args:
+        return None
+    for t in args:
+        o = typing.get_origin(t) or t
+        if o is type(None):
+            continue
+        if o is bool and isinstance(value, bool):
+            return value
+        if o is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if o is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if o is typing.Literal and value in typing.get_args(t):
+            return value
+        if o in (str, list, dict) and isinstance(value, o):
+            return value
+    allowed = ", ".join(map(repr, typing.get_args(ann))) if typing.get_origin(ann) is typing.Literal else str(ann)
+    raise ValueError(f"{task} task setting {key!r}: expected {allowed}, got {type(value).__name__} {value!r}")
+
+
+# ---- rows ----------------------------------------------------------------------------------------
+def is_dir(source: str) -> bool:
+    return Path(source).expanduser().is_dir()
+
+
+def is_single_file(source: str) -> bool:
+    """A local source that is one file (no splits: a test set is held out of it)."""
+    return is_local(source) and not is_dir(source)
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if any(f in ("1", "true", "yes", "on") for f in flags):
+        return True
+    try:
+        from huggingface_hub.constants import is_offline_mode
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_offline_mode())
+
+
+def hub_rows(dataset_id: str, split: str, config: str | None = None) -> list[Row]:
+    """Rows of a hub dataset split (cached copies work offline); a clear error otherwise."""
+    what = dataset_id + (f" (config {config!r})" if config else "") + f", split {split!r}"
+    hint = (
+        f"Download it on a machine with hub access, e.g. datasets.load_dataset({dataset_id!r}"
+        f"{', ' + repr(config) if config else ''}, split={split!r}).to_json('{split}.jsonl'), and use the local "
+        "file, or a folder of split files such as train.jsonl and validation.jsonl, as the source instead."
+    )
+    try:
+        import datasets
+    except ImportError as exc:
+        raise SourceError(f"cannot load the hub dataset {what}: the 'datasets' package is missing. {hint}") from exc
+    try:
+        ds = datasets.load_dataset(dataset_id, config, split=split)
+    except Exception as exc:
+        reason = (
+            "the hub is unreachable in offline mode (HF_HUB_OFFLINE=1) and no cached copy exists"
+            if _offline()
+            else "it could not be downloaded (no network access, a wrong id, or a missing config/split)"
+        )
+        raise SourceError(
+            f"cannot load the hub dataset {what}: {reason} [{type(exc).__name__}: {str(exc)[:300]}]. {hint}"
+        ) from exc
+    return ds.to_list()
+
+
+def read_rows(source: str, *, split: str = "train", config: str | None = None) -> tuple[list[Row], str]:
+    """``(rows, origin)`` of ``split`` of a local file (read whole), a folder (its ``split*`` files)
+    or a hub dataset id."""
+    if is_local(source):
+        p = Path(source).expanduser()
+        if p.is_dir():
+            files = split_files(p, split)
+            if not files:
+                raise SourceError(f"{p}: no {split!r} data files (names starting with {split!r})")
+            rows: list[Row] = []
+            for f in files:
+                rows.extend(read_records(f))
+            return rows, f"{p} [{split}]"
+        return read_records(p), str(p)
+    return hub_rows(source, split, config), f"hub:{source}" + (f"/{config}" if config else "") + f" [{split}]"
+
+
+def rename_columns(rows: Sequence[Row], columns: Mapping[str, str], origin: str) -> list[Row]:
+    """Rows with ``columns`` (``{field: column}``) read into the field names the adapters expect."""
+    if not columns or not rows:
+        return list(rows)
+    missing = [f"{k} -> {v!r}" for k, v in columns.items() if v not in rows[0]]
+    if missing:
+        raise SourceError(f"{origin}: columns not found: {', '.join(missing)}; the rows have {sorted(rows[0])}")
+    return [{**row, **{k: row[v] for k, v in columns.items()}} for row in rows]
+
+
+def subsample(items: Sequence[Any], n: int, seed: int | str) -> list[Any]:
+    """A seeded subset of ``n`` items in their original order (all when ``n <= 0``)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def holdout(
+    examples: Sequence[Row], n_test: int, seed: int | str, key: Callable[[Row], Hashable]
+) -> tuple[list[Row], list[Row]]:
+    """``(train, test)``: a seeded sample of ``n_test`` rows as test, the rest as train minus rows
+    whose ``key`` also occurs in test (both in source order)."""
+    if not 0 < n_test < len(examples):
+        raise SourceError(f"cannot hold out {n_test} test examples from {len(examples)} rows")
+    idx = set(random.Random(seed).sample(range(len(examples)), n_test))
+    test = [examples[i] for i in sorted(idx)]
+    seen = {key(ex) for ex in test}
+    train = [ex for i, ex in enumerate(examples) if i not in idx and key(ex) not in seen]
+    return train, test
+
+
+def drop_overlap(train: Sequence[Row], test: Sequence[Row], key: Callable[[Row], Hashable]) -> tuple[list[Row], int]:
+    """Train rows whose ``key`` is not in test, and how many were dropped."""
+    seen = {key(ex) for ex in test}
+    kept = [ex for ex in train if key(ex) not in seen]
+    return kept, len(train) - len(kept)
+
+
+# ---- tokens --------------------------------------------------------------------------------------
+def pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return int(pad)
+
+
+def eos_id(tokenizer: Any, task: str) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer has no EOS token; the {task} task needs one to end completions")
+    return int(tokenizer.eos_token_id)
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()
+    for tok in _EXTRA_STOP_TOKENS:
+        i = vocab.get(tok)
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def text_ids(text: str, tokenizer: Any) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_prompt(
+    tokenizer: Any, user: str, *, use_chat_template: bool, system_prompt: str | None, plain: str
+) -> tuple[str, bool]:
+    """``(prompt, chat)``: the tokenizer's chat template with ``user`` as the user message and the
+    generation prompt (``use_chat_template`` and the tokenizer has one), else ``plain``."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": user}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return plain, False
+
+
+def fit_completion(p: list[int], c: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut ``prompt + completion`` to ``max_length`` tokens: the completion loses its end, unless the
+    prompt alone leaves less than a quarter of ``max_length``; then the prompt loses its start."""
+    if len(p) + len(c) <= max_length:
+        return p, c
+    keep_c = min(len(c), max(max_length - len(p), max_length // 4))
+    if len(p) > max_length - keep_c:
+        p = p[len(p) - (max_length - keep_c) :]
+    return p, c[:keep_c]
+
+
+def completion_batch(seqs: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` (prompt and padding = -100)."""
+    if not seqs:
+        raise ValueError("collate needs at least one example")
+    width = max(len(p) + len(c) for p, c in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        input_ids[row, :n] = torch.tensor(p + c, dtype=torch.long)
+        attention[row, :n] = 1
+        labels[row, len(p) : n] = torch.tensor(c, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class _EvalMode:
+    """``model.eval()`` and ``torch.no_grad()`` for a block; the training flag comes back after."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.was_training = bool(getattr(model, "training", False))
+        self.no_grad = torch.no_grad()
+
+    def __enter__(self) -> None:
+        self.model.eval()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.no_grad.__exit__(*exc)
+        if self.was_training:
+            self.model.train()
+
+
+def completion_logprobs(
+    model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int
+) -> list[tuple[float, int]]:
+    """``(sum of log p(c_t | prompt, c_<t), len(c))`` for every ``(prompt, completion)`` pair.
+
+    Sequences are right-padded in batches of ``batch_size`` (sorted by length); the log-softmax is
+    taken in float32 over the logits at positions ``len(p)-1 .. len(p)+len(c)-2`` and summed in
+    float64. Every prompt needs at least one token.
+    """
+    if any(len(p) == 0 for p, _ in seqs):
+        raise ValueError("completion_logprobs needs a non-empty prompt for every sequence")
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: (-(len(seqs[i][0]) + len(seqs[i][1])), i))
+    device = model_device(model)
+    with _EvalMode(model):
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                p, c = seqs[i]
+                ids[r, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+                mask[r, : len(p) + len(c)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for r, i in enumerate(rows):
+                p, c = seqs[i]
+                if not c:
+                    out[i] = (0.0, 0)
+                    continue
+                lp = torch.log_softmax(logits[r, len(p) - 1 : len(p) + len(c) - 1].float(), dim=-1)
+                tok = torch.tensor(c, dtype=torch.long, device=lp.device)
+                out[i] = (float(lp.gather(1, tok[:, None]).double().sum()), len(c))
+    return out
+
+
+def greedy_generate(
+    model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy completions (new tokens only, special tokens skipped) of token-id prompts, in order;
+    left-padded batches sorted by length; stops at EOS / ``<|im_end|>`` / ``<|endoftext|>``."""
+    pad = pad_id(tokenizer)
+    stop = stop_ids(tokenizer)
+    device = model_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    texts = [""] * len(prompts)
+    with _EvalMode(model):
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                p = prompts[i]
+                ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[r, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=stop,
+            )
+            new = out[:, width:].cpu()
+            for r, i in enumerate(rows):
+                texts[i] = tokenizer.decode(new[r], skip_special_tokens=True)
+    return texts
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "chat_prompt",
+    "completion_batch",
+    "completion_logprobs",
+    "drop_overlap",
+    "eos_id",
+    "fit_completion",
+    "greedy_generate",
+    "holdout",
+    "hub_rows",
+    "is_single_file",
+    "model_device",
+    "pad_id",
+    "parse_settings",
+    "read_rows",
+    "rename_columns",
+    "stop_ids",
+    "subsample",
+    "text_ids",
+]
