@@ -11,6 +11,7 @@ from fedlora.tasks.base import Example, Task, TaskData
 TASKS: dict[str, str] = {
     "math": "fedlora.tasks.math:build",
     "classification": "fedlora.tasks.classification:build",
+    "commonsense": "fedlora.tasks.commonsense:build",
 }
 
 
