@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {
     "math": "fedlora.tasks.math:build",
     "classification": "fedlora.tasks.classification:build",
     "commonsense": "fedlora.tasks.commonsense:build",
+    "instruction": "fedlora.tasks.instruction:build",
 }
 
 
