@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: ``run``, ``compare``, ``aggregate``, ``methods``."""
+"""The ``fedlora`` command line: ``run``, ``compare``, ``aggregate``, ``methods``, ``export``, ``eval``."""
 
 from __future__ import annotations
 
@@ -134,6 +134,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from pathlib import Path
+
+    from fedlora.sim.evaluate import evaluate_run, evaluate_saved
+
+    overrides = parse_assignments(args.set)
+    path = Path(args.path) if args.path else None
+    if path is not None and (path / "config.yaml").is_file():
+        if args.model or args.task:
+            raise ValueError(f"{path} is a run folder: its config names the model and task (use --set to change them)")
+        result = evaluate_run(path, overrides, out=args.out)
+    else:
+        if not args.model or not args.task:
+            raise ValueError("an adapter folder or a plain model needs --model and --task (a run folder needs neither)")
+        result = evaluate_saved(path, model=args.model, task=args.task, overrides=overrides, out=args.out)
+    what = result.get("run") or result.get("adapter") or result["model"]
+    print(f"{result['task']} on {what}: {result['n_test']} test examples")
+    for k, v in result["metrics"].items():
+        print(f"{k:<24}{v:>12.4f}" if isinstance(v, float) else f"{k:<24}{v!s:>12}")
+    if result.get("path"):
+        print(f"wrote {result['path']}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of LLMs with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a finished run, an adapter folder or a model on a task's test set",
+        description="Evaluate a saved model on its task's test set. RUN_DIR (runs/NAME): the base model, final/ "
+        "adapter and backbone delta of the run, on the run's task, settings and seed; writes RUN_DIR/eval.json. "
+        "An ADAPTER_DIR needs --model (its base) and --task; with no folder, --model itself (e.g. a merged "
+        "export) is evaluated on --task.",
+    )
+    p.add_argument("path", nargs="?", metavar="RUN_DIR|ADAPTER_DIR", help="a run folder or a PEFT adapter folder")
+    p.add_argument("--model", help="base model (with ADAPTER_DIR) or the model to evaluate: folder, hub id, offline:*")
+    p.add_argument("--task", help="task name (with ADAPTER_DIR or --model alone)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="config override, e.g. --set task.settings.n_test=100"
+    )
+    p.add_argument("--out", metavar="JSON", help="write the result here (default: RUN_DIR/eval.json for a run)")
+    p.add_argument("--json", action="store_true", help="also print the whole result as JSON")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("compare", help="one table and shared plots for several runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
