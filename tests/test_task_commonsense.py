@@ -250,9 +250,11 @@ def test_collate_masks_all_but_the_answer_and_eos(smollm, chat):
 
 
 @needs_smollm
-def test_option_loglik_equals_a_manual_transformers_computation(smollm):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_option_loglik_equals_a_manual_transformers_computation(smollm, share_prompt):
     model, tok = smollm
-    task = build_task("commonsense", {"eval_batch_size": 2})  # options of different lengths share a batch
+    # options of different lengths share a batch (padded), on the prompt's KV cache or in full sequences
+    task = build_task("commonsense", {"eval_batch_size": 2, "share_prompt": share_prompt})
     (scores,) = task.option_scores(model, tok, [EXAMPLE])
     p, chat = task.prompt(EXAMPLE, tok)
     for option, (total, count) in zip(EXAMPLE["options"], scores):
@@ -296,7 +298,7 @@ def test_length_normalisation_changes_the_choice(smollm):
     assert rest > 0
     probs[probs == 0] = rest / int((probs == 0).sum())
     model = _Unigram(probs.log())
-    plain = task.option_scores(model, tok, [ex])[0]
+    plain = task.option_scores(model, tok, [ex])[0]  # no KV cache here: the full-sequence path
     assert plain[0] == (pytest.approx(-4.0, abs=1e-3), 1)
     assert plain[1][0] == pytest.approx(-2.0 * len(long_), abs=1e-3)
     assert task.choose(plain) == 0  # the sum prefers the short option

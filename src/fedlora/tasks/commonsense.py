@@ -59,9 +59,11 @@ padding ``-100``, right-padded, cut to ``max_length`` as in the math task.
 Evaluation (:meth:`CommonsenseTask.evaluate`) on the test examples:
 
 * ``scoring="loglik"`` (default): for every option, the sum of ``log p(token | prompt, earlier
-  option tokens)`` over the option's tokens (no EOS), from one forward pass of prompt + option
-  (batches of ``eval_batch_size`` sequences, right-padded, log-softmax in float32); with
-  ``length_normalize`` the per-token mean instead. The prediction is the option with the
+  option tokens)`` over the option's tokens (no EOS), log-softmax in float32; with
+  ``length_normalize`` the per-token mean instead. With ``share_prompt`` (default) each prompt
+  runs once and its options run in one batch on its repeated KV cache; otherwise (or for a
+  model without a repeatable cache) every prompt + option is one sequence, in right-padded
+  batches of ``eval_batch_size``. Both give the same scores up to float rounding. The prediction is the option with the
   highest score (the first on ties). A prompt + option longer than ``max_length`` loses the
   start of the prompt.
 * ``scoring="generate"``: greedy decoding (``max_new_tokens``, left-padded batches) of the
@@ -103,6 +105,7 @@ from fedlora.tasks.common import (
     parse_settings,
     read_rows,
     rename_columns,
+    shared_prompt_logprobs,
     subsample,
     text_ids,
 )
@@ -419,6 +422,7 @@ class CommonsenseSettings:
     seed: int | None = None  # data seed; None = the run's seed
     scoring: Literal["loglik", "generate"] = "loglik"
     length_normalize: bool = False  # loglik: per-token mean instead of the sum
+    share_prompt: bool = True  # loglik: run each prompt once and its options on its KV cache
     max_length: int = 256
     max_new_tokens: int = 24  # generate
     eval_batch_size: int = 8
@@ -563,10 +567,32 @@ class CommonsenseTask:
                 c = self.option_ids(o, tokenizer, chat)[: L - 1]
                 seqs.append((p[max(0, len(p) - (L - len(c))) :], c))
                 owner.append(e)
+        if self.settings.share_prompt:
+            shared = self._shared_scores(model, seqs, owner, len(examples))
+            if shared is not None:
+                return shared
         scores = completion_logprobs(model, seqs, pad_id(tokenizer), self.settings.eval_batch_size)
         out: list[list[tuple[float, int]]] = [[] for _ in examples]
         for e, sc in zip(owner, scores):
             out[e].append(sc)
+        return out
+
+    def _shared_scores(
+        self, model: Any, seqs: list[tuple[list[int], list[int]]], owner: list[int], n: int
+    ) -> list[list[tuple[float, int]]] | None:
+        """Per example, the prompt once and its options on its KV cache; None when the model has no
+        repeatable cache or the options' prompts differ (cut differently at ``max_length``)."""
+        out: list[list[tuple[float, int]]] = [[] for _ in range(n)]
+        groups: dict[int, list[tuple[list[int], list[int]]]] = {}
+        for e, sc in zip(owner, seqs):
+            groups.setdefault(e, []).append(sc)
+        if any(len({tuple(p) for p, _ in g}) != 1 for g in groups.values()):
+            return None
+        try:
+            for e, g in groups.items():
+                out[e] = shared_prompt_logprobs(model, g[0][0], [c for _, c in g])
+        except TypeError:
+            return None
         return out
 
     def choose(self, scores: Sequence[tuple[float, int]]) -> int:
