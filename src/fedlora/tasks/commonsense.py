@@ -643,6 +643,9 @@ class CommonsenseTask:
                 if s.length_normalize
                 else "sum of the option tokens' log-probs given the prompt",
                 "eos_scored": False,
+                "evaluation": "prompt run once, options on its KV cache"
+                if s.share_prompt
+                else "prompt + option as one sequence, right-padded batches",
                 "prediction": "highest score, first on ties",
                 "batch_size": s.eval_batch_size,
             }
