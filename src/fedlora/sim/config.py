@@ -219,7 +219,11 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, str] | N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded
-    data = apply_overrides(data, overrides or {})
+    return config_from_dict(apply_overrides(data, overrides or {}))
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Validate a nested dict (a parsed YAML file, or ``Config.to_dict()``) into a :class:`Config`."""
     cfg = _build(Config, data, "")
     _check(cfg)
     return cfg

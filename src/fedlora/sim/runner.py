@@ -24,6 +24,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ log = logging.getLogger("fedlora")
 FAULT_ENV = "FEDLORA_FAULT"
 
 
-def _device(name: str) -> torch.device:
+def device_for(name: str) -> torch.device:
+    """``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -65,6 +67,102 @@ def _fault(event: str, round_: int, client_index: int | None = None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+# ---- what every runtime must decide the same way (simulation and Flower) ----------------------
+TrainedClients = tuple[
+    list[ClientUpload], dict[str, dict[str, Any]], list[dict[str, str]], list[dict[str, torch.Tensor]], dict[str, int]
+]
+"""``(uploads, train_stats, failures, extras, ranks)`` of one round's local training, in sampled order."""
+
+
+@dataclass
+class RunData:
+    """The task, its train/test split and the partition of the train examples over clients."""
+
+    task: Any
+    train: Any
+    test: Any
+    groups: list[str]
+    parts: list[list[int]]
+
+    @property
+    def client_ids(self) -> list[str]:
+        return [str(i) for i in range(len(self.parts))]
+
+
+def prepare_data(cfg: Config) -> RunData:
+    """Build the task, load its data and partition the train examples (all seeded by ``cfg.seed``)."""
+    from fedlora.tasks import build_task
+
+    task = build_task(cfg.task.name, cfg.task.settings, seed=cfg.seed)
+    data = task.load()
+    groups = [str(ex.get(data.group_key, "")) for ex in data.train]
+    return RunData(task, data.train, data.test, groups, partition_clients(cfg, groups))
+
+
+def partition_clients(cfg: Config, groups: list[str]) -> list[list[int]]:
+    from fedlora.data import partition as P
+
+    p = cfg.partition
+    if p.scheme == "iid":
+        return P.iid(len(groups), p.num_clients, cfg.seed)
+    if p.scheme == "dirichlet":
+        return P.dirichlet(groups, p.num_clients, p.alpha, cfg.seed, min_size=p.min_size)
+    if p.scheme == "k_classes":
+        return P.k_classes(groups, p.num_clients, p.k, cfg.seed)
+    return P.natural(groups)
+
+
+def build_binding(cfg: Config, device: torch.device) -> tuple[Any, LoRABinding]:
+    """The tokenizer and the PEFT-wrapped base model with its LoRA initialised from ``cfg.seed``:
+    every runtime that builds them this way starts from the same global factors."""
+    from fedlora.model.loading import load_model, load_tokenizer
+
+    dtype = getattr(torch, cfg.model.dtype)
+    tokenizer = load_tokenizer(cfg.model.name)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model.name, cfg.model.kind, dtype=dtype, num_labels=cfg.model.num_labels, device=str(device))
+    lora = LoRASettings(
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        targets=tuple(cfg.lora.targets),
+        dropout=cfg.lora.dropout,
+        rslora=cfg.lora.rslora,
+        modules_to_save=("classifier", "score") if cfg.model.kind == "seq_cls" else (),
+    )
+    binding = LoRABinding(model, lora, task_type="SEQ_CLS" if cfg.model.kind == "seq_cls" else "CAUSAL_LM")
+    return tokenizer, binding
+
+
+def client_rank(cfg: Config, cid: str) -> int:
+    return int(cfg.lora.client_ranks.get(cid, cfg.lora.rank))
+
+
+def local_data(
+    cfg: Config, cid: str, examples: Any, parts: list[list[int]], task: Any, tokenizer: Any, device: torch.device
+) -> LocalData:
+    """Client ``cid``'s training data (its partition of ``examples``) and batching."""
+    return LocalData(
+        client_id=cid,
+        examples=examples,
+        indices=parts[int(cid)],
+        task=task,
+        tokenizer=tokenizer,
+        device=device,
+        seed=cfg.seed,
+        batch_size=cfg.train.batch_size,
+    )
+
+
+def clients_per_round(cfg: Config, num_clients: int) -> int:
+    c = cfg.rounds.clients_per_round
+    return min(num_clients, int(c)) if c >= 1 else max(1, round(c * num_clients))
+
+
+def sample_clients(seed: int, round_: int, client_ids: list[str], k: int) -> list[str]:
+    """The ``k`` clients of round ``round_`` (0-based), sorted by id: a pure function of the seed."""
+    return sorted(random.Random(f"{seed}:sample:{round_}").sample(client_ids, k), key=int)
+
+
 class Simulation:
     """A federated fine-tuning run on one machine (see the module docstring)."""
 
@@ -73,70 +171,31 @@ class Simulation:
         self.run_dir = cfg.run_dir
         self.progress = progress
         self.method: Method = build_method(cfg.method.name, cfg.method.settings)
-        self.device = _device(cfg.model.device)
+        self.device = device_for(cfg.model.device)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
         from fedlora.data.partition import partition_report, plot_partition
-        from fedlora.model.loading import load_model, load_tokenizer
-        from fedlora.tasks import build_task
 
         cfg = self.cfg
-        self.task = build_task(cfg.task.name, cfg.task.settings, seed=cfg.seed)
-        data = self.task.load()
-        self.train_examples, self.test_examples = data.train, data.test
-        groups = [str(ex.get(data.group_key, "")) for ex in self.train_examples]
-        self.parts = self._partition(groups)
-        self.client_ids = [str(i) for i in range(len(self.parts))]
-        report = partition_report(groups, self.parts)
+        data = prepare_data(cfg)
+        self.task, self.train_examples, self.test_examples = data.task, data.train, data.test
+        self.parts = data.parts
+        self.client_ids = data.client_ids
+        report = partition_report(data.groups, self.parts)
         (self.run_dir / "partition.json").write_text(json.dumps(report, indent=2) + "\n")
         try:
             plot_partition(report, self.run_dir / "partition.png")
         except Exception as exc:  # a plot must never stop a run
             log.warning("partition plot failed: %s", exc)
-        dtype = getattr(torch, cfg.model.dtype)
-        self.tokenizer = load_tokenizer(cfg.model.name)
-        torch.manual_seed(cfg.seed)
-        model = load_model(
-            cfg.model.name, cfg.model.kind, dtype=dtype, num_labels=cfg.model.num_labels, device=str(self.device)
-        )
-        lora = LoRASettings(
-            rank=cfg.lora.rank,
-            alpha=cfg.lora.alpha,
-            targets=tuple(cfg.lora.targets),
-            dropout=cfg.lora.dropout,
-            rslora=cfg.lora.rslora,
-            modules_to_save=("classifier", "score") if cfg.model.kind == "seq_cls" else (),
-        )
-        self.binding = LoRABinding(model, lora, task_type="SEQ_CLS" if cfg.model.kind == "seq_cls" else "CAUSAL_LM")
+        self.tokenizer, self.binding = build_binding(cfg, self.device)
         self.global_extras = self.binding.extras()
 
-    def _partition(self, groups: list[str]) -> list[list[int]]:
-        from fedlora.data import partition as P
-
-        p = self.cfg.partition
-        if p.scheme == "iid":
-            return P.iid(len(groups), p.num_clients, self.cfg.seed)
-        if p.scheme == "dirichlet":
-            return P.dirichlet(groups, p.num_clients, p.alpha, self.cfg.seed, min_size=p.min_size)
-        if p.scheme == "k_classes":
-            return P.k_classes(groups, p.num_clients, p.k, self.cfg.seed)
-        return P.natural(groups)
-
     def _client_rank(self, cid: str) -> int:
-        return int(self.cfg.lora.client_ranks.get(cid, self.cfg.lora.rank))
+        return client_rank(self.cfg, cid)
 
     def _local_data(self, cid: str) -> LocalData:
-        return LocalData(
-            client_id=cid,
-            examples=self.train_examples,
-            indices=self.parts[int(cid)],
-            task=self.task,
-            tokenizer=self.tokenizer,
-            device=self.device,
-            seed=self.cfg.seed,
-            batch_size=self.cfg.train.batch_size,
-        )
+        return local_data(self.cfg, cid, self.train_examples, self.parts, self.task, self.tokenizer, self.device)
 
     # ---- state --------------------------------------------------------------------------------
     def _initial_state(self) -> GlobalState:
@@ -254,32 +313,13 @@ class Simulation:
         return self._finish(metrics_path)
 
     def _clients_per_round(self) -> int:
-        c, n = self.cfg.rounds.clients_per_round, len(self.client_ids)
-        return min(n, int(c)) if c >= 1 else max(1, round(c * n))
+        return clients_per_round(self.cfg, len(self.client_ids))
 
     def _round(self, k: int, bar: tqdm) -> dict[str, Any]:
         cfg, t = self.cfg, self.state.round
-        sampled = sorted(random.Random(f"{cfg.seed}:sample:{t}").sample(self.client_ids, k), key=int)
-        uploads, train_stats, failures, extras = [], {}, [], []
-        ranks = {}
+        sampled = sample_clients(cfg.seed, t, self.client_ids, k)
         t_train = time.perf_counter()
-        for pos, cid in enumerate(sampled):
-            bar.set_description(f"round {t + 1}/{cfg.rounds.num_rounds} client {cid} ({pos + 1}/{k})")
-            try:
-                upload, stats, client_extras = self._train_client(cid, bar)
-            except Exception as exc:  # one client's failure (OOM included) must not stop the run
-                log.error(
-                    "round %d: client %s failed during local training: %s: %s", t + 1, cid, type(exc).__name__, exc
-                )
-                failures.append({"client": cid, "reason": f"{type(exc).__name__}: {exc}"})
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            uploads.append(upload)
-            train_stats[cid] = stats
-            extras.append(client_extras)
-            ranks[cid] = self._client_rank(cid)
-            _fault("after_client", t, pos)
+        uploads, train_stats, failures, extras, ranks = self._train_clients(sampled, bar)
         train_seconds = time.perf_counter() - t_train
 
         screening = screen_uploads(uploads, self.state, self.method, ranks if self.method.heterogeneous_ranks else None)
@@ -342,6 +382,31 @@ class Simulation:
             log.info("round %d: train loss %s, %s", t + 1, _num(record["train_loss"]), _fmt(record["eval"]))
         record["seconds"] = {"train": train_seconds, "aggregate": agg_seconds, "eval": eval_seconds}
         return record
+
+    def _train_clients(self, sampled: list[str], bar: tqdm) -> TrainedClients:
+        """Local training of the sampled clients, in order; a client that raises is a failure."""
+        cfg, t, k = self.cfg, self.state.round, len(sampled)
+        uploads, train_stats, failures, extras = [], {}, [], []
+        ranks = {}
+        for pos, cid in enumerate(sampled):
+            bar.set_description(f"round {t + 1}/{cfg.rounds.num_rounds} client {cid} ({pos + 1}/{k})")
+            try:
+                upload, stats, client_extras = self._train_client(cid, bar)
+            except Exception as exc:  # one client's failure (OOM included) must not stop the run
+                log.error(
+                    "round %d: client %s failed during local training: %s: %s", t + 1, cid, type(exc).__name__, exc
+                )
+                failures.append({"client": cid, "reason": f"{type(exc).__name__}: {exc}"})
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            uploads.append(upload)
+            train_stats[cid] = stats
+            extras.append(client_extras)
+            ranks[cid] = self._client_rank(cid)
+            _fault("after_client", t, pos)
+
+        return uploads, train_stats, failures, extras, ranks
 
     def _train_client(self, cid: str, bar: tqdm) -> tuple[ClientUpload, dict[str, Any], dict[str, torch.Tensor]]:
         def on_step(step: int, loss: float) -> None:
