@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# A Flower deployment of fedlora on one machine, over loopback only: one SuperLink, N SuperNodes
+# (one per client, partition-id 0..N-1), then `flwr run flower_app` against that SuperLink.
+# Waits for the run folder's summary.json and stops every process it started (also on error,
+# Ctrl-C or kill).
+#
+#   scripts/flower_local_deployment.sh OUT_DIR [NUM_NODES] [-- extra flwr run --run-config items]
+#
+# Environment: BASE_PORT (default 39500: SuperLink on BASE_PORT, SuperNode i on BASE_PORT+1+i),
+# TIMEOUT (seconds to wait for the run, default 1800), FLWR_HOME (default OUT_DIR/flwr-home),
+# FLWR (the flwr executables' folder, default: next to `python`).
+# Insecure (no TLS, no SuperNode authentication): see README "Flower deployment" for both.
+set -euo pipefail
+
+OUT=$(realpath -m "${1:?usage: $0 OUT_DIR [NUM_NODES] [-- run-config items]}")
+NODES=${2:-2}
+shift $(( $# >= 2 ? 2 : $# ))
+[[ "${1:-}" == "--" ]] && shift
+EXTRA=("$@")
+BASE_PORT=${BASE_PORT:-39500}
+TIMEOUT=${TIMEOUT:-1800}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${FLWR:-$(dirname "$(command -v python)")}
+export FLWR_HOME=${FLWR_HOME:-$OUT/flwr-home}
+export FEDLORA_NODE_CACHE=${FEDLORA_NODE_CACHE:-$OUT/node-cache}
+mkdir -p "$OUT/logs" "$FLWR_HOME"
+
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  sleep 2
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT INT TERM
+
+LINK=127.0.0.1:$BASE_PORT
+cat > "$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "local-deployment"
+
+[superlink.local-deployment]
+address = "$LINK"
+insecure = true
+EOF
+
+# --disable-runtime-dependency-installation: the app's dependencies are already installed here.
+"$BIN/flower-superlink" --insecure --host 127.0.0.1 --port "$BASE_PORT" \
+  --disable-runtime-dependency-installation >"$OUT/logs/superlink.log" 2>&1 &
+PIDS+=($!)
+
+for ((i = 0; i < NODES; i++)); do
+  "$BIN/flower-supernode" --insecure --superlink "$LINK" \
+    --host 127.0.0.1 --port $((BASE_PORT + 1 + i)) \
+    --node-config "partition-id=$i num-partitions=$NODES" \
+    >"$OUT/logs/supernode-$i.log" 2>&1 &
+  PIDS+=($!)
+done
+
+# The run folder is an absolute path: the ServerApp runs in a process of the SuperLink.
+RUN_CONFIG="output-dir='$OUT' name='run' partition.num-clients=$NODES"
+for item in "${EXTRA[@]}"; do RUN_CONFIG+=" $item"; done
+deadline=$((SECONDS + 60))
+until "$BIN/flwr" run "$REPO/flower_app" local-deployment --run-config "$RUN_CONFIG" \
+    >"$OUT/logs/flwr-run.log" 2>&1; do
+  if ((SECONDS > deadline)); then echo "flwr run failed:" >&2; cat "$OUT/logs/flwr-run.log" >&2; exit 1; fi
+  sleep 2  # the SuperLink may still be starting
+done
+cat "$OUT/logs/flwr-run.log"
+RUN_ID=$(grep -o 'started run [0-9]*' "$OUT/logs/flwr-run.log" | grep -o '[0-9]*$' || true)
+
+deadline=$((SECONDS + TIMEOUT))
+until [[ -f "$OUT/run/summary.json" ]]; do
+  if ((SECONDS > deadline)); then
+    echo "no summary after ${TIMEOUT}s" >&2
+    [[ -n "$RUN_ID" ]] && timeout 20 "$BIN/flwr" log "$RUN_ID" local-deployment --show >&2 || true
+    exit 1
+  fi
+  for pid in "${PIDS[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then echo "process $pid exited early; logs in $OUT/logs" >&2; exit 1; fi
+  done
+  sleep 2
+done
+[[ -n "$RUN_ID" ]] && timeout 20 "$BIN/flwr" log "$RUN_ID" local-deployment --show >"$OUT/logs/serverapp.log" 2>&1 || true
+echo "done: $OUT/run/summary.json"

