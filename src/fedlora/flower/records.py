@@ -40,11 +40,13 @@ def from_record(record: ArrayRecord) -> dict[str, Tensor]:
     return {k: torch.from_numpy(np.array(arr.numpy(), copy=True)) for k, arr in record.items()}
 
 
-def payload_bytes(record: ArrayRecord) -> int:
-    """Raw tensor bytes of a record (``count_bytes()`` adds each array's .npy header and key)."""
+def payload_bytes(record: ArrayRecord, prefix: str = "") -> int:
+    """Raw tensor bytes of a record's arrays whose key starts with ``prefix`` (``count_bytes()``
+    adds each array's .npy header and its key)."""
     total = 0
-    for arr in record.values():
-        total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    for key, arr in record.items():
+        if key.startswith(prefix):
+            total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
     return total
 
 

@@ -19,8 +19,10 @@ One round:
 4. the rest is ``Simulation._round``.
 
 Each metrics line gains ``wire``: the bytes put in ArrayRecords this round
-(``count_bytes()``: ``down``, ``up``) and their raw tensor bytes (``down_payload``,
-``up_payload``). ``up_payload`` equals the method's ``bytes_up`` (when no upload is rejected);
+(``count_bytes()``: ``down``, ``up``), their raw tensor bytes of factors, method state and
+backbone deltas (``down_payload``, ``up_payload``) and of ``modules_to_save`` extras such as a
+classifier head (``down_extras``, ``up_extras``; not in the methods' accounting).
+``up_payload`` equals the method's ``bytes_up`` (when no upload is rejected);
 ``down_payload`` of round t+1 equals the method's ``bytes_down`` of round t (the broadcast of
 round t's result to the k clients of the next round) when each sampled node held the previous
 version; see README "Flower deployment" for the exact differences.
@@ -38,12 +40,13 @@ from tqdm.auto import tqdm
 
 from fedlora.flower.config import FlowerOptions, resolve
 from fedlora.flower.records import diff_content, factors_from_record, from_record, payload_bytes
-from fedlora.flower.sync import NodeVersion, StateSync, flatten_state
+from fedlora.flower.sync import EXTRA_PREFIX, NodeVersion, StateSync, flatten_state
 from fedlora.methods import ClientUpload
 from fedlora.sim.config import Config
 from fedlora.sim.runner import Simulation, TrainedClients, client_rank
 
 log = logging.getLogger("fedlora")
+WIRE_KEYS = ("down", "up", "down_payload", "up_payload", "down_extras", "up_extras")
 
 
 def config_yaml(cfg: Config) -> str:
@@ -63,7 +66,7 @@ class FlowerServer(Simulation):
         self.node_of: dict[str, int] = {}
         self.known_nodes: set[int] = set()
         self.config_text = config_yaml(cfg)
-        self.wire_total = {"down": 0, "up": 0, "down_payload": 0, "up_payload": 0}
+        self.wire_total = dict.fromkeys(WIRE_KEYS, 0)
         self._wire: dict[str, int] = {}
 
     # ---- nodes --------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ class FlowerServer(Simulation):
         t = self.state.round
         self.sync.observe(t, flatten_state(self.state, self.global_extras), self.ledger)
         self._refresh_nodes()
-        wire = {"down": 0, "up": 0, "down_payload": 0, "up_payload": 0, "messages": 0}
+        wire = dict.fromkeys((*WIRE_KEYS, "messages"), 0)
         uploads: list[ClientUpload] = []
         train_stats: dict[str, dict[str, Any]] = {}
         failures: list[dict[str, str]] = []
@@ -150,7 +153,9 @@ class FlowerServer(Simulation):
             for name in ("state", "ledger"):
                 rec = content.array_records[name]
                 wire["down"] += rec.count_bytes()
-                wire["down_payload"] += payload_bytes(rec)
+                head = payload_bytes(rec, prefix=EXTRA_PREFIX)
+                wire["down_payload"] += payload_bytes(rec) - head
+                wire["down_extras"] += head
             msgs.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(t + 1)))
             sent[node] = cid
         wire["messages"] = len(msgs)
@@ -169,6 +174,7 @@ class FlowerServer(Simulation):
             up, ex = content.array_records["upload"], content.array_records["extras"]
             wire["up"] += up.count_bytes() + ex.count_bytes()
             wire["up_payload"] += payload_bytes(up)
+            wire["up_extras"] += payload_bytes(ex)
             metrics = content.metric_records["metrics"]
             uploads.append(ClientUpload(cid, factors_from_record(up), num_examples=int(metrics["num-examples"])))
             train_stats[cid] = {

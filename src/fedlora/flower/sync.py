@@ -42,6 +42,7 @@ from fedlora.methods.base import GlobalState, LoRASpec, ModuleFactors
 
 FULL = -1
 """``state-from`` of a full copy (the node's version is unknown)."""
+EXTRA_PREFIX = "extra/"
 
 
 # ---- state <-> named tensors ---------------------------------------------------------------------
@@ -65,7 +66,7 @@ def flatten_state(state: GlobalState, extras: Mapping[str, Tensor] | None = None
     for k, v in state.method_state.items():
         out[f"method/{k}"] = wire_tensor(v)
     for k, v in (extras or {}).items():
-        out[f"extra/{k}"] = wire_tensor(v)
+        out[f"{EXTRA_PREFIX}{k}"] = wire_tensor(v)
     return out
 
 
