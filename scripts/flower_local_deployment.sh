@@ -8,8 +8,10 @@
 #
 # Environment: BASE_PORT (default 39500: SuperLink on BASE_PORT, SuperNode i on BASE_PORT+1+i),
 # TIMEOUT (seconds to wait for the run, default 1800), FLWR_HOME (default OUT_DIR/flwr-home),
-# FLWR (the flwr executables' folder, default: next to `python`).
-# Insecure (no TLS, no SuperNode authentication): see README "Flower deployment" for both.
+# FLWR (the flwr executables' folder, default: next to `python`),
+# CERTS (a folder with ca.crt, server.pem, server.key: TLS between SuperLink, SuperNodes and flwr;
+# default: insecure), AUTH_KEYS (a folder with node-<i> / node-<i>.pub EC key pairs: SuperNode
+# authentication, needs CERTS). scripts/flower_dev_certs.sh makes both for loopback trials.
 set -euo pipefail
 
 OUT=$(realpath -m "${1:?usage: $0 OUT_DIR [NUM_NODES] [-- run-config items]}")
@@ -34,22 +36,48 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 LINK=127.0.0.1:$BASE_PORT
+CERTS=${CERTS:-}
+AUTH_KEYS=${AUTH_KEYS:-}
+if [[ -n "$CERTS" ]]; then
+  CERTS=$(realpath "$CERTS")
+  LINK_SEC=(--ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/server.pem" --ssl-keyfile "$CERTS/server.key")
+  NODE_SEC=(--root-certificates "$CERTS/ca.crt")
+  CLI_SEC="root-certificates = \"$CERTS/ca.crt\""
+else
+  if [[ -n "$AUTH_KEYS" ]]; then echo "AUTH_KEYS needs CERTS (SuperNode authentication needs TLS)" >&2; exit 2; fi
+  LINK_SEC=(--insecure)
+  NODE_SEC=(--insecure)
+  CLI_SEC="insecure = true"
+fi
+[[ -n "$AUTH_KEYS" ]] && AUTH_KEYS=$(realpath "$AUTH_KEYS") && LINK_SEC+=(--enable-supernode-auth)
 cat > "$FLWR_HOME/config.toml" <<EOF
 [superlink]
 default = "local-deployment"
 
 [superlink.local-deployment]
 address = "$LINK"
-insecure = true
+$CLI_SEC
 EOF
 
 # --disable-runtime-dependency-installation: the app's dependencies are already installed here.
-"$BIN/flower-superlink" --insecure --host 127.0.0.1 --port "$BASE_PORT" \
+"$BIN/flower-superlink" "${LINK_SEC[@]}" --host 127.0.0.1 --port "$BASE_PORT" \
   --disable-runtime-dependency-installation >"$OUT/logs/superlink.log" 2>&1 &
 PIDS+=($!)
 
+if [[ -n "$AUTH_KEYS" ]]; then # only registered SuperNodes may connect
+  for ((i = 0; i < NODES; i++)); do
+    deadline=$((SECONDS + 60))
+    until "$BIN/flwr" supernode register "$AUTH_KEYS/node-$i.pub" local-deployment >>"$OUT/logs/register.log" 2>&1; do
+      if ((SECONDS > deadline)); then echo "cannot register node-$i:" >&2; cat "$OUT/logs/register.log" >&2; exit 1; fi
+      sleep 2 # the SuperLink may still be starting
+    done
+  done
+fi
+
 for ((i = 0; i < NODES; i++)); do
-  "$BIN/flower-supernode" --insecure --superlink "$LINK" \
+  NODE_AUTH=()
+  [[ -n "$AUTH_KEYS" ]] && NODE_AUTH=(--auth-supernode-private-key "$AUTH_KEYS/node-$i")
+  "$BIN/flower-supernode" "${NODE_SEC[@]}" "${NODE_AUTH[@]}" --superlink "$LINK" \
     --host 127.0.0.1 --port $((BASE_PORT + 1 + i)) \
     --node-config "partition-id=$i num-partitions=$NODES" \
     >"$OUT/logs/supernode-$i.log" 2>&1 &

@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -352,12 +354,15 @@ def _free_port_block(n: int) -> int:
     raise RuntimeError("no free port block")
 
 
-def _pids_mentioning(text: str) -> list[int]:
+def _pids_on_ports(ports: list[int]) -> list[int]:
+    """Processes whose command line names one of our loopback ports (ours: the ports were free)."""
+    alternatives = "|".join(map(str, ports))
+    pattern = re.compile(rf"127\.0\.0\.1:({alternatives})(?!\d)")
     out = []
     for d in Path("/proc").iterdir():
-        if d.name.isdigit():
+        if d.name.isdigit() and int(d.name) != os.getpid():
             try:
-                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if pattern.search((d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")):
                     out.append(int(d.name))
             except OSError:
                 continue
@@ -366,21 +371,35 @@ def _pids_mentioning(text: str) -> list[int]:
 
 @needs_model
 @pytest.mark.slow
-def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path):
-    """scripts/flower_local_deployment.sh: flower-superlink --insecure, two flower-supernode
-    processes (partition-id 0 and 1, their own runtime-API ports) and ``flwr run flower_app``
-    against the SuperLink, two rounds of FedSA-LoRA with carried optimizer states: the client
-    memory (each node's own B) and the optimizer state live in ``context.state``, which the
-    SuperNode hands to a fresh ClientApp process per message. Same records as ``fedlora run``."""
+@pytest.mark.parametrize("security", ["insecure", "tls+auth"])
+def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path, security):
+    """scripts/flower_local_deployment.sh: flower-superlink, two flower-supernode processes
+    (partition-id 0 and 1, their own runtime-API ports) and ``flwr run flower_app`` against the
+    SuperLink, insecure or with TLS (a throw-away CA, scripts/flower_dev_certs.sh) and SuperNode
+    authentication (registered EC keys). Two rounds of FedSA-LoRA with carried optimizer states:
+    the client memory (each node's own B) and the optimizer state live in ``context.state``, which
+    the SuperNode hands to a fresh ClientApp process per message. Same records as ``fedlora run``."""
     from fedlora.cli import preset_path
     from fedlora.sim.config import load_config
     from fedlora.sim.runner import run_experiment
 
     base = _free_port_block(3)
+    ports = [base, base + 1, base + 2]
     out = tmp_path / "dep"
     extra = "train.optimizer_state=carry"
     env = {**_env(tmp_path), "BASE_PORT": str(base), "TIMEOUT": "480"}
     env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    if security == "tls+auth":
+        if not (shutil.which("openssl") and shutil.which("ssh-keygen")):
+            pytest.skip("needs openssl and ssh-keygen to make a throw-away CA and node keys")
+        made = subprocess.run(
+            ["bash", str(REPO / "scripts" / "flower_dev_certs.sh"), str(tmp_path / "sec"), "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert made.returncode == 0, made.stderr
+        env.update(CERTS=str(tmp_path / "sec" / "certs"), AUTH_KEYS=str(tmp_path / "sec" / "keys"))
     args = [f"fedlora-set='{TINY}; {extra}'", "train.max-steps=1", "method.name='fedsa_lora'", "round-timeout=300.0"]
     proc = subprocess.Popen(
         ["bash", str(REPO / "scripts" / "flower_local_deployment.sh"), str(out), "2", "--", *args],
@@ -406,9 +425,9 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path)
     finally:
         _kill_group(proc)
         deadline = time.monotonic() + 15  # SuperExec children leave the group; they follow their parent
-        while time.monotonic() < deadline and _pids_mentioning(f"127.0.0.1:{base}"):
+        while time.monotonic() < deadline and _pids_on_ports(ports):
             time.sleep(1)
-        for pid in _pids_mentioning(f"127.0.0.1:{base}"):
+        for pid in _pids_on_ports(ports):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((out / "logs").glob("*.log")))
@@ -425,4 +444,7 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path)
     assert dep[1]["wire"]["down_payload"] == dep[0]["bytes_down"]  # A only: each node keeps its B
     assert (out / "run" / "final" / "adapter_model.safetensors").exists()
     assert json.loads((out / "run" / "summary.json").read_text())["rounds"] == 2
-    assert not _pids_mentioning(f"127.0.0.1:{base}")
+    assert not _pids_on_ports(ports)
+    if security == "tls+auth":
+        assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
+        assert (out / "logs" / "register.log").read_text().count("registered successfully") == 2
