@@ -448,3 +448,53 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
     if security == "tls+auth":
         assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
         assert (out / "logs" / "register.log").read_text().count("registered successfully") == 2
+
+
+@needs_model
+@pytest.mark.slow
+def test_flwr_run_flower_app_in_simulation_mode(tmp_path):
+    """``flwr run flower_app --federation-config num-supernodes=3`` with a temporary FLWR_HOME: the
+    CLI starts a local simulation SuperLink (detached; stopped here by its pid), which runs the
+    app; the run folder is the same as the in-process simulation's."""
+    http = _free_port_block(2)
+    control = http + 1
+    env = {**_env(tmp_path), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http)}
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control)
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    out = tmp_path / "runs"
+    run_config = f"train.max-steps=1 output-dir='{out}' fedlora-set='{TINY}'"
+    flwr = str(Path(sys.executable).parent / "flwr")
+    try:
+        started = subprocess.run(
+            [
+                flwr,
+                "run",
+                str(REPO / "flower_app"),
+                *("--federation-config", "num-supernodes=3", "--run-config", run_config),
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert started.returncode == 0 and "Successfully started run" in started.stdout, started.stdout + started.stderr
+        deadline = time.monotonic() + 420
+        while not (out / "flower" / "summary.json").exists():
+            assert time.monotonic() < deadline, "no summary.json after 420 s"
+            time.sleep(2)
+    finally:
+        for pid in _pids_on_ports([http, control]):  # the local SuperLink outlives `flwr run`
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _pids_on_ports([http, control]):
+            time.sleep(1)
+        for pid in _pids_on_ports([http, control]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    lines = _records(out / "flower" / "metrics.jsonl")
+    assert [r["round"] for r in lines] == [1, 2] and all(not r["rejected"] for r in lines)
+    assert lines[1]["wire"]["down_payload"] == lines[0]["bytes_down"]
+    assert (out / "flower" / "final" / "adapter_model.safetensors").exists()
+    assert not _pids_on_ports([http, control])
