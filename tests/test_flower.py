@@ -1,6 +1,8 @@
 """The Flower runtime: state/ledger sync by diffs, records, run-config mapping (fast, no model);
-a Flower simulation reproducing ``fedlora run`` with bytes on the wire equal to the method's
-accounting; a SuperLink + SuperNodes deployment on loopback (slow)."""
+failed, silent and wiped nodes through an in-process Grid; a Flower simulation reproducing
+``fedlora run`` with bytes on the wire equal to the method's accounting; slow: a SuperLink +
+SuperNodes deployment on loopback (insecure, and TLS + SuperNode authentication) and
+``flwr run flower_app`` in simulation mode."""
 
 from __future__ import annotations
 
@@ -333,6 +335,111 @@ def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accou
         torch.testing.assert_close(fb.factors[m].A, fa.factors[m].A, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(fb.factors[m].B, fa.factors[m].B, rtol=1e-4, atol=1e-6)
     assert (tmp_path / "node-cache").is_dir()  # each node's mirror and ledger on its disk
+
+
+class LoopbackGrid:
+    """A Grid that hands each message to the ClientApp in this process (one Context per node),
+    with injected faults: an error reply, or no reply (as after ``round-timeout``)."""
+
+    def __init__(self, client_app, num_nodes: int, run_id: int = 7) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.app = client_app
+        self.contexts = {
+            1000 + i: Context(
+                run_id=run_id,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+        self.faults: dict[tuple[str, int], str] = {}  # (client id, server-round) -> "error" | "silent"
+        self.before: dict[int, object] = {}  # server-round -> callable run before delivering
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        replies = []
+        for m in messages:
+            ctx = self.contexts[m.metadata.dst_node_id]
+            cid = str(ctx.node_config["partition-id"])
+            rnd = int(m.content.config_records["config"].get("server-round", 0))
+            if rnd in self.before:
+                self.before.pop(rnd)()
+            fault = self.faults.get((cid, rnd)) if m.metadata.message_type == "train" else None
+            if fault == "silent":
+                continue
+            if fault == "error":
+                replies.append(Message(Error(code=2, reason="RuntimeError: injected"), reply_to=m))
+                continue
+            replies.append(self.app(m, ctx))
+        return replies
+
+
+@needs_model
+def test_failed_silent_and_wiped_nodes_are_reported_and_recover(tmp_path, monkeypatch):
+    """In process (a loopback Grid): a client that errors and one that does not answer are failed
+    clients of their round (named, with the reason) and the round goes on; a node whose mirror was
+    wiped is refused by its own digest check, reported, re-synchronised at the next handshake (a
+    fresh node: diff from the initial state) and trains again; every mirror ends equal to the
+    server's state."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.flower import client_app
+    from fedlora.flower.server_app import FlowerServer
+    from fedlora.sim.runner import sample_clients
+
+    monkeypatch.setenv("FEDLORA_NODE_CACHE", str(tmp_path / "nodes"))
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):  # what a real Grid's process has
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
+    cfg, opts = resolve(
+        {
+            "fedlora-config": "ci",
+            "fedlora-set": TINY + "; rounds.num_rounds=5; method.name=fedex_lora",
+            "train.max-steps": 1,
+            "output-dir": str(tmp_path),
+            "name": "faults",
+        }
+    )
+    sampled = [sample_clients(cfg.seed, t, ["0", "1", "2"], 2) for t in range(5)]
+    assert sampled == [["1", "2"], ["0", "1"], ["1", "2"], ["1", "2"], ["0", "2"]]  # the plan below
+    grid = LoopbackGrid(client_app.app, 3)
+    grid.faults[("0", 2)] = "error"
+    grid.faults[("1", 2)] = "silent"
+
+    def wipe():  # client 2 holds the state of round 3 (0-based 2) now
+        for f in (tmp_path / "nodes" / "run-7" / "client-2").rglob("*"):
+            if f.is_file():
+                f.unlink()
+
+    grid.before[4] = wipe
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        server = FlowerServer(cfg, grid, opts)
+        server.run()
+    finally:
+        torch.set_num_threads(threads)
+    lines = _records(tmp_path / "faults" / "metrics.jsonl")
+    assert [r["round"] for r in lines] == [1, 2, 3, 4, 5]
+    reasons = [{x["client"]: x["reason"] for x in r["rejected"]} for r in lines]
+    assert reasons[1] == {"0": "RuntimeError: injected", "1": f"no reply within round-timeout={opts.round_timeout:g}s"}
+    assert lines[1]["skipped"] and not lines[1]["train"]  # min_clients=1: nothing to aggregate
+    assert list(reasons[3]) == ["2"] and reasons[3]["2"].startswith("OutOfSync: node holds state version 0")
+    assert list(lines[3]["train"]) == ["1"] and not lines[3]["skipped"]
+    assert sorted(lines[4]["train"]) == ["0", "2"] and not reasons[4]  # 2 re-synchronised from scratch
+    for r in lines:
+        assert r["wire"]["up_payload"] == r["bytes_up"]
+    # round 5's diff to client 2 started from the initial state: every tensor and the whole ledger
+    assert lines[4]["wire"]["down_payload"] > lines[3]["bytes_down"]
+    for node in grid.contexts.values():
+        info = client_app.NodeStore(client_app.node_dir(node)).info
+        assert info is not None and info["state_digest"] == server.sync.state_digests[info["round"]]
 
 
 def _free_port_block(n: int) -> int:

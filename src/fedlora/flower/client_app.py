@@ -110,10 +110,17 @@ def sync_backbone(cfg: Config, loaded: LoadedModel, store: NodeStore, chains: li
 
 
 # ---- the node -----------------------------------------------------------------------------------------
+def partition_id(context: Context) -> str:
+    if "partition-id" not in context.node_config:
+        raise KeyError(
+            "this SuperNode has no partition-id: start it with --node-config 'partition-id=<i> num-partitions=<n>'"
+        )
+    return str(context.node_config["partition-id"])
+
+
 def node_dir(context: Context) -> Path:
     root = context.node_config.get("cache-dir") or os.environ.get(CACHE_ENV) or "~/.cache/fedlora/flower"
-    cid = context.node_config["partition-id"]
-    return Path(str(root)).expanduser() / f"run-{context.run_id}" / f"client-{cid}"
+    return Path(str(root)).expanduser() / f"run-{context.run_id}" / f"client-{partition_id(context)}"
 
 
 def load_record(context: Context) -> ClientRecord:
@@ -140,7 +147,7 @@ def rng_seed(seed: int, round_: int, cid: str) -> int:
 def train(msg: Message, context: Context) -> Message:
     header = msg.content.config_records["config"]
     cfg = config_from_dict(yaml.safe_load(str(header["fedlora-config"])))
-    cid = str(context.node_config["partition-id"])
+    cid = partition_id(context)
     if str(header["client-id"]) != cid:
         raise ValueError(f"message for client {header['client-id']} reached the node of partition-id {cid}")
     if int(context.node_config.get("num-partitions", cfg.partition.num_clients)) != cfg.partition.num_clients:
@@ -190,7 +197,7 @@ def hello(msg: Message, context: Context) -> Message:
     version = NodeStore(node_dir(context)).version()
     info = ConfigRecord(
         {
-            "partition-id": int(context.node_config["partition-id"]),
+            "partition-id": int(partition_id(context)),
             "num-partitions": int(context.node_config.get("num-partitions", -1)),
             "fresh": bool(version["fresh"]),
             "round": int(version["round"]),

@@ -88,7 +88,7 @@ class FlowerServer(Simulation):
         """Learn each node's partition-id and the version of its mirror."""
         msgs = [
             Message(
-                RecordDict({"config": ConfigRecord({"fedlora-config": self.config_text})}),
+                RecordDict({"config": ConfigRecord({"query": "fedlora-node"})}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )
@@ -102,7 +102,7 @@ class FlowerServer(Simulation):
                 continue
             info = r.content.config_records["node"]
             cid = str(info["partition-id"])
-            if int(info["num-partitions"]) != self.cfg.partition.num_clients:
+            if int(info["num-partitions"]) not in (-1, self.cfg.partition.num_clients):  # -1: not set
                 raise ValueError(
                     f"node {r.metadata.src_node_id} has num-partitions={info['num-partitions']}, "
                     f"the config has partition.num_clients={self.cfg.partition.num_clients}"
