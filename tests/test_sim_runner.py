@@ -273,3 +273,9 @@ def test_carried_optimizer_state_and_heterogeneous_ranks(tmp_path):
         assert all(want in shape for shape in ranks)
     adapter = read_adapter(tmp_path / "carry" / "final")
     assert adapter.rank == cfg.lora.rank
+
+
+def test_float_written_without_a_dot_is_a_number():
+    from fedlora.cli import preset_path
+
+    assert load_config(preset_path("ci"), {"train.lr": "5e-4"}).train.lr == 5e-4

@@ -7,6 +7,7 @@ allowed. ``fedlora run --set train.lr=1e-3 --set method.settings.tau=0.9`` overr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,9 @@ def _value(ann: Any, value: Any, dotted: str, f: dataclasses.Field) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{dotted} must be an integer, got {value!r}")
     elif ann is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{dotted} must be a number, got {value!r}")
         value = float(value)
