@@ -3,7 +3,13 @@
 Shapes follow ``nn.Linear.weight``: ``B`` is d_out x r, ``A`` is r x d_in, the update ``s B A``.
 """
 
-from fedlora.lowrank.batched import group_by_shape, implicit_svd_many, leading_many, lowrank_svd_many
+from fedlora.lowrank.batched import (
+    group_by_shape,
+    implicit_svd_many,
+    leading_many,
+    lowrank_svd_many,
+    truncated_svd_many,
+)
 from fedlora.lowrank.delta import FactoredDelta
 from fedlora.lowrank.lora import lora_init, lora_scale
 from fedlora.lowrank.procrustes import alignment_rotation, polar, procrustes, rotate, soft_rotation
@@ -45,4 +51,5 @@ __all__ = [
     "split_factors",
     "stack_products",
     "truncated_factors",
+    "truncated_svd_many",
 ]

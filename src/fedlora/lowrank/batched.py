@@ -12,6 +12,10 @@ A model adapts many modules of few shapes (e.g. 32 layers x {q, k, v, o} share 4
   afterwards. ``workers=1`` keeps the serial loop with torch's own threading.
 
 Results equal the per-module calls (to rounding), in the order of the input mapping.
+
+:func:`truncated_svd_many` builds each module's factor pair on demand: on CPU every worker builds,
+factors and drops one module at a time, so peak memory stays at a few modules' worth and the
+stacking runs in parallel too.
 """
 
 from __future__ import annotations
@@ -145,3 +149,39 @@ def lowrank_svd_many(
         for i, n in enumerate(block):
             out[n] = LowRankSVD(svd.U[i], svd.S[i], svd.Vh[i])
     return {n: out[n] for n in pairs}
+
+
+def truncated_svd_many(
+    names: Sequence[str],
+    make_pair: Callable[[str], tuple[Tensor, Tensor]],
+    keep: Callable[[Tensor], int] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    max_batch_elements: int = 1 << 27,
+    stack: bool | None = None,
+    workers: int | None = None,
+) -> dict[str, tuple[Tensor, LowRankSVD]]:
+    """For every module ``n``: all singular values ``S`` of ``up @ down`` (``(up, down) =
+    make_pair(n)``) and its leading ``keep(S)`` components with singular vectors (all when
+    ``keep`` is None): ``{n: (S, svd)}`` in the order of ``names``.
+
+    Unstacked (default on CPU), pairs are built inside the parallel workers one module at a time;
+    stacked (default elsewhere), every pair is built first and each shape group factored in batches.
+    ``dtype``, ``max_batch_elements``, ``stack`` and ``workers`` as in :func:`lowrank_svd_many`.
+    """
+    names = list(names)
+    if not names:
+        return {}
+    built = {names[0]: make_pair(names[0])}  # its device picks the default path
+    up0 = built[names[0]][0]
+    if not (up0.device.type != "cpu" if stack is None else stack):
+
+        def one(n: str) -> tuple[Tensor, LowRankSVD]:
+            pair = built.pop(n, None)
+            isvd = implicit_svd(*(pair if pair is not None else make_pair(n)), dtype=dtype)
+            return isvd.S, isvd.leading(None if keep is None else keep(isvd.S))
+
+        return dict(zip(names, _map(one, names, up0.device.type == "cpu", workers)))
+    pairs = {n: built[n] if n in built else make_pair(n) for n in names}
+    isvds = implicit_svd_many(pairs, dtype=dtype, max_batch_elements=max_batch_elements, stack=True, workers=workers)
+    return {n: (v.S, v.leading(None if keep is None else keep(v.S))) for n, v in isvds.items()}

@@ -35,7 +35,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from fedlora.lowrank import FactoredDelta, energy_rank, implicit_svd_many, leading_many, pad_rank, split_factors
+from fedlora.lowrank import FactoredDelta, energy_rank, pad_rank, split_factors, truncated_svd_many
 from fedlora.methods.base import (
     ClientUpload,
     GlobalState,
@@ -81,23 +81,26 @@ class FedMomentum(Method):
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         r, s = state.spec.rank, state.spec.scale()
+        tau = self.settings.tau
         # All singular values, but singular vectors only for the components kept (top r and the
         # residual band up to r_eff): forming the rest would cost as much again as the QR.
-        isvds = implicit_svd_many(
-            {m: stacked_products(uploads, m, p) for m in state.factors}, dtype=PRECISIONS[self.settings.precision]
+        svds = truncated_svd_many(
+            list(state.factors),
+            lambda m: stacked_products(uploads, m, p),
+            lambda S: max(r, energy_rank(S, tau)),
+            dtype=PRECISIONS[self.settings.precision],
         )
-        r_eff = {m: energy_rank(isvd.S, self.settings.tau) for m, isvd in isvds.items()}
-        svds = leading_many(isvds, {m: max(r, r_eff[m]) for m in isvds})
         factors, residuals, report = {}, {}, {}
-        for m, svd in svds.items():
-            keep, S = max(r, r_eff[m]), isvds[m].S
+        for m, (S, svd) in svds.items():
+            r_eff = energy_rank(S, tau)
+            keep = svd.rank  # max(r, r_eff), at most rank(M)
             B, A = pad_rank(*split_factors(svd.truncate(r), self.settings.split), r)
             factors[m] = ModuleFactors(A=A, B=B)
             band = svd.components(r, keep)
             residuals[m] = FactoredDelta.from_factors(band.U * (band.S * s).unsqueeze(0), band.Vh)
             total = float((S**2).sum())
             report[m] = {
-                "r_eff": float(r_eff[m]),
+                "r_eff": float(r_eff),
                 "residual_rank": float(band.rank),
                 "lora_energy": float((S[:r] ** 2).sum()) / total if total > 0 else 1.0,
                 "dropped_energy": float((S[keep:] ** 2).sum()) / total if total > 0 else 0.0,
