@@ -112,17 +112,17 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, clean_run,
         assert torch.equal(fa.factors[m].A, fb.factors[m].A) and torch.equal(fa.factors[m].B, fb.factors[m].B)
 
 
-def _base_copies(shape: torch.Size) -> int:
-    """Distinct storages of tensors shaped like the embedding matrix (one per base-model copy)."""
+def _live_storages() -> set[tuple[tuple[int, ...], int]]:
+    """(shape, storage address) of every live tensor: a copy of the embedding matrix is one entry."""
     gc.collect()
-    ptrs = set()
+    found = set()
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and obj.shape == shape:
-                ptrs.add(obj.untyped_storage().data_ptr())
+            if isinstance(obj, torch.Tensor):
+                found.add((tuple(obj.shape), obj.untyped_storage().data_ptr()))
         except Exception:
             continue
-    return len(ptrs)
+    return found
 
 
 @pytest.mark.parametrize("num_clients", [2, 6])
@@ -130,14 +130,16 @@ def test_one_base_model_whatever_the_number_of_clients(tmp_path, monkeypatch, nu
     cfg = tiny(
         tmp_path, f"n{num_clients}", partition__num_clients=str(num_clients), rounds__clients_per_round=str(num_clients)
     )
+    # Copies left alive by earlier tests in the same process are not this run's: count only new ones.
+    before = _live_storages()
     sim = Simulation(cfg, progress=False)
     seen = []
     original = Simulation._round
 
     def counting_round(self, k, bar):
         out = original(self, k, bar)
-        emb = self.binding.model.get_input_embeddings().weight
-        seen.append(_base_copies(emb.shape))
+        emb_shape = tuple(self.binding.model.get_input_embeddings().weight.shape)
+        seen.append(sum(shape == emb_shape for shape, _ in _live_storages() - before))
         return out
 
     monkeypatch.setattr(Simulation, "_round", counting_round)
