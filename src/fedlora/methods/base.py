@@ -212,6 +212,11 @@ class Method(ABC):
         """Which factors every upload in round ``state.round`` must carry."""
         return AB
 
+    def personal_factors(self, state: GlobalState, memory: Mapping[str, Tensor]) -> Factors | None:
+        """The LoRA a client whose kept memory is ``memory`` uses as its own model, for methods
+        with client-local parts (FedSA-LoRA's B); ``None``: the client's model is the global one."""
+        return None
+
     def needs_global(self, round_: int) -> bool:
         """Whether aggregating round ``round_`` needs the true round-start global factors (and
         cannot work from factors reconstructed out of the uploads)."""

@@ -11,7 +11,7 @@ separately from global metrics. Client memory: ``<module>.B``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from torch import Tensor
 
@@ -46,6 +46,12 @@ class FedSALoRA(Method):
             B = ctx.memory.get(f"{m}.B")
             factors[m] = ModuleFactors(A=g.A.clone(), B=(g.B if B is None else B).clone())
         return ClientStart(factors=factors, trainable=AB, upload=A_ONLY)
+
+    def personal_factors(self, state: GlobalState, memory: Mapping[str, Tensor]) -> Factors | None:
+        """Client i's model: ``W + s B_i A^t`` (global A, its own last B; the global B if it has none)."""
+        return {
+            m: ModuleFactors(A=g.A.clone(), B=memory.get(f"{m}.B", g.B).clone()) for m, g in state.factors.items()
+        }
 
     def client_finish(
         self, state: GlobalState, ctx: ClientContext, start: ClientStart, trained: Factors
