@@ -24,7 +24,6 @@ simulation's single stream; with the shipped configs nothing in training is rand
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -139,11 +138,6 @@ def save_record(context: Context, record: ClientRecord) -> None:
     context.state["fedlora-client-tensors"] = to_record(tensors)
 
 
-def rng_seed(seed: int, round_: int, cid: str) -> int:
-    h = hashlib.sha256(f"{seed}:client-rng:{round_}:{cid}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
 def train(msg: Message, context: Context) -> Message:
     header = msg.content.config_records["config"]
     cfg = config_from_dict(yaml.safe_load(str(header["fedlora-config"])))
@@ -164,7 +158,6 @@ def train(msg: Message, context: Context) -> Message:
     data = data_for(cfg)
     method = build_method(cfg.method.name, cfg.method.settings)
     record = load_record(context)
-    torch.manual_seed(rng_seed(cfg.seed, state.round, cid))
     out = client_round(
         binding,
         method,

@@ -7,6 +7,7 @@ nothing about how the factors got here or where the upload goes.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -77,6 +78,12 @@ def gradient_fn(
     return grad_fn
 
 
+def client_seed(seed: int, round_: int, client_id: str) -> int:
+    """The torch seed of client ``client_id``'s local round ``round_`` (63 bits of a SHA-256)."""
+    h = hashlib.sha256(f"{seed}:client-rng:{round_}:{client_id}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
 @dataclass
 class ClientOutcome:
     upload: ClientUpload
@@ -97,8 +104,12 @@ def client_round(
     global_extras: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> ClientOutcome:
-    """Train client ``data.client_id`` for one round; updates ``record`` in place."""
+    """Train client ``data.client_id`` for one round; updates ``record`` in place.
+
+    Torch's RNG (LoRA dropout, any method randomness) is seeded from (seed, round, client), so a
+    client's round draws the same numbers in every runtime and whatever ran before it."""
     cid = data.client_id
+    torch.manual_seed(client_seed(data.seed, state.round, cid))
     ctx = ClientContext(
         client_id=cid,
         round=state.round,
