@@ -21,6 +21,9 @@ exactly one client), and the same arguments always give the same partition (NumP
   A group with fewer examples than holders leaves some holders with fewer than ``k`` groups.
 * :func:`natural`: one client per group value (in sorted order of the values).
 
+:func:`matched_test_sets` draws, for personalised evaluation, each client's test set from the
+held-out split with the client's own group mix (see there).
+
 :func:`partition_report` summarises a partition (sizes, per-client group histograms, and the
 mean total-variation distance between each client's group mix and the global one, 0 = IID,
 near 1 = disjoint groups); :func:`plot_partition` draws it as stacked bars (a PNG, Agg backend).
@@ -147,6 +150,48 @@ def natural(groups: Sequence[str]) -> Parts:
     if not groups:
         raise ValueError("no examples to partition")
     return [idx for _, idx in _group_indices(groups).items()]
+
+
+def matched_test_sets(
+    train_groups: Sequence[str], parts: Sequence[Sequence[int]], test_groups: Sequence[str], size: int, seed: int
+) -> Parts:
+    """Per-client test sets drawn from the shared held-out split with each client's group mix.
+
+    Client ``c`` with train group proportions ``p_g`` (over groups that occur in the test split)
+    gets ``n_c = min(size, min_g avail_g / p_g)`` test examples, ``round(n_c p_g)`` of group ``g``
+    (largest remainders), sampled without replacement with a seed per client: the largest set
+    with exactly its mix that the test split can supply. With one group per client (``natural``)
+    that is every test example of the client's group (up to ``size``). The test split is disjoint
+    from every client's training data; sets of different clients may overlap. A client none of
+    whose groups occur in the test split gets an empty set.
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    by_group = _group_indices(test_groups)
+    out: Parts = []
+    for c, part in enumerate(parts):
+        hist = Counter(str(train_groups[i]) for i in part)
+        hist = Counter({g: n for g, n in hist.items() if g in by_group})
+        total = sum(hist.values())
+        if not total:
+            out.append([])
+            continue
+        props = {g: n / total for g, n in sorted(hist.items())}
+        n_c = min([float(size)] + [len(by_group[g]) / p for g, p in props.items()])
+        n_c = math.floor(n_c + 1e-9)
+        alloc = {g: math.floor(n_c * p) for g, p in props.items()}
+        spare = n_c - sum(alloc.values())
+        by_remainder = sorted(props, key=lambda g: (-(n_c * props[g] - alloc[g]), g))
+        for g in by_remainder:
+            if spare <= 0:
+                break
+            if alloc[g] < len(by_group[g]):
+                alloc[g] += 1
+                spare -= 1
+        rng = random.Random(f"matched-test:{seed}:{c}")
+        chosen = [i for g in sorted(alloc) for i in rng.sample(by_group[g], alloc[g])]
+        out.append(sorted(chosen))
+    return out
 
 
 # ---- reports -----------------------------------------------------------------------------------

@@ -76,6 +76,14 @@ class RoundsConfig:
     min_clients: int = _f(1, "fewest accepted updates to aggregate; fewer skips the round", min=1)
     eval_every: int = _f(1, "evaluate the global model every k rounds (0 = only at the end)", min=0)
     eval_baseline: bool = _f(True, "evaluate the untuned base model first")
+    personal_eval: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "also evaluate each client's own model (methods with client-local parts, e.g. fedsa_lora) "
+        "on a test set with its data's group mix; auto = on for those methods",
+    )
+    personal_test_size: int = _f(
+        0, "most test examples per client in personal evaluation (0 = the size of the global test set)", min=0
+    )
 
 
 @dataclass

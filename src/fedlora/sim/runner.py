@@ -6,7 +6,8 @@ One round, as data::
       -> load factors into the single PEFT model, train locally, read factors back
       -> method.client_finish -> upload (+ client memory) -> screen_uploads (bad ones rejected)
       -> method.aggregate -> new global state + backbone delta (applied once, kept in a ledger)
-      -> evaluation -> metrics.jsonl line -> atomic checkpoint
+      -> evaluation (the global model; also each client's own model for methods with
+         client-local parts, see ``sim/personal.py``) -> metrics.jsonl line -> atomic checkpoint
 
 The runtime holds no method-specific code: what differs between methods lives in
 ``fedlora.methods``. Everything needed to continue is checkpointed after every round (global
@@ -24,7 +25,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from fedlora.model.binding import LoRABinding, LoRASettings
 from fedlora.sim.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.sim.client import ClientRecord, LocalData, client_round
 from fedlora.sim.config import Config
+from fedlora.sim.personal import evaluate_personal, personal_enabled
 
 log = logging.getLogger("fedlora")
 FAULT_ENV = "FEDLORA_FAULT"
@@ -83,6 +85,7 @@ class RunData:
     test: Any
     groups: list[str]
     parts: list[list[int]]
+    test_groups: list[str] = field(default_factory=list)
 
     @property
     def client_ids(self) -> list[str]:
@@ -94,9 +97,34 @@ def prepare_data(cfg: Config) -> RunData:
     from fedlora.tasks import build_task
 
     task = build_task(cfg.task.name, cfg.task.settings, seed=cfg.seed)
+    check_task_fits_model(cfg, task)
     data = task.load()
     groups = [str(ex.get(data.group_key, "")) for ex in data.train]
-    return RunData(task, data.train, data.test, groups, partition_clients(cfg, groups))
+    test_groups = [str(ex.get(data.group_key, "")) for ex in data.test]
+    return RunData(task, data.train, data.test, groups, partition_clients(cfg, groups), test_groups)
+
+
+def check_task_fits_model(cfg: Config, task: Any) -> None:
+    """Fail before any model is loaded or client trained when the task needs another head:
+    ``model.kind`` must be the task's kind and ``model.num_labels`` its number of outputs."""
+    kind = getattr(task, "kind", None)
+    if kind is not None and kind != cfg.model.kind:
+        raise ValueError(f"task {cfg.task.name!r} trains a {kind} model but model.kind is {cfg.model.kind!r}")
+    needed = getattr(task, "num_labels", None)
+    if cfg.model.kind == "seq_cls" and needed is not None and int(needed) != cfg.model.num_labels:
+        raise ValueError(
+            f"task {cfg.task.name!r} ({cfg.task.settings.get('dataset', cfg.task.name)}) needs a head with {needed} "
+            f"output(s) but model.num_labels is {cfg.model.num_labels}: set model.num_labels: {needed}"
+        )
+
+
+def personal_test_sets(cfg: Config, data: RunData) -> dict[str, list[int]]:
+    """Each client's test set for personalised evaluation (its own group mix; seeded)."""
+    from fedlora.data.partition import matched_test_sets
+
+    size = cfg.rounds.personal_test_size or len(data.test)
+    sets = matched_test_sets(data.groups, data.parts, data.test_groups, max(size, 1), cfg.seed)
+    return dict(zip(data.client_ids, sets))
 
 
 def partition_clients(cfg: Config, groups: list[str]) -> list[list[int]]:
@@ -171,6 +199,7 @@ class Simulation:
         self.run_dir = cfg.run_dir
         self.progress = progress
         self.method: Method = build_method(cfg.method.name, cfg.method.settings)
+        self.personal = personal_enabled(cfg.rounds.personal_eval, self.method)
         self.device = device_for(cfg.model.device)
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -182,6 +211,7 @@ class Simulation:
         self.task, self.train_examples, self.test_examples = data.task, data.train, data.test
         self.parts = data.parts
         self.client_ids = data.client_ids
+        self.personal_sets = personal_test_sets(cfg, data) if self.personal else {}
         report = partition_report(data.groups, self.parts)
         (self.run_dir / "partition.json").write_text(json.dumps(report, indent=2) + "\n")
         try:
@@ -255,6 +285,20 @@ class Simulation:
         self.binding.model.eval()
         with torch.no_grad():
             return self.task.evaluate(self.binding.model, self.tokenizer, self.test_examples)
+
+    def _evaluate_personal(self) -> dict[str, Any]:
+        """Each trained client's own model on its matched test set (see ``sim/personal.py``)."""
+        return evaluate_personal(
+            self.binding,
+            self.method,
+            self.state,
+            self.clients,
+            self.task,
+            self.tokenizer,
+            self.test_examples,
+            self.personal_sets,
+            self.global_extras,
+        )
 
     def _evaluate_base(self) -> dict[str, float]:
         self.binding.model.eval()
@@ -378,8 +422,19 @@ class Simulation:
         if (every and (t + 1) % every == 0) or t + 1 == cfg.rounds.num_rounds:
             t_eval = time.perf_counter()
             record["eval"] = self._evaluate()
-            eval_seconds = time.perf_counter() - t_eval
             log.info("round %d: train loss %s, %s", t + 1, _num(record["train_loss"]), _fmt(record["eval"]))
+            if self.personal:
+                record["personal"] = self._evaluate_personal()
+                if record["personal"]:
+                    p = record["personal"]
+                    log.info(
+                        "round %d: personal models of %d clients: weighted %s; unweighted %s",
+                        t + 1,
+                        p["clients"],
+                        _fmt(p["weighted"]),
+                        _fmt(p["unweighted"]),
+                    )
+            eval_seconds = time.perf_counter() - t_eval
         record["seconds"] = {"train": train_seconds, "aggregate": agg_seconds, "eval": eval_seconds}
         return record
 
@@ -437,6 +492,12 @@ class Simulation:
         evals = [r for r in records if r.get("eval")]
         baseline = next((r["eval"] for r in records if r.get("phase") == "baseline"), None)
         final = evals[-1]["eval"] if evals and evals[-1].get("phase") != "baseline" else None
+        personal = next((r["personal"] for r in reversed(records) if r.get("personal")), None)
+        if self.personal:
+            for cid, record in sorted(self.clients.items()):
+                factors = self.method.personal_factors(self.state, record.memory)
+                if factors is not None:
+                    self.binding.save_adapter(final_dir / "clients" / cid, factors, None)
         summary = {
             "name": self.cfg.name,
             "method": self.method.name,
@@ -444,6 +505,7 @@ class Simulation:
             "rounds": self.state.round,
             "baseline": baseline,
             "final": final,
+            "final_personal": {k: personal[k] for k in ("weighted", "unweighted", "clients")} if personal else None,
             "bytes_total": self.bytes_total,
             "seconds": self.elapsed + (time.perf_counter() - self.t0),
             "rejected": sum(len(r.get("rejected", [])) for r in records),
