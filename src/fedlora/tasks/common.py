@@ -1,4 +1,4 @@
-"""Helpers shared by the classification, commonsense and instruction tasks.
+"""Helpers shared by the task plug-ins (math, classification, commonsense, instruction, code).
 
 * :func:`parse_settings`: a settings dataclass from a config mapping (unknown keys and mistyped
   values raise ``ValueError`` naming the key).

@@ -43,12 +43,9 @@ fraction correct), ``format_rate`` (fraction of outputs containing ``####``) and
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,11 +54,21 @@ from fedlora.data.math_generator import CATEGORIES, generate_math
 from fedlora.data.numbers import extract_final_number, normalize_number, numbers_equal
 from fedlora.data.sources import is_local, load_source, split_before_partition, subsample
 from fedlora.tasks.base import Example, TaskData
+from fedlora.tasks.common import (
+    IGNORE_INDEX,
+    chat_prompt,
+    completion_batch,
+    eos_id,
+    fit_completion,
+    greedy_generate,
+    is_dir,
+    pad_id,
+    parse_settings,
+    text_ids,
+)
 
-IGNORE_INDEX = -100
 TEST_START = 1_000_000_000  # generated test problems come from indices >= this (train uses 0..n-1)
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"
-_EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
 
 
 @dataclass
@@ -103,35 +110,8 @@ class MathSettings:
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> MathSettings:
-        """Settings from a plain mapping; unknown keys raise ``ValueError`` naming them."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(settings) - set(names))
-        if unknown:
-            raise ValueError(f"unknown math task settings {unknown}; allowed: {', '.join(names)}")
-        hints = typing.get_type_hints(cls)
-        for key, value in settings.items():
-            _check_type(key, value, hints[key])
-        return cls(**dict(settings))
-
-
-def _check_type(key: str, value: Any, ann: Any) -> None:
-    """A config value of the annotated type (YAML gives plain ints, strings, lists, maps)."""
-    args = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
-    if value is None and type(None) in args:
-        return
-    for t in args:
-        o = typing.get_origin(t) or t
-        if o is type(None):
-            continue
-        if o is bool:
-            ok = isinstance(value, bool)
-        elif o is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, o)
-        if ok:
-            return
-    raise ValueError(f"math task setting {key!r}: expected {ann}, got {type(value).__name__} {value!r}")
+        """Settings from a plain mapping; unknown keys and mistyped values raise ``ValueError``."""
+        return parse_settings(cls, settings, "math")
 
 
 class MathTask:
@@ -169,7 +149,7 @@ class MathTask:
             info["test_duplicates_skipped"] = skipped
         else:
             common = {"config": s.hub_config, "columns": s.columns, "category_fallback": s.category_fallback}
-            single_file = is_local(s.source) and not _is_dir(s.source)
+            single_file = is_local(s.source) and not is_dir(s.source)
             if single_file and s.test_source is None:
                 res = load_source(s.source, **common)
                 if not 0 < s.n_test < len(res.examples):
@@ -200,87 +180,34 @@ class MathTask:
     def prompt_text(self, question: str, tokenizer: Any) -> str:
         """The prompt string for ``question`` (chat template with generation prompt, or plain)."""
         s = self.settings
-        if s.use_chat_template and getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": question}]
-            if s.system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": s.system_prompt})
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return PLAIN_PROMPT.format(question=question)
+        plain = PLAIN_PROMPT.format(question=question)
+        return chat_prompt(
+            tokenizer, question, use_chat_template=s.use_chat_template, system_prompt=s.system_prompt, plain=plain
+        )[0]
 
     def prompt_ids(self, question: str, tokenizer: Any) -> list[int]:
-        return list(tokenizer(self.prompt_text(question, tokenizer), add_special_tokens=False)["input_ids"])
+        return text_ids(self.prompt_text(question, tokenizer), tokenizer)
 
     def completion_ids(self, answer: str, tokenizer: Any) -> list[int]:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; the math task needs one to end completions")
-        return [*tokenizer(answer, add_special_tokens=False)["input_ids"], int(tokenizer.eos_token_id)]
+        return [*text_ids(answer, tokenizer), eos_id(tokenizer, "math")]
 
     # ---- training batches ---------------------------------------------------------------------
     def collate(self, examples: list[Example], tokenizer: Any) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask``, ``labels`` (prompt and padding = -100), right-padded."""
-        if not examples:
-            raise ValueError("collate needs at least one example")
+        """``input_ids``, ``attention_mask``, ``labels`` (prompt and padding = -100), right-padded;
+        over-long sequences cut by :func:`~fedlora.tasks.common.fit_completion`."""
         L = self.settings.max_length
-        pad = _pad_id(tokenizer)
-        seqs: list[tuple[list[int], list[int]]] = []
-        for ex in examples:
-            p = self.prompt_ids(ex["question"], tokenizer)
-            c = self.completion_ids(ex["answer"], tokenizer)
-            if len(p) + len(c) > L:
-                keep_c = min(len(c), max(L - len(p), L // 4))
-                p = p[len(p) - (L - keep_c) :] if len(p) > L - keep_c else p
-                c = c[:keep_c]
-            seqs.append((p, c))
-        width = max(len(p) + len(c) for p, c in seqs)
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (p, c) in enumerate(seqs):
-            n = len(p) + len(c)
-            input_ids[row, :n] = torch.tensor(p + c, dtype=torch.long)
-            attention[row, :n] = 1
-            labels[row, len(p) : n] = torch.tensor(c, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        seqs = [
+            fit_completion(self.prompt_ids(ex["question"], tokenizer), self.completion_ids(ex["answer"], tokenizer), L)
+            for ex in examples
+        ]
+        return completion_batch(seqs, pad_id(tokenizer))
 
     # ---- evaluation ---------------------------------------------------------------------------
     def generate(self, model: Any, tokenizer: Any, questions: Sequence[str]) -> list[str]:
         """Greedy completions (new text only) of ``questions``, in their order."""
         s = self.settings
-        pad = _pad_id(tokenizer)
-        stop = _stop_ids(tokenizer)
-        device = _model_device(model)
         prompts = [self.prompt_ids(q, tokenizer)[-s.max_length :] for q in questions]
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-        texts: list[str] = [""] * len(prompts)
-        was_training = bool(getattr(model, "training", False))
-        model.eval()
-        try:
-            for b in range(0, len(order), s.eval_batch_size):
-                rows = order[b : b + s.eval_batch_size]
-                width = max(len(prompts[i]) for i in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    p = prompts[i]
-                    ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                    mask[r, width - len(p) :] = 1
-                with torch.no_grad():
-                    out = model.generate(
-                        input_ids=ids.to(device),
-                        attention_mask=mask.to(device),
-                        max_new_tokens=s.max_new_tokens,
-                        do_sample=False,
-                        num_beams=1,
-                        pad_token_id=pad,
-                        eos_token_id=stop,
-                    )
-                new = out[:, width:].cpu()
-                for r, i in enumerate(rows):
-                    texts[i] = tokenizer.decode(new[r], skip_special_tokens=True)
-        finally:
-            if was_training:
-                model.train()
-        return texts
+        return greedy_generate(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch_size)
 
     def evaluate(self, model: Any, tokenizer: Any, examples: list[Example]) -> dict[str, float]:
         """``{"exact_match", "format_rate", "n"}`` of greedy answers (see the module docstring).
@@ -351,34 +278,6 @@ class MathTask:
             "comparison": "numeric equality after normalisation (12 == 12.0, 1,200 == 1200); no answer = wrong",
             "metric": "exact_match = fraction of test problems answered correctly; format_rate = outputs with '####'",
         }
-
-
-def _is_dir(source: str) -> bool:
-    return Path(source).expanduser().is_dir()
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token")
-    return int(pad)
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    for tok in _EXTRA_STOP_TOKENS:
-        i = vocab.get(tok)
-        if i is not None and int(i) not in ids:
-            ids.append(int(i))
-    return ids
-
-
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def build(settings: Mapping[str, Any], seed: int) -> MathTask:
