@@ -96,6 +96,7 @@ from fedlora.tasks.common import (
     completion_batch,
     eos_id,
     fit_completion,
+    left_padded,
     model_device,
     pad_id,
     parse_settings,
@@ -577,13 +578,8 @@ class CodeTask:
                 torch.manual_seed(self.seed)
                 for b in range(0, len(order), s.eval_batch_size):
                     rows = order[b : b + s.eval_batch_size]
-                    width = max(len(prompts[i]) for i in rows)
-                    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(rows), width), dtype=torch.long)
-                    for r, i in enumerate(rows):
-                        p = prompts[i]
-                        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                        mask[r, width - len(p) :] = 1
+                    ids, mask = left_padded([prompts[i] for i in rows], pad)
+                    width = ids.shape[1]
                     entry = [str(problems[i]["entry_point"]) for i in rows for _ in range(s.n_samples)]
                     kwargs: dict[str, Any] = {"do_sample": False, "num_beams": 1}
                     if sampling:

@@ -9,7 +9,8 @@
 * :func:`fit_completion`, :func:`completion_batch`: completion-only training batches (prompt and
   padding labels ``-100``), the math task's truncation rule.
 * :func:`completion_logprobs`: the summed log-probability of each completion's tokens given its
-  prompt (one forward pass per batch of prompt+completion sequences).
+  prompt (one forward pass per batch of prompt+completion sequences); :func:`completion_token_stats`
+  adds how many of those tokens are the logits' argmax (next-token accuracy).
 * :func:`shared_prompt_logprobs`: the same for several completions of one prompt, the prompt
   run once (its KV cache repeated per completion).
 * :func:`greedy_generate`: batched, left-padded greedy decoding of new tokens.
@@ -275,9 +276,17 @@ def completion_logprobs(
     taken in float32 over the logits at positions ``len(p)-1 .. len(p)+len(c)-2`` and summed in
     float64. Every prompt needs at least one token.
     """
+    return [(lp, n) for lp, n, _ in completion_token_stats(model, seqs, pad, batch_size)]
+
+
+def completion_token_stats(
+    model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad: int, batch_size: int
+) -> list[tuple[float, int, int]]:
+    """:func:`completion_logprobs` plus, per pair, how many completion tokens are the argmax of
+    the logits before them (greedy next-token hits): ``(sum log p, len(c), hits)``."""
     if any(len(p) == 0 for p, _ in seqs):
         raise ValueError("completion_logprobs needs a non-empty prompt for every sequence")
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    out: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: (-(len(seqs[i][0]) + len(seqs[i][1])), i))
     device = model_device(model)
     with _EvalMode(model):
@@ -294,11 +303,11 @@ def completion_logprobs(
             for r, i in enumerate(rows):
                 p, c = seqs[i]
                 if not c:
-                    out[i] = (0.0, 0)
                     continue
                 lp = torch.log_softmax(logits[r, len(p) - 1 : len(p) + len(c) - 1].float(), dim=-1)
                 tok = torch.tensor(c, dtype=torch.long, device=lp.device)
-                out[i] = (float(lp.gather(1, tok[:, None]).double().sum()), len(c))
+                hits = int((lp.argmax(dim=-1) == tok).sum())
+                out[i] = (float(lp.gather(1, tok[:, None]).double().sum()), len(c), hits)
     return out
 
 
@@ -348,6 +357,17 @@ def shared_prompt_logprobs(model: Any, prompt: list[int], completions: Sequence[
     return out
 
 
+def left_padded(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token-id prompts padded on the left (for generation)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
 def greedy_generate(
     model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int
 ) -> list[str]:
@@ -361,13 +381,8 @@ def greedy_generate(
     with _EvalMode(model):
         for b in range(0, len(order), batch_size):
             rows = order[b : b + batch_size]
-            width = max(len(prompts[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                p = prompts[i]
-                ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[r, width - len(p) :] = 1
+            ids, mask = left_padded([prompts[i] for i in rows], pad)
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -388,6 +403,7 @@ __all__ = [
     "chat_prompt",
     "completion_batch",
     "completion_logprobs",
+    "completion_token_stats",
     "drop_overlap",
     "eos_id",
     "fit_completion",
@@ -395,6 +411,7 @@ __all__ = [
     "holdout",
     "hub_rows",
     "is_single_file",
+    "left_padded",
     "model_device",
     "pad_id",
     "parse_settings",
