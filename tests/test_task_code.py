@@ -337,3 +337,30 @@ def test_real_model_evaluation_on_two_humaneval_problems(tokenizer):
     assert sum(m[f"n_{s}"] for s in ("passed", "failed", "timeout", "killed", "error")) == 2
     for rec in task.last_predictions:
         assert len(rec["outputs"]) == 1 and len(tokenizer(rec["outputs"][0])["input_ids"]) <= 64
+
+
+def test_one_federated_round_through_the_runner(tmp_path, tokenizer):
+    """The code task as a plug-in of the runtime: train on generated pairs, score HumanEval."""
+    from fedlora.cli import preset_path
+    from fedlora.sim.config import load_config
+    from fedlora.sim.runner import run_experiment
+
+    cfg = load_config(
+        preset_path("ci"),
+        {
+            "output_dir": str(tmp_path),
+            "name": "code",
+            "task.name": "code",
+            "task.settings": "{n_train: 24, n_eval: 2, max_new_tokens: 16, max_length: 96, timeout: 3.0}",
+            "partition.min_size": "2",
+            "rounds.num_rounds": "1",
+            "rounds.eval_baseline": "false",
+            "train.max_steps": "1",
+        },
+    )
+    summary = run_experiment(cfg, progress=False)
+    assert summary["final"]["n"] == 2 and 0.0 <= summary["final"]["pass@1"] <= 1.0
+    partition = json.loads((tmp_path / "code" / "partition.json").read_text())
+    assert sum(partition["sizes"]) == 24
+    protocol = json.loads((tmp_path / "code" / "protocol.json").read_text())
+    assert protocol["task"] == "code"
