@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line: ``run``, ``compare``, ``aggregate``, ``methods``, ``export``, ``eval``."""
+"""The ``fedlora`` command line: ``run``, ``compare``, ``aggregate``, ``methods``, ``export``, ``eval``, ``study``."""
 
 from __future__ import annotations
 
@@ -121,6 +121,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from fedlora.sim.config import _parse_scalar
+    from fedlora.study import load_spec, run_study, write_report
+
+    spec = load_spec(args.spec)
+    extra = {k: _parse_scalar(v) for k, v in parse_assignments(args.set).items()}
+    cells = spec.cells(extra)
+    if not args.report_only:
+        print(f"study {spec.name}: {len(cells)} cells -> {spec.output_dir}/, report -> {spec.report_dir}/", flush=True)
+        run_study(spec, extra, progress=args.progress, echo=lambda line: print(line, flush=True))
+    report = write_report(spec, extra)
+    done = sum(c.status == "finished" for c in report.cells)
+    print(f"report of {done}/{len(report.cells)} finished cells: {spec.report_dir / 'report.md'} (+ report.json, PNGs)")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -234,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--plot", metavar="PNG", help="write the runs' curves on shared axes")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "study",
+        help="run a grid of experiments (methods x settings x seeds) and write its report",
+        description="Run every cell of a study spec (see src/fedlora/configs/study_glue.yaml) as a normal run, "
+        "one after another, skipping cells already finished (resumable); a failing cell is reported and the "
+        "study goes on. Then write report.md (tables, mean +- std over seeds), report.json and plots.",
+    )
+    p.add_argument("spec", metavar="SPEC", help="study spec YAML, or a shipped one: study_glue, study_math")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key in every cell (model.device=cuda)"
+    )
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report from the existing runs")
+    p.add_argument("--progress", action="store_true", help="show each run's progress bar")
+    p.set_defaults(func=_cmd_study)
     return parser
 
 

@@ -1,0 +1,459 @@
+"""A study's report: per grid slice, a method table (mean ± std over seeds) and curves; all numbers in JSON.
+
+For every cell the headline is the metric at the FINAL evaluated round (never the running max:
+picking the best round on the test set is an evaluation bug). Per (slice, method) over seeds:
+
+* final value: mean ± sample standard deviation (n - 1 in the denominator; ``n`` shown);
+* speed: the mean of the metric over the evaluated rounds (the area under the metric-vs-round
+  curve divided by its length) and, with ``report.target``, the first round and cumulative MB at
+  which the metric reaches the target (the mean over the seeds that reached it, and how many did);
+* communication: total bytes up + down of the run, in MB;
+* a personalised metric (any eval key or record section whose name contains ``personal``, e.g.
+  FedSA-LoRA's clients' own models) when the runtime records one.
+
+Plots (one PNG per slice): metric vs round and metric vs cumulative MB, one line per method (the
+mean over seeds) with a ±1 std band, the untuned base model at round 0. Reading runs and the
+plotting style are :mod:`fedlora.sim.report`'s; nothing here needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora.sim.report import (
+    _STYLE,
+    MB,
+    _baseline,
+    _evals,
+    _fmt,
+    _int_ticks,
+    _metrics_of,
+    _new_figure,
+    _primary,
+    _pyplot_free_agg,
+    _train_records,
+    load_run,
+    lower_is_better,
+)
+from fedlora.study.run import ERROR_FILE, cell_state
+from fedlora.study.spec import Cell, StudySpec, cell_name
+
+PNG_DPI = 80
+
+
+# ---- numbers --------------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
+    """``(mean, sample std, n)`` of the finite ``values``; std is ``None`` for fewer than two."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(xs)
+    if n == 0:
+        return None, None, 0
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, None, n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)), n
+
+
+def fmt_mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
+    """``0.812 ± 0.010``; just the mean when there is no std; ``-`` when there is nothing."""
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def reach(curve: Sequence[tuple[int, float, float]], target: float, lower: bool) -> tuple[int, float] | None:
+    """(round, cumulative MB) of the first point of ``curve`` (round, MB, value) that reaches ``target``."""
+    for rnd, mb, v in curve:
+        if math.isfinite(v) and (v <= target if lower else v >= target):
+            return rnd, mb
+    return None
+
+
+@dataclass
+class CellResult:
+    """One cell read back: its status and, when it has records, its curve of the study's metric."""
+
+    name: str
+    method: str
+    seed: int
+    values: dict[str, Any]
+    status: str  # finished | partial | failed | missing
+    baseline: float | None = None
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (round, cumulative MB, value)
+    final: float | None = None
+    final_round: int | None = None
+    mb_total: float | None = None
+    seconds: float | None = None
+    personal: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def auc(self) -> float | None:
+        vs = [v for *_, v in self.curve if math.isfinite(v)]
+        return sum(vs) / len(vs) if vs else None
+
+
+def _personal(record: dict[str, Any], metric: str | None) -> dict[str, float]:
+    """Personalised values of ``metric`` in one record (e.g. FedSA-LoRA's clients' own models).
+
+    Eval keys whose name contains ``personal``, and in a record section named ``personal*`` every
+    sub-dict (``weighted``, ``unweighted``; not ``per_client``) holding ``metric``, named
+    ``<section>.<sub>.<metric>``.
+    """
+    out = {k: v for k, v in _metrics_of(record.get("eval")).items() if "personal" in k}
+    for key, value in record.items():
+        if "personal" not in key or not isinstance(value, dict):
+            continue
+        for sub, inner in value.items():
+            nums = _metrics_of(inner) if sub != "per_client" else {}
+            if metric in nums:
+                out[f"{key}.{sub}.{metric}"] = nums[metric]
+    return out
+
+
+def read_cell(cell: Cell, metric: str | None) -> tuple[CellResult, str | None]:
+    """Read one cell's run folder; returns the result and the metric it found (when none was given)."""
+    res = CellResult(cell.name, cell.method, cell.seed, dict(cell.values), "missing")
+    run_dir = cell.run_dir
+    if (run_dir / ERROR_FILE).is_file():
+        lines = (run_dir / ERROR_FILE).read_text().strip().splitlines()
+        res.status, res.error = "failed", (lines[-1] if lines else "failed")
+    if not (run_dir / "metrics.jsonl").is_file():
+        return res, metric
+    run = load_run(run_dir)
+    metric = metric or _primary(run.records, run.summary)
+    if res.status != "failed":
+        res.status = "finished" if cell_state(cell) == "finished" else "partial"
+    train = _train_records(run.records)
+    if metric:
+        res.baseline = _baseline(run.records).get(metric)
+        res.curve = [(r, mb, v) for r, mb, v in _evals(train, metric)]
+        if res.curve:
+            res.final_round, _, res.final = res.curve[-1]
+    res.mb_total = max((float(r.get("bytes_total") or 0) for r in train), default=0.0) / MB
+    secs = run.summary.get("seconds")
+    res.seconds = float(secs) if isinstance(secs, (int, float)) else None
+    for r in train:
+        p = _personal(r, metric)
+        if p:
+            res.personal = p
+    return res, metric
+
+
+@dataclass
+class Group:
+    """One (slice, method) over seeds: only finished cells count."""
+
+    slice: dict[str, Any]
+    method: str
+    n: int
+    seeds: list[int]
+    final_mean: float | None
+    final_std: float | None
+    auc_mean: float | None
+    auc_std: float | None
+    baseline_mean: float | None
+    mb_total: float | None
+    seconds_mean: float | None
+    reached: int | None = None
+    rounds_to_target: float | None = None
+    mb_to_target: float | None = None
+    personal: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
+
+
+def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Sequence[str], target, lower) -> list[Group]:
+    """One :class:`Group` per (slice value combination, method) that has at least one cell."""
+    groups: list[Group] = []
+    keys: dict[tuple, dict[str, Any]] = {}
+    for c in cells:
+        keys.setdefault(tuple(repr(c.values.get(s)) for s in slices), {s: c.values.get(s) for s in slices})
+    for key, sl in keys.items():
+        for m in methods:
+            mine = [c for c in cells if c.method == m and tuple(repr(c.values.get(s)) for s in slices) == key]
+            if not mine:
+                continue
+            done = [c for c in mine if c.status == "finished" and c.final is not None]
+            fm, fs, n = mean_std([c.final for c in done])
+            am, asd, _ = mean_std([c.auc for c in done])
+            bm, _, _ = mean_std([c.baseline for c in done if c.baseline is not None])
+            mbm, _, _ = mean_std([c.mb_total for c in done if c.mb_total is not None])
+            sm, _, _ = mean_std([c.seconds for c in done if c.seconds is not None])
+            g = Group(sl, m, n, sorted(c.seed for c in done), fm, fs, am, asd, bm, mbm, sm)
+            if target is not None and done:
+                hits = [h for h in (reach(c.curve, target, lower) for c in done) if h]
+                g.reached = len(hits)
+                g.rounds_to_target = mean_std([h[0] for h in hits])[0]
+                g.mb_to_target = mean_std([h[1] for h in hits])[0]
+            names = sorted({k for c in done for k in c.personal})
+            g.personal = {k: mean_std([c.personal[k] for c in done if k in c.personal]) for k in names}
+            groups.append(g)
+    return groups
+
+
+# ---- the report -----------------------------------------------------------------------------------
+@dataclass
+class StudyReport:
+    """Everything :func:`build_report` computed; :meth:`markdown` and :meth:`to_json` render it."""
+
+    spec: StudySpec
+    metric: str | None
+    lower: bool
+    cells: list[CellResult]
+    groups: list[Group]
+    methods: list[str]
+    plots: dict[str, Path] = field(default_factory=dict)
+
+    def slice_keys(self) -> list[dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for g in self.groups:
+            seen.setdefault(slice_name(g.slice), g.slice)
+        return list(seen.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "study": self.spec.name,
+            "spec": str(self.spec.path) if self.spec.path else None,
+            "base": self.spec.base,
+            "overrides": self.spec.overrides,
+            "grid": self.spec.grid,
+            "methods_overrides": self.spec.methods,
+            "metric": self.metric,
+            "direction": "lower is better" if self.lower else "higher is better",
+            "target": self.spec.target,
+            "headline": "value at the final evaluated round (not the running max); mean and sample std over seeds",
+            "cells": [asdict(c) | {"auc": c.auc} for c in self.cells],
+            "groups": [asdict(g) for g in self.groups],
+            "plots": {k: str(v) for k, v in self.plots.items()},
+        }
+
+    def markdown(self, image_prefix: str = "", heading: str = "#") -> str:
+        """A ``docs/results.md``-ready report (images linked as ``image_prefix + file name``)."""
+        spec, metric = self.spec, self.metric or "metric"
+        direction = "lower is better" if self.lower else "higher is better"
+        counts = {s: sum(c.status == s for c in self.cells) for s in ("finished", "partial", "failed", "missing")}
+        cmd = f"fedlora study --report-only {spec.path}" if spec.path else "fedlora study --report-only SPEC"
+        out = [f"{heading} Study `{spec.name}`", ""]
+        if spec.description:
+            out += [spec.description.strip(), ""]
+        out += [
+            f"- base config: `{spec.base}`; overrides: "
+            + (", ".join(f"`{k}={_inline(v)}`" for k, v in spec.overrides.items()) or "none"),
+            "- grid: " + "; ".join(f"`{k}` ∈ {{{', '.join(_inline(v) for v in vs)}}}" for k, vs in spec.grid.items()),
+        ]
+        if spec.methods:
+            out.append(
+                "- per-method overrides: "
+                + "; ".join(
+                    f"{m}: " + ", ".join(f"`{k}={_inline(v)}`" for k, v in o.items()) for m, o in spec.methods.items()
+                )
+            )
+        out += [
+            f"- cells: {len(self.cells)} ({counts['finished']} finished, {counts['partial']} unfinished, "
+            f"{counts['failed']} failed, {counts['missing']} not run); only finished cells enter the tables",
+            f"- metric: **{metric}** ({direction}), the value at the FINAL round (never the best round), "
+            "mean ± sample std over seeds (n = seeds finished)",
+            "- speed: `mean over rounds` = area under the metric-vs-round curve / rounds"
+            + (
+                f"; rounds / MB to reach {metric} {'≤' if self.lower else '≥'} {spec.target:g} "
+                "(mean over the seeds that reached it, k/n reached)"
+                if spec.target is not None
+                else ""
+            ),
+            "- MB = total bytes communicated up + down over the run, in 10^6 bytes",
+            f"- regenerate this report: `{cmd}`; run the missing cells: `fedlora study {spec.path or 'SPEC'}`",
+            "",
+        ]
+        slices = self.slice_keys()
+        if len(slices) > 1:
+            out += [f"{heading}# Overview: final {metric} (mean ± std over seeds)", ""]
+            head = ["method"] + [slice_label(s) for s in slices]
+            rows = []
+            for m in self.methods:
+                row = [m]
+                for s in slices:
+                    g = self._group(s, m)
+                    row.append(f"{fmt_mean_std(g.final_mean, g.final_std)} (n={g.n})" if g and g.n else "-")
+                rows.append(row)
+            base_row = ["untuned base"]
+            for s in slices:
+                bs = [g.baseline_mean for g in self.groups if slice_name(g.slice) == slice_name(s) and g.baseline_mean]
+                base_row.append(f"{sum(bs) / len(bs):.3f}" if bs else "-")
+            rows.append(base_row)
+            out += [*_md_table(head, rows), ""]
+        for s in slices:
+            label = slice_label(s) or "all cells"
+            out += [f"{heading}# {label}", ""]
+            png = self.plots.get(slice_name(s))
+            if png is not None:
+                out += [f"![{metric} vs round and vs MB, {label}]({image_prefix}{png.name})", ""]
+            personal = sorted({k for g in self.groups if slice_name(g.slice) == slice_name(s) for k in g.personal})
+            head = ["method", f"final {metric}", "n", "mean over rounds"]
+            if spec.target is not None:
+                head += ["rounds to target", "MB to target"]
+            head += ["MB total", "s / run"] + [f"{k} (final)" for k in personal]
+            rows = []
+            for m in self.methods:
+                g = self._group(s, m)
+                if g is None:
+                    continue
+                row = [m, fmt_mean_std(g.final_mean, g.final_std), str(g.n), fmt_mean_std(g.auc_mean, g.auc_std)]
+                if spec.target is not None:
+                    if g.reached:
+                        row += [f"{g.rounds_to_target:.1f} ({g.reached}/{g.n})", f"{g.mb_to_target:,.1f}"]
+                    else:
+                        row += [f"not reached (0/{g.n})", "-"]
+                row += [f"{g.mb_total:,.1f}" if g.mb_total is not None else "-", _fmt(g.seconds_mean, 0)]
+                for k in personal:
+                    pm, ps, pn = g.personal.get(k, (None, None, 0))
+                    row.append(f"{fmt_mean_std(pm, ps)} (n={pn})" if pn else "-")
+                rows.append(row)
+            bs = [g.baseline_mean for g in self.groups if slice_name(g.slice) == slice_name(s) and g.baseline_mean]
+            if bs:
+                out += [f"Untuned base model: {metric} {sum(bs) / len(bs):.3f}.", ""]
+            out += [*_md_table(head, rows), ""]
+        bad = [c for c in self.cells if c.status in ("failed", "partial")]
+        if bad:
+            out += [f"{heading}# Cells not in the tables", ""]
+            out += [f"- `{c.name}`: {c.status}" + (f" ({c.error})" if c.error else "") for c in bad]
+            out.append("")
+        missing = [c for c in self.cells if c.status == "missing"]
+        if missing:
+            out += [
+                f"{len(missing)} cells were not run: "
+                + ", ".join(f"`{c.name}`" for c in missing[:12])
+                + (", …" if len(missing) > 12 else ""),
+                "",
+            ]
+        return "\n".join(out)
+
+    def _group(self, s: dict[str, Any], method: str) -> Group | None:
+        key = slice_name(s)
+        return next((g for g in self.groups if g.method == method and slice_name(g.slice) == key), None)
+
+
+def slice_name(values: dict[str, Any]) -> str:
+    return cell_name(values) if values else "all"
+
+
+def slice_label(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {_inline(v)}" for k, v in values.items())
+
+
+def _inline(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+def _mean_curve(cells: Sequence[CellResult]) -> list[tuple[int, float, float, float]]:
+    """(round, mean MB, mean, std) over ``cells`` at the rounds every one of them evaluated."""
+    by_round: dict[int, list[tuple[float, float]]] = {}
+    for c in cells:
+        for rnd, mb, v in c.curve:
+            by_round.setdefault(rnd, []).append((mb, v))
+    out = []
+    for rnd in sorted(by_round):
+        pts = by_round[rnd]
+        if len(pts) < len(cells):
+            continue
+        m, s, _ = mean_std([v for _, v in pts])
+        if m is None:
+            continue
+        out.append((rnd, sum(mb for mb, _ in pts) / len(pts), m, s or 0.0))
+    return out
+
+
+def plot_slice(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
+    """``out``: metric vs round and vs cumulative MB for one slice, a line (mean) + band (±std) per method."""
+    _pyplot_free_agg()
+    import matplotlib
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    palette = matplotlib.colormaps["tab10"]
+    key = slice_name(s)
+    metric = report.metric or "metric"
+    with matplotlib.rc_context(_STYLE):
+        fig, axes = _new_figure(1, 2, (12, 5.0))
+        a, b = axes[0]
+        bases = []
+        for i, m in enumerate(report.methods):
+            done = [
+                c
+                for c in report.cells
+                if c.method == m and c.status == "finished" and slice_name({k: c.values.get(k) for k in s}) == key
+            ]
+            curve = _mean_curve(done)
+            if not curve:
+                continue
+            bases += [c.baseline for c in done if c.baseline is not None]
+            color = palette(i % 10)
+            rs, mbs, ms, ss = zip(*curve)
+            lo = [x - y for x, y in zip(ms, ss)]
+            hi = [x + y for x, y in zip(ms, ss)]
+            label = f"{m} (n={len(done)})"
+            b.plot(mbs, ms, lw=1.6, marker="o", ms=3, color=color, label=label)
+            b.fill_between(mbs, lo, hi, color=color, alpha=0.12, lw=0)
+            base_m = mean_std([c.baseline for c in done if c.baseline is not None])[0]
+            if base_m is not None:  # round 0: the untuned base model, before any byte was sent
+                rs, ms, lo, hi = (0, *rs), (base_m, *ms), (base_m, *lo), (base_m, *hi)
+            a.plot(rs, ms, lw=1.6, marker="o", ms=3, color=color, label=label)
+            a.fill_between(rs, lo, hi, color=color, alpha=0.12, lw=0)
+        if bases:
+            base = sum(bases) / len(bases)
+            for ax in (a, b):
+                ax.axhline(base, ls="--", lw=1.1, color="0.4", label="untuned base" if ax is a else None)
+        a.set(title=f"{metric} by round", xlabel="round (0 = untuned base)", ylabel=metric)
+        _int_ticks(a)
+        b.set(title=f"{metric} by communication", xlabel="cumulative MB, up + down (log scale)", ylabel=metric)
+        b.set_xscale("log")
+        b.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        b.xaxis.set_minor_formatter(NullFormatter())
+        handles, labels = a.get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
+        fig.suptitle(f"{report.spec.name}: {slice_label(s) or 'all cells'} (mean ± std over seeds)", fontsize=11)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=PNG_DPI)
+    return out
+
+
+def build_report(spec: StudySpec, extra: dict[str, Any] | None = None, *, plots: bool = True) -> StudyReport:
+    """Read every cell of ``spec`` and compute the report (plots written to ``spec.report_dir``)."""
+    cells = spec.cells(extra)
+    metric = spec.metric
+    results = []
+    for c in cells:
+        res, found = read_cell(c, metric)
+        metric = metric or found
+        results.append(res)
+    if spec.metric is None and metric is not None:  # cells read before the metric was known
+        results = [read_cell(c, metric)[0] for c in cells]
+    lower = lower_is_better(metric) if metric else False
+    methods = list(dict.fromkeys(c.method for c in cells))
+    groups = summarise(results, spec.slices, methods, spec.target, lower)
+    report = StudyReport(spec, metric, lower, results, groups, methods)
+    if plots:
+        for s in report.slice_keys():
+            report.plots[slice_name(s)] = plot_slice(report, s, spec.report_dir / f"{slice_name(s)}.png")
+    return report
+
+
+def write_report(spec: StudySpec, extra: dict[str, Any] | None = None) -> StudyReport:
+    """Write ``report.md``, ``report.json`` and one PNG per slice into ``spec.report_dir``."""
+    report = build_report(spec, extra)
+    spec.report_dir.mkdir(parents=True, exist_ok=True)
+    (spec.report_dir / "report.md").write_text(report.markdown())
+    (spec.report_dir / "report.json").write_text(json.dumps(report.to_json(), indent=1, default=str) + "\n")
+    return report
+
+
+__all__ = ["CellResult", "Group", "StudyReport", "build_report", "fmt_mean_std", "mean_std", "reach", "write_report"]

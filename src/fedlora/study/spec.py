@@ -1,0 +1,301 @@
+"""A study spec: one base config, overrides, a grid of axes and per-method overrides -> cells.
+
+A study spec is a YAML file::
+
+    name: study_glue                 # used in titles
+    base: glue_minilm                # a shipped preset name, or a config YAML path (relative to the spec)
+    output_dir: runs/study_glue      # every cell is a normal run folder <output_dir>/<cell name>
+    report_dir: docs/results/glue    # report.md, report.json and the PNGs
+    overrides:                       # dotted config keys set in every cell
+      rounds.num_rounds: 8
+      train.max_steps: 5
+    grid:                            # the cartesian product; the FIRST axis varies slowest
+      seed: [0, 1, 2]
+      partition.alpha: [0.5, 100]
+      partition.num_clients: [3, 10]
+      method.name: [fedit, fedmomentum]
+    methods:                         # per-method overrides, applied after the grid values
+      fedrot_lora: {method.settings: {lam: 0.5}}
+      flexlora: {lora.client_ranks: [8, 4, 2]}   # a list is cycled over client ids 0..num_clients-1
+    report:                          # optional
+      metric: accuracy               # default: the task's headline metric (first of its eval dict)
+      target: 0.8                    # rounds/MB to reach it (direction from the metric's name)
+      slices: [partition.alpha, partition.num_clients]   # one table/plot per slice
+
+Cells are built as: base config -> ``overrides`` -> the cell's grid values -> the method's
+overrides -> (command-line ``--set``) -> ``output_dir``/``name``. When a cell's ``method.name``
+differs from the base config's, ``method.settings`` is reset to ``{}`` first (settings of one
+method are errors for another) unless the method's overrides set it. Every cell is validated
+with :func:`fedlora.sim.config.config_from_dict`; a malformed spec raises :class:`StudySpecError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fedlora.sim.config import Config, ConfigError, config_from_dict
+
+SPEC_KEYS = ("name", "base", "output_dir", "report_dir", "overrides", "grid", "methods", "report", "description")
+REPORT_KEYS = ("metric", "target", "slices")
+METHOD_AXIS = "method.name"
+SEED_AXIS = "seed"
+
+
+class StudySpecError(ValueError):
+    """A study spec key that is missing, unknown or has a bad value (the message names it)."""
+
+
+@dataclass
+class Cell:
+    """One run of the study: its grid values, its folder name and its validated config."""
+
+    index: int
+    name: str
+    values: dict[str, Any]
+    config: Config
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    @property
+    def method(self) -> str:
+        return self.config.method.name
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+@dataclass
+class StudySpec:
+    """A parsed study spec (see the module docstring); :meth:`cells` expands the grid."""
+
+    name: str
+    base: str
+    base_data: dict[str, Any]
+    output_dir: Path
+    report_dir: Path
+    grid: dict[str, list[Any]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metric: str | None = None
+    target: float | None = None
+    slices: list[str] = field(default_factory=list)
+    description: str = ""
+    path: Path | None = None
+
+    def cells(self, extra: Mapping[str, Any] | None = None) -> list[Cell]:
+        """Every cell of the grid in order (the first axis varies slowest); ``extra`` = ``--set``."""
+        axes = list(self.grid)
+        out = []
+        for i, combo in enumerate(itertools.product(*(self.grid[a] for a in axes))):
+            values = dict(zip(axes, combo))
+            name = cell_name(values)
+            data = self.cell_data(values, extra)
+            data["output_dir"] = str(self.output_dir)
+            data["name"] = name
+            try:
+                cfg = config_from_dict(data)
+            except ConfigError as exc:
+                raise StudySpecError(f"cell {name}: {exc}") from None
+            out.append(Cell(index=i, name=name, values=values, config=cfg))
+        names = [c.name for c in out]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise StudySpecError(f"grid: two cells get the same folder name {dup!r} (repeated axis values?)")
+        return out
+
+    def cell_data(self, values: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The nested config dict of the cell with grid ``values`` (before validation)."""
+        data = copy.deepcopy(self.base_data)
+        for key, value in self.overrides.items():
+            set_dotted(data, key, value, where=f"overrides.{key}")
+        base_method = (data.get("method") or {}).get("name", "fedmomentum")
+        for key, value in values.items():
+            set_dotted(data, key, value, where=f"grid.{key}")
+        method = (data.get("method") or {}).get("name", "fedmomentum")
+        own = self.methods.get(str(method), {})
+        if method != base_method and "method.settings" not in own:
+            set_dotted(data, "method.settings", {}, where="grid.method.name")
+        for key, value in own.items():
+            set_dotted(data, key, value, where=f"methods.{method}.{key}")
+        for key, value in (extra or {}).items():
+            set_dotted(data, key, value, where=f"--set {key}")
+        lora = data.get("lora") or {}
+        ranks = lora.get("client_ranks")
+        if isinstance(ranks, list):
+            num = int((data.get("partition") or {}).get("num_clients", 4))
+            if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+                raise StudySpecError(f"lora.client_ranks must be positive integers, got {ranks!r}")
+            lora["client_ranks"] = {str(c): ranks[c % len(ranks)] for c in range(num)}
+        return data
+
+
+def cell_name(values: Mapping[str, Any]) -> str:
+    """A folder name from grid values: ``method.name`` by its value, other axes as ``<last key part><value>``."""
+    parts = []
+    for key, value in values.items():
+        text = _short(value)
+        parts.append(text if key == METHOD_AXIS else f"{key.rsplit('.', 1)[-1]}{text}")
+    return "-".join(parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value) if not isinstance(value, (dict, list)) else yaml.safe_dump(value, default_flow_style=True)
+    return re.sub(r"[^A-Za-z0-9_.+]+", "_", text.strip()).strip("_") or "x"
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, where: str) -> None:
+    """Set ``data[a][b][c] = value`` for ``key = "a.b.c"`` (sections created as needed).
+
+    ``method.settings`` / ``task.settings`` / ``lora.client_ranks`` accept a mapping as a whole;
+    a deeper key (``method.settings.lam``) sets one entry.
+    """
+    if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+        raise StudySpecError(f"{where}: {key!r} is not a dotted config key (e.g. train.lr)")
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise StudySpecError(f"{where}: {part!r} is not a section in {key!r}")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _resolve_base(base: Any, spec_dir: Path) -> tuple[str, dict[str, Any]]:
+    if not isinstance(base, str) or not base:
+        raise StudySpecError(f"base: expected a preset name or a config path, got {base!r}")
+    path = Path(base)
+    if not path.is_absolute():
+        path = spec_dir / path
+    if base.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise StudySpecError(f"base: config file {path} does not exist")
+    else:
+        from fedlora.cli import preset_path
+
+        try:
+            path = Path(str(preset_path(base)))
+        except ValueError as exc:
+            raise StudySpecError(f"base: {exc}") from None
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StudySpecError(f"base: {path} is not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise StudySpecError(f"base: {path} must hold a mapping")
+    return base, data
+
+
+def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise StudySpecError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -> StudySpec:
+    """Validate a parsed study spec (a dict); relative paths in ``base`` are relative to ``spec_dir``."""
+    if not isinstance(raw, dict):
+        raise StudySpecError("study spec: the top level must be a mapping")
+    unknown = [k for k in raw if k not in SPEC_KEYS]
+    if unknown:
+        raise StudySpecError(f"unknown key {unknown[0]!r}; allowed: {', '.join(SPEC_KEYS)}")
+    for key in ("base", "grid"):
+        if key not in raw:
+            raise StudySpecError(f"{key}: required key missing")
+    name = raw.get("name") or (path.stem if path else "study")
+    if not isinstance(name, str):
+        raise StudySpecError(f"name: expected a string, got {name!r}")
+    base, base_data = _resolve_base(raw["base"], Path(spec_dir))
+    grid = _mapping(raw, "grid")
+    if not grid:
+        raise StudySpecError("grid: needs at least one axis (e.g. method.name: [fedit, fedmomentum])")
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise StudySpecError(f"grid.{axis}: expected a non-empty list of values, got {values!r}")
+        if len({repr(v) for v in values}) != len(values):
+            raise StudySpecError(f"grid.{axis}: repeated values {values!r}")
+        if axis in ("name", "output_dir"):
+            raise StudySpecError(f"grid.{axis}: set by the study itself, not a grid axis")
+    overrides = _mapping(raw, "overrides")
+    methods = _mapping(raw, "methods")
+    for m, over in methods.items():
+        if not isinstance(over, dict):
+            raise StudySpecError(f"methods.{m}: expected a mapping of dotted keys, got {over!r}")
+    from fedlora.methods import available_methods
+
+    known = set(available_methods())
+    for m in list(methods) + [str(v) for v in grid.get(METHOD_AXIS, [])]:
+        if m not in known:
+            where = f"methods.{m}" if m in methods else f"grid.{METHOD_AXIS}"
+            raise StudySpecError(f"{where}: unknown method {m!r}; available: {', '.join(sorted(known))}")
+    report = _mapping(raw, "report")
+    bad = [k for k in report if k not in REPORT_KEYS]
+    if bad:
+        raise StudySpecError(f"unknown key report.{bad[0]}; allowed: {', '.join(REPORT_KEYS)}")
+    metric = report.get("metric")
+    if metric is not None and not isinstance(metric, str):
+        raise StudySpecError(f"report.metric: expected a metric name, got {metric!r}")
+    target = report.get("target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
+        raise StudySpecError(f"report.target: expected a number, got {target!r}")
+    default_slices = [a for a in grid if a not in (METHOD_AXIS, SEED_AXIS)]
+    slices = report.get("slices", default_slices)
+    if not isinstance(slices, list) or any(s not in grid or s in (METHOD_AXIS, SEED_AXIS) for s in slices):
+        raise StudySpecError(
+            f"report.slices: expected grid axes other than {METHOD_AXIS} and {SEED_AXIS}, got {slices!r}"
+        )
+    spec_dir = Path(spec_dir)
+    spec = StudySpec(
+        name=name,
+        base=base,
+        base_data=base_data,
+        output_dir=Path(raw.get("output_dir") or f"runs/{name}"),
+        report_dir=Path(raw.get("report_dir") or Path(raw.get("output_dir") or f"runs/{name}") / "report"),
+        grid={k: list(v) for k, v in grid.items()},
+        overrides=dict(overrides),
+        methods={k: dict(v) for k, v in methods.items()},
+        metric=metric,
+        target=float(target) if target is not None else None,
+        slices=list(slices),
+        description=str(raw.get("description") or ""),
+        path=path,
+    )
+    spec.cells()  # validate every cell now: a bad key fails before any run starts
+    return spec
+
+
+def load_spec(path: Path | str) -> StudySpec:
+    """Read and validate a study spec YAML file (a path, or the name of a shipped ``study_*`` spec)."""
+    p = Path(path)
+    if not p.is_file() and not str(path).endswith((".yaml", ".yml")):
+        from importlib import resources
+
+        shipped = resources.files("fedlora") / "configs" / f"{path}.yaml"
+        if shipped.is_file():
+            p = Path(str(shipped))
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise StudySpecError(f"{path}: cannot read the study spec ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise StudySpecError(f"{path}: not valid YAML ({exc})") from None
+    return parse_spec(raw, p.parent, path=p)
+
+
+__all__ = ["Cell", "StudySpec", "StudySpecError", "cell_name", "load_spec", "parse_spec", "set_dotted"]

