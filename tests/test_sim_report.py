@@ -306,3 +306,26 @@ def test_compare_plot(tmp_path):
     assert f"plot: {out}" in table
     w, h = assert_png(out, min_w=1200, min_h=400)
     assert w > 2 * h
+
+
+def test_write_plots_draws_the_clients_own_models(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    records = make_records([0.2, 0.3, 0.4])
+    for r, (w, u) in zip(records[1:], [(0.5, 0.45), (0.6, 0.5), (0.7, 0.65)]):
+        r["personal"] = {"weighted": {"exact_match": w}, "unweighted": {"exact_match": u}, "clients": 2}
+    drawn: list[tuple[str, list[float]]] = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        if "clients' own models" in str(kwargs.get("label", "")):
+            drawn.append((kwargs["label"], list(args[1])))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    (path,) = write_plots(records, tmp_path, title="fedsa")
+    assert_png(path)
+    labels = {label: ys for label, ys in drawn}
+    assert labels["exact_match: clients' own models, weighted"] == [0.5, 0.6, 0.7]
+    assert labels["exact_match: clients' own models, unweighted"] == [0.45, 0.5, 0.65]
+    assert len(drawn) == 4  # panel (a) by round and (b) by communication

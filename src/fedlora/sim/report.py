@@ -191,6 +191,17 @@ def _evals(train: Sequence[dict[str, Any]], metric: str) -> list[tuple[int, floa
     return out
 
 
+def _personal_evals(train: Sequence[dict[str, Any]], metric: str, which: str) -> list[tuple[int, float, float]]:
+    """(round, cumulative MB, value) of the clients' own models (``personal[which]``, which is
+    ``weighted`` or ``unweighted``) in every round that evaluated them."""
+    out = []
+    for r in train:
+        v = _metrics_of((r.get("personal") or {}).get(which)).get(metric)
+        if v is not None:
+            out.append((int(r["round"]), float(r.get("bytes_total") or 0) / MB, v))
+    return out
+
+
 def _final_and_best(
     train: Sequence[dict[str, Any]], metric: str
 ) -> tuple[tuple[int, float] | None, tuple[int, float] | None]:
@@ -303,6 +314,13 @@ def _metric_panel(ax, train, base, metrics, colors, *, x: str, skipped: list[int
                 zorder=4,
             )
             drew = True
+        for which, style in (("weighted", ":"), ("unweighted", "-.")):
+            pe = _personal_evals(train, m, which)
+            if pe:
+                px = [r for r, _, _ in pe] if x == "round" else [mb for _, mb, _ in pe]
+                label = f"{m}: clients' own models, {which}"
+                target.plot(px, [v for *_, v in pe], ls=style, marker="s", ms=3.5, lw=1.4, color=color, label=label)
+                drew = True
         if m in base:
             target.axhline(base[m], ls="--", lw=1.3, color=color, alpha=0.8, zorder=2)
             # the untuned base is the model at round 0, before any byte was sent
@@ -437,7 +455,8 @@ def _headline(records: Sequence[dict[str, Any]]) -> str:
 def write_plots(records: list[dict], run_dir: Path, title: str) -> list[Path]:
     """Draw ``run_dir/curves.png`` from a run's metrics records; return the written paths.
 
-    A 2x2 figure: (a) every eval metric (but ``n``) against round, the untuned base model dashed;
+    A 2x2 figure: (a) every eval metric (but ``n``) against round, the untuned base model dashed
+    (and, for methods with client-local parts, the clients' own models dotted / dash-dotted);
     (b) the same against cumulative MB communicated; (c) mean local training loss per round with
     each client's loss as faint dots (rounds with rejected updates marked on top); (d) seconds per
     round stacked by phase. Skipped rounds are shaded grey. Copes with no evaluations, one round
