@@ -329,3 +329,17 @@ def test_write_plots_draws_the_clients_own_models(tmp_path, monkeypatch):
     assert labels["exact_match: clients' own models, weighted"] == [0.5, 0.6, 0.7]
     assert labels["exact_match: clients' own models, unweighted"] == [0.45, 0.5, 0.65]
     assert len(drawn) == 4  # panel (a) by round and (b) by communication
+
+
+def test_compare_adds_the_clients_own_models_where_a_run_has_them(tmp_path):
+    fedsa = make_records([0.12, 0.12])
+    for r, (w, u) in zip(fedsa[1:], [(0.5, 0.4), (0.62, 0.55)]):
+        r["personal"] = {"weighted": {"exact_match": w}, "unweighted": {"exact_match": u}, "clients": 3}
+    a = write_run(tmp_path, "sa", fedsa, method="fedsa_lora")
+    b = write_run(tmp_path, "it", make_records([0.3, 0.4]), method="fedit")
+    table = compare_runs([a, b], None)
+    ra, rb = table_row(table, "sa"), table_row(table, "it")
+    assert (ra["FINAL"], ra["own(w)"], ra["own(u)"]) == ("0.1200", "0.6200", "0.5500")
+    assert (rb["FINAL"], rb["own(w)"], rb["own(u)"]) == ("0.4000", "-", "-")
+    assert "own(w) / own(u)" in table
+    assert "own(w)" not in compare_runs([b], None)

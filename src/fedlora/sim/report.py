@@ -191,6 +191,9 @@ def _evals(train: Sequence[dict[str, Any]], metric: str) -> list[tuple[int, floa
     return out
 
 
+PERSONAL = ("weighted", "unweighted")
+
+
 def _personal_evals(train: Sequence[dict[str, Any]], metric: str, which: str) -> list[tuple[int, float, float]]:
     """(round, cumulative MB, value) of the clients' own models (``personal[which]``, which is
     ``weighted`` or ``unweighted``) in every round that evaluated them."""
@@ -314,7 +317,7 @@ def _metric_panel(ax, train, base, metrics, colors, *, x: str, skipped: list[int
                 zorder=4,
             )
             drew = True
-        for which, style in (("weighted", ":"), ("unweighted", "-.")):
+        for which, style in zip(PERSONAL, (":", "-.")):
             pe = _personal_evals(train, m, which)
             if pe:
                 px = [r for r, _, _ in pe] if x == "round" else [mb for _, mb, _ in pe]
@@ -573,10 +576,13 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     runs = [load_run(d) for d in run_dirs]
     rows = [_Row(r, _train_records(r.records), _primary(r.records, r.summary)) for r in runs]
     metrics = list(dict.fromkeys(r.primary for r in rows if r.primary))
+    personal = {m for m in metrics for r in rows if _personal_evals(r.train, m, "weighted")}
     header = ["run", "method", "rounds"]
     for m in metrics:
         pre = f"{m}:" if len(metrics) > 1 else ""
         header += [f"{pre}base", f"{pre}FINAL", f"{pre}best", f"{pre}best@round"]
+        if m in personal:
+            header += [f"{pre}own(w)", f"{pre}own(u)"]
     header += ["MB", "seconds", "rejected", "skipped"]
     body = []
     for row in rows:
@@ -584,6 +590,8 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
         cells = [run.name, run.method, str(_run_rounds(run, train))]
         for m in metrics:
             cells += _metric_cells(row, m)
+            if m in personal:
+                cells += [_fmt(ev[-1][2]) if ev else "-" for ev in (_personal_evals(train, m, w) for w in PERSONAL)]
         cells += [
             f"{_run_mb(run, train):,.2f}",
             f"{_run_seconds(run, train):,.1f}",
@@ -605,6 +613,11 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
         "best / best@round = best evaluated round (max; min for loss-like metrics), for reference only:",
         "picking the best round on the test set (a running max) overstates the result.",
     ]
+    if personal:
+        notes.append(
+            "own(w) / own(u) = the clients' own models at the last round that evaluated them (methods with "
+            "client-local parts), weighted by their test examples / every client once."
+        )
     if out is not None:
         _compare_plot(rows, Path(out))
         notes.append(f"plot: {out}")
