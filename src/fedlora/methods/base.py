@@ -222,6 +222,13 @@ class Method(ABC):
         cannot work from factors reconstructed out of the uploads)."""
         return False
 
+    def seeded_factors(self, round_: int, shapes: Mapping[str, tuple[int, int]], spec: LoRASpec) -> Factors | None:
+        """The global factors of round ``round_`` when the method draws them from its own seed
+        (FLoRA's fresh LoRA), so every party can rebuild them without receiving them; ``None``
+        otherwise. ``aggregate`` must produce them through this method (one source of the math);
+        a runtime may leave them out of what it sends where they equal the state's."""
+        return None
+
     # ---- server side -------------------------------------------------------------------
     @abstractmethod
     def aggregate(

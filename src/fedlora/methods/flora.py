@@ -6,8 +6,9 @@
 
 Clients may have different ranks (``s_i = alpha / r_i``, or ``alpha / sqrt(r_i)`` with rsLoRA).
 The downlink is the stacked factors (the paper's protocol); the fresh LoRA is drawn from a seed
-every party knows (``seed``, round), so it costs no bytes. A client of rank ``r_i`` takes the
-first ``r_i`` rows of the fresh ``A`` (still a standard init).
+every party knows (``seed``, round; :meth:`FLoRA.seeded_factors`), so it costs no bytes (the
+Flower runtime does not send it: nodes rebuild it). A client of rank ``r_i`` takes the first
+``r_i`` rows of the fresh ``A`` (still a standard init).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedlora.methods.base import (
     ClientUpload,
     Factors,
     GlobalState,
+    LoRASpec,
     Method,
     ModuleFactors,
     RoundResult,
@@ -78,6 +80,12 @@ class FLoRA(Method):
         # A client wider than the global rank draws its own fresh init of its rank.
         return ClientStart(factors=fresh_lora(state.shapes(), ctx.rank, self.settings.seed, state.round, ctx.rank))
 
+    def seeded_factors(self, round_: int, shapes: Mapping[str, tuple[int, int]], spec: LoRASpec) -> Factors | None:
+        """The fresh global LoRA of round ``round_ >= 1`` (round 0's is the runtime's initial LoRA)."""
+        if round_ < 1:
+            return None
+        return fresh_lora(shapes, spec.rank, self.settings.seed, round_)
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         deltas: dict[str, FactoredDelta] = {}
@@ -85,7 +93,8 @@ class FLoRA(Method):
             scales = [state.spec.scale(u.factors[m].rank) for u in uploads]
             up, down = stacked_products(uploads, m, p, scales)
             deltas[m] = FactoredDelta.from_factors(up, down)
-        fresh = fresh_lora(state.shapes(), state.spec.rank, self.settings.seed, state.round + 1)
+        fresh = self.seeded_factors(state.round + 1, state.shapes(), state.spec)
+        assert fresh is not None
         return RoundResult(
             state=next_state(state, fresh),
             backbone_delta=deltas,
