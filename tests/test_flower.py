@@ -1,8 +1,9 @@
-"""The Flower runtime: state/ledger sync by diffs, records, run-config mapping (fast, no model);
-failed, silent and wiped nodes through an in-process Grid; a Flower simulation reproducing
-``fedlora run`` with bytes on the wire equal to the method's accounting; slow: a SuperLink +
-SuperNodes deployment on loopback (insecure, and TLS + SuperNode authentication) and
-``flwr run flower_app`` in simulation mode."""
+"""The Flower runtime: state/ledger sync by diffs, records, client records on the node's disk,
+the server's sync bookkeeping through a checkpoint, run-config mapping (fast, no model); failed,
+silent and wiped nodes, and a server killed and resumed, through an in-process Grid; a Flower
+simulation reproducing ``fedlora run`` with bytes on the wire equal to the method's accounting;
+slow: a SuperLink + SuperNodes deployment on loopback (insecure, TLS + SuperNode authentication,
+and a SuperNode SIGKILLed mid-round and restarted) and ``flwr run flower_app`` in simulation mode."""
 
 from __future__ import annotations
 
@@ -36,7 +37,17 @@ from fedlora.flower.records import (
     to_record,
     unpack_tree,
 )
-from fedlora.flower.sync import FULL, NodeStore, NodeVersion, OutOfSync, StateSync, digest, flatten_state, nbytes
+from fedlora.flower.sync import (
+    FULL,
+    NodeStore,
+    NodeVersion,
+    OutOfSync,
+    StateSync,
+    digest,
+    flatten_state,
+    nbytes,
+    seeded_state,
+)
 from fedlora.methods import available_methods, build_method
 from fedlora.methods.base import ModuleFactors, factors_nbytes
 from fedlora.sim.config import ConfigError
@@ -58,15 +69,20 @@ def _round_of(method, state, seed: int):
 def test_diffs_carry_exactly_the_methods_broadcast(tmp_path, name):
     """Full participation: each round's diff to every node carries the method's ``bytes_down`` of
     the previous round (round 1 sends nothing: every node builds the initial LoRA from the seed).
-    Two methods send more, by a stated amount: FLoRA's fresh global A (the method expects clients
-    to regenerate the fresh LoRA from its seed; B = 0 does not change) and FedSmoothLoRA's method
-    state (the SVD_r factors kept for Round-Matching, equal to the merged delta up to the scale)
-    plus, once, its zeroed global A."""
+    FLoRA's fresh global LoRA is not sent: nodes rebuild it from the method's seed
+    (``seeded_factors``) and the digest check confirms it. FedSmoothLoRA sends more, by a stated
+    amount: its method state (the unscaled SVD_r factors Round-Matching reads; the ledger holds
+    them times the LoRA scale) plus, once, its zeroed global A."""
     method = build_method(name)
     state = make_state(module_shapes(12, 9), 3, dtype=F32, zero_b=True)
     sync, ledger, clients = StateSync(), [], ["0", "1", "2"]
     initial = flatten_state(state)
     stores = {c: NodeStore(tmp_path / c) for c in clients}
+    shapes, spec = state.shapes(), state.spec
+
+    def regenerate(round_):
+        return seeded_state(method, round_, shapes, spec)
+
     sync.observe(0, initial, ledger)
     for c in clients:
         sync.nodes[c] = NodeVersion(0, 0)
@@ -79,19 +95,24 @@ def test_diffs_carry_exactly_the_methods_broadcast(tmp_path, name):
                 assert sent == 0
             else:
                 extra = 0
-                if name == "flora":  # the fresh A (its B = 0 does not change)
-                    extra = factors_nbytes(state.factors, frozenset("A"))
+                if name == "flora":  # the fresh LoRA is left to the seed
+                    assert not d.state and sorted(d.seeded) == [k for k in sorted(sync.current) if k.endswith("/A")]
                 elif name == "fedsmooth_lora":
                     zeroed_a = factors_nbytes(state.factors, frozenset("A")) if t == 1 else 0
                     extra = nbytes(state.method_state) + zeroed_a
                 assert sent == prev.bytes_down + extra, (t, sorted(d.state))
-            flat, _ = stores[c].apply(d, initial)
+            flat, _ = stores[c].apply(d, initial, regenerate)
             assert digest(flat) == sync.state_digests[t]
             sync.acknowledge(c)
         prev, deltas = _round_of(method, state, seed=t + 1)
         ledger.append(deltas)
         state = prev.state
-        sync.observe(t + 1, flatten_state(state), ledger)
+        sync.observe(t + 1, flatten_state(state), ledger, regenerate(t + 1))
+    if name == "flora":  # a node that cannot rebuild them is out of sync, and commits nothing
+        sync.forget("0")
+        with pytest.raises(OutOfSync, match="seed"):
+            NodeStore(tmp_path / "fresh").apply(sync.diff("0"), initial)
+        assert NodeStore(tmp_path / "fresh").info is None
 
 
 def test_node_mirrors_follow_the_server_under_partial_participation(tmp_path):
@@ -183,6 +204,108 @@ def test_diff_survives_a_message_with_empty_ledger_entries():
     assert d.ledger_chain == sync.chains[-1] and d.state.keys() == sync.current.keys()
 
 
+def test_sync_bookkeeping_survives_a_checkpoint(tmp_path):
+    """The server's record of versions goes through the simulation's checkpoint format and comes
+    back on the restored state and ledger: every node then gets the same diff as from the
+    uninterrupted server (nodes that held old versions included); a state that does not match
+    the saved digest is refused."""
+    from fedlora.sim.checkpoint import load_checkpoint, save_checkpoint
+
+    method = build_method("fedex_lora")
+    state = make_state(module_shapes(10, 7), 2, dtype=F32, zero_b=True)
+    sync, ledger = StateSync(), []
+    sync.observe(0, flatten_state(state), ledger)
+    for t in range(4):
+        for c in [["0"], ["0", "1"], ["2"], ["1"]][t]:
+            sync.acknowledge(c)
+        result, deltas = _round_of(method, state, seed=t + 3)
+        ledger.append(deltas)
+        state = result.state
+        sync.observe(t + 1, flatten_state(state), ledger)
+    save_checkpoint(tmp_path / "ck", {"sync": sync.bookkeeping()})
+    back = StateSync.restore(load_checkpoint(tmp_path / "ck")["sync"], flatten_state(state), ledger)
+    assert back.nodes == sync.nodes and back.chains == sync.chains
+    for c in ["0", "1", "2", "3"]:
+        a, b = sync.diff(c), back.diff(c)
+        assert (a.state_from, a.ledger_from, a.state_digest, a.ledger_chain) == (
+            b.state_from,
+            b.ledger_from,
+            b.state_digest,
+            b.ledger_chain,
+        )
+        assert a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+        assert len(a.ledger) == len(b.ledger)
+    assert sync.diff("1").state_from == 3 and sync.diff("3").state_from == FULL
+    # a node at an old version is adopted after the restore (its digest is known)
+    assert back.adopt("3", 2, sync.state_digests[2], 2, sync.chains[2])
+    other = flatten_state(make_state(module_shapes(10, 7), 2, dtype=F32, seed=9))
+    with pytest.raises(ValueError, match="digest"):
+        StateSync.restore(sync.bookkeeping(), other, ledger)
+
+
+def test_client_records_on_the_node_disk_are_versioned_by_round(tmp_path):
+    """A client's record (cursor, method memory, optimizer state) is written per round and read
+    back by a new RecordStore (a restarted SuperNode): round t starts from the newest record of
+    a round before t, so a round done again starts from the same record; only the base and the
+    newest record stay; a record's tensors are committed before its JSON."""
+    from fedlora.flower.client_app import RecordStore
+    from fedlora.sim.client import ClientRecord
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, 3, generator=g))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    mem = {"m.q.B": torch.randn(4, 2, generator=g), "round": torch.tensor(0)}
+    store = RecordStore(tmp_path)
+    assert store.load(before=0) == (None, ClientRecord())
+    store.save(0, ClientRecord(cursor=8, memory=mem, optimizer=opt.state_dict()), base=None)
+    base, rec = RecordStore(tmp_path).load(before=2)
+    assert base == 0 and rec.cursor == 8 and torch.equal(rec.memory["m.q.B"], mem["m.q.B"])
+    assert torch.equal(rec.optimizer["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert RecordStore(tmp_path).load(before=0) == (None, ClientRecord())
+    store.save(2, ClientRecord(cursor=16, memory={"m.q.B": mem["m.q.B"] + 1}), base=0)
+    assert RecordStore(tmp_path).load(before=2)[1].cursor == 8  # round 2 again: from the record of round 0
+    assert RecordStore(tmp_path).load(before=3)[1].cursor == 16
+    store.save(2, ClientRecord(cursor=17), base=0)  # the redo replaces round 2's record
+    store.save(4, ClientRecord(cursor=30), base=2)
+    assert store.rounds() == [2, 4] and RecordStore(tmp_path).load(before=4)[1].cursor == 17
+    assert len(list((tmp_path / "records").glob("*.safetensors"))) == 2  # no orphaned tensors
+    (tmp_path / "records" / "000009-deadbeef.safetensors").write_bytes(b"torn")  # a write cut short
+    assert RecordStore(tmp_path).load(before=10)[1].cursor == 30
+
+
+def test_node_folders_by_run_key_and_keep_runs(tmp_path):
+    """A node's folder is <cache-dir>/<run-key>/client-<i>; on a run's first message the node
+    removes its folders of older runs beyond keep-runs (by last use), never other nodes' nor
+    folders without its marker; bad keys and keep-runs values are errors naming them."""
+    from flwr.app import Context, RecordDict
+
+    from fedlora.flower.client_app import enter_run, node_dir
+
+    def ctx(pid: int, **extra) -> Context:
+        node_config = {"partition-id": pid, "cache-dir": str(tmp_path), **extra}
+        return Context(run_id=5, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+    folders = []
+    for i in range(4):
+        folders.append(enter_run(ctx(0, **{"keep-runs": 2}), {"run-key": f"r{i}"}))
+        os.utime(folders[-1] / "last-used", (1000 + i, 1000 + i))
+        os.utime(enter_run(ctx(1), {"run-key": f"r{i}"}) / "last-used", (1000 + i, 1000 + i))
+    assert folders[0] == tmp_path / "r0" / "client-0" and node_dir(ctx(0), "r0") == folders[0]
+    assert [f.exists() for f in folders] == [False, False, True, True]  # keep-runs=2: this run and one more
+    node1 = [(tmp_path / f"r{i}" / "client-1").exists() for i in range(4)]
+    assert node1 == [False, True, True, True] and not (tmp_path / "r0").exists()  # default 3; empty r0 removed
+    (tmp_path / "unrelated" / "client-0").mkdir(parents=True)
+    enter_run(ctx(0, **{"keep-runs": 1}), {"run-key": "r9"})
+    assert (tmp_path / "unrelated" / "client-0").exists() and not folders[3].exists()
+    assert node_dir(ctx(2)) == tmp_path / "run-5" / "client-2"  # a message without a run key
+    with pytest.raises(ValueError, match="run-key"):
+        enter_run(ctx(0), {"run-key": "../etc"})
+    with pytest.raises(ValueError, match="keep-runs"):
+        enter_run(ctx(0, **{"keep-runs": 0}), {"run-key": "r9"})
+
+
 # ---- run config -------------------------------------------------------------------------------------
 def test_run_config_maps_onto_the_fedlora_config(tmp_path):
     cfg, opts = resolve(
@@ -199,7 +322,12 @@ def test_run_config_maps_onto_the_fedlora_config(tmp_path):
     assert (cfg.train.max_steps, cfg.method.name, cfg.rounds.eval_baseline) == (3, "fedit", False)
     assert cfg.train.lr == 5.0e-4 and cfg.task.settings == {"n_train": 16}
     assert cfg.output_dir == str(tmp_path) and cfg.lora.rank == 4  # the rest from the preset
-    assert opts.round_timeout == 12.0
+    assert opts.round_timeout == 12.0 and not opts.resume and not opts.overwrite
+    assert resolve({"fedlora-config": "ci", "resume": True, "overwrite": "false"})[1].resume
+    with pytest.raises(ConfigError, match="resume"):
+        resolve({"fedlora-config": "ci", "resume": "maybe"})
+    with pytest.raises(ConfigError, match="round-timeout"):
+        resolve({"fedlora-config": "ci", "round-timeout": 0})
     with pytest.raises(ConfigError, match=r"train\.max_stepz"):
         resolve({"fedlora-config": "ci", "train.max-stepz": 1})
     with pytest.raises(ConfigError, match="key=value"):
@@ -216,6 +344,11 @@ needs_model = pytest.mark.skipif(
 TINY = (
     "task.settings={n_train: 32, n_test: 2, max_new_tokens: 8, max_length: 128}; "
     "rounds.eval_baseline=false; rounds.eval_every=0"
+)
+MINILM = (  # on top of the glue_minilm preset (MiniLM, 3 clients): seconds per round on 2 cores
+    "task.settings={dataset: sst2, source: generated, n_train: 48, n_test: 8, max_length: 32}; "
+    "lora.rank=4; lora.alpha=8; partition.min_size=4; train.batch_size=4; train.max_steps=1; "
+    "rounds.num_rounds=3; rounds.eval_baseline=false; rounds.eval_every=0"
 )
 
 
@@ -251,9 +384,12 @@ def _comparable(r: dict) -> dict:
 
 @needs_model
 def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accounting(tmp_path):
-    """The ci preset (3 clients, 2 sampled per round, 2 rounds, tiny task) as a Flower simulation
-    (run_simulation: Ray, a ClientApp per SuperNode) and as ``fedlora run``: same sampled clients,
-    train losses, evaluation, bytes and adapters. On the wire, the uploads' tensor bytes are the
+    """The ci preset (3 clients, 2 sampled per round, 2 rounds, tiny task) with LoRA dropout 0.1
+    as a Flower simulation (run_simulation: Ray, a ClientApp per SuperNode) and as ``fedlora
+    run``: same sampled clients, train losses (so the same dropout masks: both runtimes seed a
+    client's round from (seed, round, client)), evaluation, bytes and adapters. (run_simulation is
+    deprecated in Flower 1.41 in favour of ``flwr run``, which has no in-process form; the slow
+    test below runs ``flwr run``.) On the wire, the uploads' tensor bytes are the
     method's ``bytes_up`` and round 2's down-link tensor bytes are round 1's ``bytes_down``
     (each sampled node held the previous version); ``count_bytes()`` adds a <=128-byte .npy
     header and the key per array."""
@@ -262,9 +398,10 @@ def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accou
     from fedlora.sim.config import load_config
     from fedlora.sim.runner import run_experiment
 
+    dropout = "lora.dropout=0.1"
     run_config = {
         "fedlora-config": "ci",
-        "fedlora-set": TINY,
+        "fedlora-set": f"{TINY}; {dropout}",
         "train.max-steps": 1,
         "output-dir": str(tmp_path),
         "name": "flower",
@@ -292,7 +429,7 @@ def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accou
         )
         try:
             # meanwhile, the same config through the simulation runtime, in this process
-            sets = dict(item.split("=", 1) for item in TINY.split("; "))
+            sets = dict(item.split("=", 1) for item in f"{TINY}; {dropout}".split("; "))
             sets.update({"train.max_steps": "1", "output_dir": str(tmp_path), "name": "sim"})
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
@@ -319,6 +456,7 @@ def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accou
         assert a_ == b_
         assert b["report"] == pytest.approx(a["report"], rel=1e-4, abs=1e-6)
     assert flo[-1]["eval"] == sim[-1]["eval"]
+    assert "dropout: 0.1" in (tmp_path / "flower" / "config.yaml").read_text()
 
     # bytes on the wire vs the method's accounting
     for r in flo:
@@ -339,7 +477,8 @@ def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accou
 
 class LoopbackGrid:
     """A Grid that hands each message to the ClientApp in this process (one Context per node),
-    with injected faults: an error reply, or no reply (as after ``round-timeout``)."""
+    with injected faults: an error reply, or no reply (as after ``round-timeout``); ``before`` /
+    ``after`` run a callable before delivering / after answering a round's messages."""
 
     def __init__(self, client_app, num_nodes: int, run_id: int = 7) -> None:
         from flwr.app import Context, RecordDict
@@ -357,6 +496,7 @@ class LoopbackGrid:
         }
         self.faults: dict[tuple[str, int], str] = {}  # (client id, server-round) -> "error" | "silent"
         self.before: dict[int, object] = {}  # server-round -> callable run before delivering
+        self.after: dict[int, object] = {}  # server-round -> callable run once the replies are in
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -364,11 +504,12 @@ class LoopbackGrid:
     def send_and_receive(self, messages, *, timeout=None):
         from flwr.app import Error, Message
 
-        replies = []
+        replies, rounds = [], set()
         for m in messages:
             ctx = self.contexts[m.metadata.dst_node_id]
             cid = str(ctx.node_config["partition-id"])
             rnd = int(m.content.config_records["config"].get("server-round", 0))
+            rounds.add(rnd)
             if rnd in self.before:
                 self.before.pop(rnd)()
             fault = self.faults.get((cid, rnd)) if m.metadata.message_type == "train" else None
@@ -378,6 +519,9 @@ class LoopbackGrid:
                 replies.append(Message(Error(code=2, reason="RuntimeError: injected"), reply_to=m))
                 continue
             replies.append(self.app(m, ctx))
+        for rnd in sorted(rounds):
+            if rnd in self.after:
+                self.after.pop(rnd)()
         return replies
 
 
@@ -413,7 +557,7 @@ def test_failed_silent_and_wiped_nodes_are_reported_and_recover(tmp_path, monkey
     grid.faults[("1", 2)] = "silent"
 
     def wipe():  # client 2 holds the state of round 3 (0-based 2) now
-        for f in (tmp_path / "nodes" / "run-7" / "client-2").rglob("*"):
+        for f in (tmp_path / "nodes" / server.run_key / "client-2").rglob("*"):
             if f.is_file():
                 f.unlink()
 
@@ -438,8 +582,117 @@ def test_failed_silent_and_wiped_nodes_are_reported_and_recover(tmp_path, monkey
     # round 5's diff to client 2 started from the initial state: every tensor and the whole ledger
     assert lines[4]["wire"]["down_payload"] > lines[3]["bytes_down"]
     for node in grid.contexts.values():
-        info = client_app.NodeStore(client_app.node_dir(node)).info
+        info = client_app.NodeStore(client_app.node_dir(node, server.run_key)).info
         assert info is not None and info["state_digest"] == server.sync.state_digests[info["round"]]
+
+
+class ServerKilled(RuntimeError):
+    """Stands for SIGKILL of the ServerApp's process."""
+
+
+@needs_model
+def test_server_killed_and_resumed_gives_the_uninterrupted_run(tmp_path, monkeypatch):
+    """FedSA-LoRA (each node keeps its own B) with carried optimizer states on MiniLM (a
+    classifier head travels as an extra), 3 rounds, 2 of 3 clients per round, through an
+    in-process Grid. Run A goes through. Run B's server dies after
+    round 1's checkpoint (the FEDLORA_FAULT point), is resumed (``resume=true``) by a new Flower
+    run (new run id, new Contexts: the ClientApps restart with empty ``context.state``), dies
+    again in round 3 after the nodes trained and saved their records, and is resumed again.
+    B's metrics.jsonl equals A's up to times (and round 3's down-link, which the redo did not
+    need), its final adapter and the nodes' client records (cursor, FedSA-LoRA's B, optimizer)
+    are A's, bit for bit. The simulation refuses to resume the Flower checkpoint."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.flower import client_app
+    from fedlora.flower.server_app import FlowerServer, check_run_dir
+    from fedlora.model.adapter_io import read_adapter
+    from fedlora.sim import runner
+    from fedlora.sim.runner import Simulation, sample_clients
+
+    monkeypatch.setenv("FEDLORA_NODE_CACHE", str(tmp_path / "nodes"))
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
+
+    def config(name: str, **extra):
+        return resolve(
+            {
+                "fedlora-config": "glue_minilm",
+                "fedlora-set": MINILM + "; method.name=fedsa_lora; method.settings={}; train.optimizer_state=carry",
+                "rounds.clients-per-round": 2,
+                "output-dir": str(tmp_path),
+                "name": name,
+                **extra,
+            }
+        )
+
+    def run(name: str, run_id: int, **extra) -> FlowerServer:
+        cfg, opts = config(name, **extra)
+        check_run_dir(cfg, opts)
+        server = FlowerServer(cfg, grid := LoopbackGrid(client_app.app, 3, run_id=run_id), opts)
+        if name == "b" and not opts.resume:
+            monkeypatch.setattr(runner, "_fault", die_after_checkpoint_1)
+        if name == "b" and opts.resume and server_kills[0] == 1:
+            grid.after[3] = die  # round 3's replies are in; the server dies before aggregating
+        try:
+            server.run(resume=opts.resume)
+        finally:
+            monkeypatch.setattr(runner, "_fault", real_fault)
+        return server
+
+    real_fault, server_kills = runner._fault, [0]
+
+    def die():
+        server_kills[0] += 1
+        raise ServerKilled
+
+    def die_after_checkpoint_1(event, round_, client_index=None):
+        if event == "after_checkpoint" and round_ == 1:
+            die()
+
+    cfg, _ = config("a")
+    assert [sample_clients(cfg.seed, t, ["0", "1", "2"], 2) for t in range(3)] == [["1", "2"], ["0", "1"], ["1", "2"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = run("a", 7)
+        with pytest.raises(ServerKilled):
+            run("b", 8)
+        assert len(_records(tmp_path / "b" / "metrics.jsonl")) == 1
+        with pytest.raises(ValueError, match="already holds a run"):
+            run("b", 9)
+        with pytest.raises(ValueError, match=r"differs .* train\.lr"):
+            run("b", 9, resume=True, **{"train.lr": 0.5})
+        with pytest.raises(ServerKilled):
+            run("b", 9, resume=True)
+        assert len(_records(tmp_path / "b" / "metrics.jsonl")) == 2
+        b = run("b", 10, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert server_kills[0] == 2 and b.run_key != a.run_key and b.run_key.startswith("b-")
+    la, lb = _records(tmp_path / "a" / "metrics.jsonl"), _records(tmp_path / "b" / "metrics.jsonl")
+    assert [r["round"] for r in lb] == [1, 2, 3] and not any(r["rejected"] for r in la + lb)
+    for ra, rb in zip(la, lb):
+        wa, wb = ra["wire"], rb["wire"]
+        if ra["round"] < 3:
+            assert wa == wb
+        else:  # the redo sent nothing down (the nodes held round 3's state); the uploads are the same
+            assert (wb["down"], wb["up"], wb["up_payload"]) == (0, wa["up"], wa["up_payload"]) and wa["down"] > 0
+        assert _comparable(ra) == _comparable(rb)
+    fa, fb = read_adapter(tmp_path / "a" / "final"), read_adapter(tmp_path / "b" / "final")
+    for m in fa.factors:
+        assert torch.equal(fa.factors[m].A, fb.factors[m].A) and torch.equal(fa.factors[m].B, fb.factors[m].B)
+    for cid in ("0", "1", "2"):
+        ctx = LoopbackGrid(client_app.app, 3).contexts[1000 + int(cid)]
+        ra = client_app.RecordStore(client_app.node_dir(ctx, a.run_key)).load(before=3)[1]
+        rb = client_app.RecordStore(client_app.node_dir(ctx, b.run_key)).load(before=3)[1]
+        assert ra.cursor == rb.cursor > 0 and ra.memory.keys() == rb.memory.keys()
+        assert all(torch.equal(ra.memory[k], rb.memory[k]) for k in ra.memory)
+        sa, sb = ra.optimizer["state"], rb.optimizer["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["run_key"] == b.run_key and summary["wire"]["up"] == sum(r["wire"]["up"] for r in la)
+    with pytest.raises(ValueError, match="flower runtime"):  # fedlora run --resume on it
+        Simulation(config("b")[0], progress=False)._restore_runtime(json.loads(json.dumps(b._runtime_state())))
 
 
 def _free_port_block(n: int) -> int:

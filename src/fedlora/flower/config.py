@@ -10,8 +10,14 @@ Keys (Flower flattens nested tables with dots, so ``"train.max-steps" = 2`` and
   ``pyproject.toml`` does not list (``flwr run --run-config`` only overrides listed keys);
 - ``output-dir``: where the run folder ``<output-dir>/<name>`` is written (default: the config's
   ``output_dir``);
-- ``round-timeout``: seconds the server waits for a round's replies (missing ones are failures);
+- ``round-timeout``: seconds the server waits for a round's replies (missing ones are failures
+  of the round; a SuperNode that stops sending heartbeats is reported unavailable by the
+  SuperLink sooner, within about a minute in Flower 1.41);
 - ``node-wait-timeout``: seconds the server waits for every client's SuperNode to connect;
+- ``resume``: ``true`` continues the run in ``<output-dir>/<name>`` from its checkpoint (the same
+  run config as when it started; a differing key is an error naming it);
+- ``overwrite``: ``true`` starts afresh in a folder that already holds a checkpointed run
+  (otherwise that is an error);
 - every other key is a dotted fedlora config key, ``-`` read as ``_`` (``"rounds.num-rounds" = 3``
   sets ``rounds.num_rounds``); its value overrides the YAML.
 """
@@ -24,13 +30,40 @@ from typing import Any, Mapping
 
 from fedlora.sim.config import Config, ConfigError, load_config
 
-RESERVED = ("fedlora-config", "fedlora-set", "output-dir", "round-timeout", "node-wait-timeout")
+RESERVED = ("fedlora-config", "fedlora-set", "output-dir", "round-timeout", "node-wait-timeout", "resume", "overwrite")
 
 
 @dataclass(frozen=True)
 class FlowerOptions:
+    """Run-config keys that are not fedlora config keys."""
+
     round_timeout: float = 3600.0
     node_wait_timeout: float = 300.0
+    resume: bool = False
+    overwrite: bool = False
+
+
+def _flag(run_config: Mapping[str, Any], key: str) -> bool:
+    value = run_config.get(key, False)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"{key}={value!r}: true or false")
+
+
+def _seconds(run_config: Mapping[str, Any], key: str, default: float) -> float:
+    value = run_config.get(key, default)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{key}={value!r}: a positive number of seconds")
+    return seconds
 
 
 def config_source(name: str) -> Any:
@@ -68,7 +101,9 @@ def resolve(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOptions]:
     source = config_source(str(run_config.get("fedlora-config", "default")))
     cfg = load_config(source, overrides_from(run_config))
     opts = FlowerOptions(
-        round_timeout=float(run_config.get("round-timeout", FlowerOptions.round_timeout)),
-        node_wait_timeout=float(run_config.get("node-wait-timeout", FlowerOptions.node_wait_timeout)),
+        round_timeout=_seconds(run_config, "round-timeout", FlowerOptions.round_timeout),
+        node_wait_timeout=_seconds(run_config, "node-wait-timeout", FlowerOptions.node_wait_timeout),
+        resume=_flag(run_config, "resume"),
+        overwrite=_flag(run_config, "overwrite"),
     )
     return cfg, opts

@@ -4,7 +4,8 @@ Message layout (server -> client, ``train``):
 
 - ``config`` (ConfigRecord): ``server-round`` (1-based), ``round`` (0-based), ``client-id``,
   ``fedlora-config`` (the resolved YAML every node runs with) and the sync header
-  (``state-from``/``state-to``/``state-digest``/``state-removed``, ``ledger-from``/``ledger-chain``);
+  (``state-from``/``state-to``/``state-digest``/``state-removed``/``state-seeded``,
+  ``ledger-from``/``ledger-chain``) and ``run-key`` (names the node's folder for this run);
 - ``state`` (ArrayRecord): the state tensors that changed since the node's version;
 - ``ledger`` (ArrayRecord): the backbone-delta factor pairs the node lacks, ``<j>|<module>/up|down``
   (``ledger-count`` entries from ``ledger-from``; an entry of a round that merged nothing is empty).
@@ -62,6 +63,7 @@ def diff_content(diff: Diff, config: dict[str, Any]) -> RecordDict:
         "state-to": diff.state_to,
         "state-digest": diff.state_digest,
         "state-removed": json.dumps(diff.removed),
+        "state-seeded": json.dumps(diff.seeded),
         "ledger-from": diff.ledger_from,
         "ledger-count": len(diff.ledger),
         "ledger-chain": diff.ledger_chain,
@@ -87,6 +89,7 @@ def diff_from_content(content: RecordDict) -> Diff:
         ledger=[entries.get(j, {}) for j in range(start, start + count)],  # a round may merge nothing
         state_digest=str(cfg["state-digest"]),
         ledger_chain=str(cfg["ledger-chain"]),
+        seeded=list(json.loads(str(cfg.get("state-seeded", "[]")))),
     )
 
 
@@ -111,7 +114,7 @@ def factors_from_record(record: ArrayRecord) -> Factors:
     return {m: ModuleFactors(A=p.get("A"), B=p.get("B")) for m, p in pairs.items()}
 
 
-# ---- what a client keeps between rounds (context.state) --------------------------------------------
+# ---- what a client keeps between rounds (its record on the node's disk) -----------------------------
 def pack_tree(obj: Any, tensors: dict[str, Tensor], path: str = "t") -> Any:
     """A JSON-able copy of ``obj`` with each tensor replaced by a reference into ``tensors``
     (dicts with non-string keys and tuples are tagged so :func:`unpack_tree` restores them)."""

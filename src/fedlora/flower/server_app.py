@@ -26,21 +26,34 @@ classifier head (``down_extras``, ``up_extras``; not in the methods' accounting)
 ``down_payload`` of round t+1 equals the method's ``bytes_down`` of round t (the broadcast of
 round t's result to the k clients of the next round) when each sampled node held the previous
 version; see README "Flower deployment" for the exact differences.
+
+Nothing on the server is lost: after every round it writes the simulation's atomic checkpoint
+(``<run>/checkpoint``) plus its run key (which names the nodes' folders) and the sync
+bookkeeping (:meth:`~fedlora.flower.sync.StateSync.bookkeeping`); ``resume=true`` in the run
+config continues the run from it (same run config; the nodes' mirrors and client records are on
+their disks, versioned by round, so a round the server had started again starts from the same
+client records). Clients' memories live on the nodes, so there is no personalised evaluation of
+client models here (``rounds.personal_eval=on`` is refused).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
+import uuid
 from typing import Any, Mapping
 
+import torch
+import yaml
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedlora.flower.config import FlowerOptions, resolve
 from fedlora.flower.records import diff_content, factors_from_record, from_record, payload_bytes
-from fedlora.flower.sync import EXTRA_PREFIX, NodeVersion, StateSync, flatten_state
+from fedlora.flower.sync import EXTRA_PREFIX, NodeVersion, StateSync, flatten_state, seeded_state
 from fedlora.methods import ClientUpload
 from fedlora.sim.config import Config
 from fedlora.sim.runner import Simulation, TrainedClients, client_rank
@@ -50,9 +63,47 @@ WIRE_KEYS = ("down", "up", "down_payload", "up_payload", "down_extras", "up_extr
 
 
 def config_yaml(cfg: Config) -> str:
-    import yaml
-
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def new_run_key(name: str) -> str:
+    """``<name>-<12 hex digits>``: names every node's folder for one run (fresh per new run,
+    kept across resumes)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:40] or "run"
+    return f"{stem}-{uuid.uuid4().hex[:12]}"
+
+
+def _flat_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v and k not in ("settings", "client_ranks"):
+            out.update(_flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_run_dir(cfg: Config, opts: FlowerOptions) -> None:
+    """``resume=true``: the run folder must hold a checkpoint of this same config. Otherwise a
+    folder holding a checkpoint is only replaced with ``overwrite=true``."""
+    run_dir = cfg.run_dir
+    if opts.resume:
+        saved_path = run_dir / "config.yaml"
+        if not saved_path.is_file() or not (run_dir / "checkpoint").exists():
+            raise ValueError(f"resume=true: {run_dir} holds no checkpointed run (output-dir and name place it)")
+        saved = _flat_dict(yaml.safe_load(saved_path.read_text()))
+        now = _flat_dict(yaml.safe_load(config_yaml(cfg)))
+        differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if differ:
+            raise ValueError(
+                f"resume=true: the run config differs from {saved_path} in {', '.join(differ)}; "
+                "resume with the run config the run started with"
+            )
+    elif (run_dir / "checkpoint").exists() and not opts.overwrite:
+        raise ValueError(
+            f"{run_dir} already holds a run: resume=true continues it, overwrite=true starts again, "
+            "name=NEW writes elsewhere"
+        )
 
 
 class FlowerServer(Simulation):
@@ -60,9 +111,17 @@ class FlowerServer(Simulation):
 
     def __init__(self, cfg: Config, grid: Grid, opts: FlowerOptions | None = None) -> None:
         super().__init__(cfg, progress=False)
+        if cfg.rounds.personal_eval == "on":
+            raise ValueError(
+                "rounds.personal_eval=on: the Flower runtime does not evaluate personal models "
+                "(clients' memories stay on their nodes); use auto or off"
+            )
+        self.personal = False
         self.grid = grid
         self.opts = opts or FlowerOptions()
+        self.run_key = new_run_key(cfg.name)
         self.sync = StateSync()
+        self._seeded_cache: tuple[int, dict[str, torch.Tensor]] | None = None
         self.node_of: dict[str, int] = {}
         self.known_nodes: set[int] = set()
         self.config_text = config_yaml(cfg)
@@ -88,7 +147,7 @@ class FlowerServer(Simulation):
         """Learn each node's partition-id and the version of its mirror."""
         msgs = [
             Message(
-                RecordDict({"config": ConfigRecord({"query": "fedlora-node"})}),
+                RecordDict({"config": ConfigRecord({"query": "fedlora-node", "run-key": self.run_key})}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )
@@ -132,10 +191,21 @@ class FlowerServer(Simulation):
         if not self.node_of or set(nodes) != self.known_nodes or unknown:
             self._handshake(nodes)
 
+    # ---- the state the nodes mirror ------------------------------------------------------------
+    def _seeded(self, round_: int) -> dict[str, torch.Tensor]:
+        """The tensors of round ``round_``'s state the nodes rebuild from the method's seed."""
+        if self._seeded_cache is None or self._seeded_cache[0] != round_:
+            self._seeded_cache = (round_, seeded_state(self.method, round_, self.state.shapes(), self.state.spec))
+        return self._seeded_cache[1]
+
+    def _observe(self) -> None:
+        t = self.state.round
+        self.sync.observe(t, flatten_state(self.state, self.global_extras), self.ledger, self._seeded(t))
+
     # ---- one round's local training, remotely ---------------------------------------------------
     def _train_clients(self, sampled: list[str], bar: tqdm) -> TrainedClients:
         t = self.state.round
-        self.sync.observe(t, flatten_state(self.state, self.global_extras), self.ledger)
+        self._observe()
         self._refresh_nodes()
         wire = dict.fromkeys((*WIRE_KEYS, "messages"), 0)
         uploads: list[ClientUpload] = []
@@ -144,7 +214,7 @@ class FlowerServer(Simulation):
         extras: list[dict[str, Any]] = []
         ranks: dict[str, int] = {}
         msgs, sent = [], {}
-        base = {"server-round": t + 1, "round": t, "fedlora-config": self.config_text}
+        base = {"server-round": t + 1, "round": t, "fedlora-config": self.config_text, "run-key": self.run_key}
         for cid in sampled:
             node = self.node_of.get(cid)
             if node is None:
@@ -207,15 +277,35 @@ class FlowerServer(Simulation):
         record["wire"] = dict(self._wire)
         return record
 
-    # ---- no server-side resume: the clients' memories and cursors live on the nodes -----------
+    # ---- checkpoint and resume -------------------------------------------------------------------
     def _checkpoint(self, metrics_lines: int) -> None:
-        return None
+        self._observe()  # the bookkeeping saved is that of the state saved (the next round's)
+        super()._checkpoint(metrics_lines)
+
+    def _runtime_state(self) -> dict[str, Any]:
+        return {
+            "name": "flower",
+            "run_key": self.run_key,
+            "wire_total": dict(self.wire_total),
+            "sync": self.sync.bookkeeping(),
+        }
+
+    def _restore_runtime(self, saved: dict[str, Any]) -> None:
+        if saved.get("name") != "flower":
+            raise ValueError(
+                f"{self.run_dir}/checkpoint was not written by the Flower runtime (clients' records are in it): "
+                f"continue it with fedlora run --resume {self.run_dir}"
+            )
+        self.run_key = str(saved["run_key"])
+        self.wire_total = {k: int(saved["wire_total"].get(k, 0)) for k in WIRE_KEYS}
+        flat = flatten_state(self.state, self.global_extras)
+        self.sync = StateSync.restore(saved["sync"], flat, self.ledger, self._seeded(self.state.round))
+        log.info("resuming run key %s at round %d", self.run_key, self.state.round + 1)
 
     def _finish(self, metrics_path):  # type: ignore[override]
-        import json
-
         summary = super()._finish(metrics_path)
         summary["runtime"] = "flower"
+        summary["run_key"] = self.run_key
         summary["wire"] = dict(self.wire_total)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
@@ -230,7 +320,8 @@ def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         run_config = {**(defaults or {}), **dict(context.run_config)}
         cfg, opts = resolve(run_config)
-        FlowerServer(cfg, grid, opts).run()
+        check_run_dir(cfg, opts)
+        FlowerServer(cfg, grid, opts).run(resume=opts.resume)
 
     return app
 

@@ -16,8 +16,15 @@ sends each sampled node only what changed since the version it holds:
   entries receives entries ``l..`` and replays them in order onto its base model, the same
   float operations as the server's, so client and server weights are bit-identical.
 
+State tensors a method draws from its own seed (``Method.seeded_factors``: FLoRA's fresh LoRA)
+are not sent when they equal the state's: the diff names them (``seeded``) and the node rebuilds
+them with the method's own function before checking the digest.
+
 Versions are checked by digests (SHA-256 over names, dtypes, shapes and bytes): a node whose
-copy does not match is answered with a full copy (``state-from = -1``, ledger from 0).
+copy does not match is answered with a full copy (``state-from = -1``, ledger from 0). The
+server's bookkeeping (which round last changed each tensor, the digests of past versions, what
+each node holds) goes into the server's checkpoint (:meth:`StateSync.bookkeeping`,
+:meth:`StateSync.restore`), so a resumed server keeps sending diffs.
 
 The mirror lives on the node's disk (:class:`NodeStore`), so a restarted SuperNode rebuilds the
 same base model. Everything here is plain torch; Flower records are built in ``records.py``.
@@ -31,14 +38,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedlora.lowrank import FactoredDelta
-from fedlora.methods.base import GlobalState, LoRASpec, ModuleFactors
+from fedlora.methods.base import GlobalState, LoRASpec, Method, ModuleFactors
 
 FULL = -1
 """``state-from`` of a full copy (the node's version is unknown)."""
@@ -91,6 +98,17 @@ def unflatten_state(
     order = [m for m in module_order if m in pairs] + [m for m in pairs if m not in set(module_order)]
     factors = {m: ModuleFactors(A=pairs[m].get("A"), B=pairs[m].get("B")) for m in order}
     return GlobalState(round=round_, factors=factors, spec=spec, method_state=method_state), extras
+
+
+def seeded_state(
+    method: Method, round_: int, shapes: Mapping[str, tuple[int, int]], spec: LoRASpec
+) -> dict[str, Tensor]:
+    """The state tensors of round ``round_`` the method draws from its seed
+    (``method.seeded_factors``), named as :func:`flatten_state` names them; empty for most methods."""
+    factors = method.seeded_factors(round_, shapes, spec)
+    if not factors:
+        return {}
+    return flatten_state(GlobalState(round_, factors, spec))
 
 
 def ledger_entry(deltas: Mapping[str, FactoredDelta]) -> dict[str, Tensor]:
@@ -146,6 +164,8 @@ class Diff:
     ledger: list[dict[str, Tensor]]
     state_digest: str
     ledger_chain: str
+    seeded: list[str] = field(default_factory=list)
+    """State tensors not sent: the node rebuilds them from the method's seed."""
 
 
 @dataclass
@@ -166,9 +186,18 @@ class StateSync:
     entries: list[dict[str, Tensor]] = field(default_factory=list)
     chains: list[str] = field(default_factory=lambda: [""])
     nodes: dict[str, NodeVersion] = field(default_factory=dict)
+    seeded: list[str] = field(default_factory=list)
 
-    def observe(self, round_: int, flat: Mapping[str, Tensor], ledger: list[Mapping[str, FactoredDelta]]) -> None:
-        """Record the state of round ``round_`` (the one about to be sent) and the ledger so far."""
+    def observe(
+        self,
+        round_: int,
+        flat: Mapping[str, Tensor],
+        ledger: list[Mapping[str, FactoredDelta]],
+        seeded: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Record the state of round ``round_`` (the one about to be sent) and the ledger so far;
+        ``seeded``: the tensors nodes can rebuild from the method's seed (kept out of diffs where
+        they equal the state's)."""
         if round_ < self.round:
             raise ValueError(f"state of round {round_} observed after round {self.round}")
         for k, v in flat.items():
@@ -183,6 +212,7 @@ class StateSync:
         self.current = dict(flat)
         self.round = round_
         self.state_digests[round_] = digest(flat)
+        self.seeded = sorted(k for k, v in (seeded or {}).items() if k in flat and _same(flat[k], v))
         while len(self.entries) < len(ledger):
             entry = ledger_entry(ledger[len(self.entries)])
             self.entries.append(entry)
@@ -192,7 +222,8 @@ class StateSync:
         """What client ``cid`` must receive (everything if its version is unknown)."""
         held = self.nodes.get(cid)
         s, l0 = (held.round, held.ledger_len) if held is not None else (FULL, 0)
-        state = {k: v for k, v in self.current.items() if self.changed[k] > s}
+        skip = set(self.seeded)
+        state = {k: v for k, v in self.current.items() if self.changed[k] > s and k not in skip}
         removed = [k for k, r in self.removed.items() if r > s] if s != FULL else []
         return Diff(
             state_from=s,
@@ -203,6 +234,7 @@ class StateSync:
             ledger=self.entries[l0:],
             state_digest=self.state_digests[self.round],
             ledger_chain=self.chains[-1],
+            seeded=[k for k in self.seeded if self.changed[k] > s],
         )
 
     def acknowledge(self, cid: str) -> None:
@@ -224,6 +256,40 @@ class StateSync:
         else:
             self.forget(cid)
         return ok
+
+    def bookkeeping(self) -> dict[str, Any]:
+        """What a checkpoint must keep besides the state and the ledger (JSON values only)."""
+        return {
+            "round": self.round,
+            "changed": dict(self.changed),
+            "removed": dict(self.removed),
+            "state_digests": {int(r): d for r, d in self.state_digests.items()},
+            "nodes": {c: [v.round, v.ledger_len] for c, v in self.nodes.items()},
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        saved: Mapping[str, Any],
+        flat: Mapping[str, Tensor],
+        ledger: list[Mapping[str, FactoredDelta]],
+        seeded: Mapping[str, Tensor] | None = None,
+    ) -> StateSync:
+        """The bookkeeping of :meth:`bookkeeping` back on the state ``flat`` of round
+        ``saved["round"]`` and the ledger (entries and chains are rebuilt from it)."""
+        sync = cls()
+        sync.observe(int(saved["round"]), flat, ledger, seeded)
+        if sync.state_digests[sync.round] != saved["state_digests"].get(sync.round):
+            raise ValueError(f"restored state of round {sync.round} does not match the checkpoint's digest")
+        if set(saved["changed"]) != set(flat):
+            raise ValueError("restored state tensors differ from the checkpoint's bookkeeping")
+        sync.changed = {k: int(v) for k, v in saved["changed"].items()}
+        sync.removed = {k: int(v) for k, v in saved["removed"].items()}
+        sync.state_digests = {int(r): str(d) for r, d in saved["state_digests"].items()}
+        sync.nodes = {
+            c: NodeVersion(int(v[0]), int(v[1])) for c, v in saved["nodes"].items() if int(v[1]) < len(sync.chains)
+        }
+        return sync
 
 
 # ---- the client side -----------------------------------------------------------------------------
@@ -263,8 +329,14 @@ class NodeStore:
         order = json.loads((self.root / "ledger" / f"{j:06d}.json").read_text())
         return {k: tensors[k] for k in order}
 
-    def apply(self, diff: Diff, initial: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-        """Apply a diff (checking versions and digests), commit it, return the new mirror and chains."""
+    def apply(
+        self,
+        diff: Diff,
+        initial: Mapping[str, Tensor],
+        regenerate: Callable[[int], Mapping[str, Tensor]] | None = None,
+    ) -> tuple[dict[str, Tensor], list[str]]:
+        """Apply a diff (checking versions and digests), commit it, return the new mirror and
+        chains; ``regenerate(round)`` rebuilds the tensors the diff leaves to the seed."""
         held, flat, chains = self.load(initial)
         if diff.state_from == FULL:
             flat = {}
@@ -275,6 +347,12 @@ class NodeStore:
         for k in diff.removed:
             flat.pop(k, None)
         flat.update(diff.state)
+        if diff.seeded:
+            rebuilt = regenerate(diff.state_to) if regenerate is not None else {}
+            missing = [k for k in diff.seeded if k not in rebuilt]
+            if missing:
+                raise OutOfSync(f"cannot rebuild {missing[:3]} of state version {diff.state_to} from the seed")
+            flat.update({k: rebuilt[k] for k in diff.seeded})
         if digest(flat) != diff.state_digest:
             raise OutOfSync(f"state version {diff.state_to} does not match the server's after the update")
         chains = chains[: diff.ledger_from + 1]
@@ -319,6 +397,10 @@ class NodeStore:
             "ledger_len": int(info["ledger_len"]),
             "ledger_chain": info["ledger_chain"],
         }
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def _atomic_save(tensors: Mapping[str, Tensor], path: Path) -> None:

@@ -249,8 +249,20 @@ class Simulation:
                 "metrics_lines": metrics_lines,
                 "torch_rng": torch.get_rng_state(),
                 "elapsed": self.elapsed + (time.perf_counter() - self.t0),
+                "runtime": self._runtime_state(),
             },
         )
+
+    def _runtime_state(self) -> dict[str, Any]:
+        """What a runtime built on this class adds to the checkpoint (the Flower server: its
+        run key and sync bookkeeping); the simulation adds nothing."""
+        return {}
+
+    def _restore_runtime(self, saved: dict[str, Any]) -> None:
+        """Restore what :meth:`_runtime_state` saved; the simulation refuses another runtime's
+        checkpoint (its clients' records are not in it)."""
+        if saved:
+            raise ValueError(f"{self.run_dir}: a {saved.get('name', 'other')} runtime's checkpoint; resume it there")
 
     def _restore(self) -> int:
         ck = load_checkpoint(self.run_dir / "checkpoint")
@@ -275,6 +287,7 @@ class Simulation:
         self.bytes_total = ck["bytes_total"]
         self.elapsed = ck["elapsed"]
         torch.set_rng_state(ck["torch_rng"])
+        self._restore_runtime(ck.get("runtime") or {})
         return int(ck["metrics_lines"])
 
     # ---- evaluation ---------------------------------------------------------------------------
