@@ -217,7 +217,7 @@ class StudyReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "study": self.spec.name,
-            "spec": str(self.spec.path) if self.spec.path else None,
+            "spec": self.spec.ref or (str(self.spec.path) if self.spec.path else None),
             "base": self.spec.base,
             "overrides": self.spec.overrides,
             "grid": self.spec.grid,
@@ -236,7 +236,7 @@ class StudyReport:
         spec, metric = self.spec, self.metric or "metric"
         direction = "lower is better" if self.lower else "higher is better"
         counts = {s: sum(c.status == s for c in self.cells) for s in ("finished", "partial", "failed", "missing")}
-        cmd = f"fedlora study --report-only {spec.path}" if spec.path else "fedlora study --report-only SPEC"
+        ref = spec.ref or (str(spec.path) if spec.path else "SPEC")
         out = [f"{heading} Study `{spec.name}`", ""]
         if spec.description:
             out += [spec.description.strip(), ""]
@@ -265,7 +265,8 @@ class StudyReport:
                 else ""
             ),
             "- MB = total bytes communicated up + down over the run, in 10^6 bytes",
-            f"- regenerate this report: `{cmd}`; run the missing cells: `fedlora study {spec.path or 'SPEC'}`",
+            f"- regenerate this report: `fedlora study --report-only {ref}`; run the missing cells: "
+            f"`fedlora study {ref}`",
             "",
         ]
         slices = self.slice_keys()
@@ -341,7 +342,8 @@ def slice_name(values: dict[str, Any]) -> str:
 
 
 def slice_label(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k} = {_inline(v)}" for k, v in values.items())
+    """``alpha = 0.5, num_clients = 3`` (the last part of each dotted key)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]} = {_inline(v)}" for k, v in values.items())
 
 
 def _inline(v: Any) -> str:

@@ -92,6 +92,7 @@ class StudySpec:
     slices: list[str] = field(default_factory=list)
     description: str = ""
     path: Path | None = None
+    ref: str | None = None  # how the user named the spec (a shipped name or the path given)
 
     def cells(self, extra: Mapping[str, Any] | None = None) -> list[Cell]:
         """Every cell of the grid in order (the first axis varies slowest); ``extra`` = ``--set``."""
@@ -295,7 +296,9 @@ def load_spec(path: Path | str) -> StudySpec:
         raise StudySpecError(f"{path}: cannot read the study spec ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise StudySpecError(f"{path}: not valid YAML ({exc})") from None
-    return parse_spec(raw, p.parent, path=p)
+    spec = parse_spec(raw, p.parent, path=p)
+    spec.ref = str(path)
+    return spec
 
 
 __all__ = ["Cell", "StudySpec", "StudySpecError", "cell_name", "load_spec", "parse_spec", "set_dotted"]
