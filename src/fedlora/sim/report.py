@@ -132,10 +132,10 @@ def _finite(v: Any) -> bool:
 
 
 def _metrics_of(ev: Any) -> dict[str, float]:
-    """The numeric metrics of one eval dict, in order, without the sample count ``n``."""
+    """The numeric metrics of one eval dict, in order, without counts (``n``, ``n_tokens``, ``n_passed``...)."""
     if not isinstance(ev, dict):
         return {}
-    return {k: float(v) for k, v in ev.items() if k != "n" and _is_num(v)}
+    return {k: float(v) for k, v in ev.items() if k != "n" and not k.startswith("n_") and _is_num(v)}
 
 
 def _baseline(records: Sequence[dict[str, Any]]) -> dict[str, float]:
