@@ -14,6 +14,7 @@ TASKS: dict[str, str] = {
     "classification": "fedlora.tasks.classification:build",
     "commonsense": "fedlora.tasks.commonsense:build",
     "instruction": "fedlora.tasks.instruction:build",
+    "shakespeare": "fedlora.tasks.shakespeare:build",
 }
 
 
