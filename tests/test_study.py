@@ -147,12 +147,13 @@ def test_report_statistics_final_not_max(tmp_path):
     assert g["fedit"].auc_mean == pytest.approx((0.6 + 0.9 + 0.7 + 0.6 + 0.7 + 0.8) / 6)
     assert g["fedit"].reached == 2 and g["fedit"].rounds_to_target == pytest.approx(2.5)  # rounds 2 and 3
     assert g["fedit"].mb_to_target == pytest.approx(5.0)
+    assert g["fedit"].rough_mean == pytest.approx(((0.3 + 0.2) / 2 + (0.1 + 0.1) / 2) / 2)
     assert g["fedmomentum"].n == 1 and g["fedmomentum"].final_std is None
     assert g["fedmomentum"].rounds_to_target == 1 and g["fedmomentum"].mb_total == pytest.approx(3.0)
     status = {c.name: c.status for c in report.cells}
     assert status["seed1-fedmomentum"] == "missing"
     md = report.markdown()
-    assert "| fedit | 0.750 ± 0.071 | 2 |" in md
+    assert "| fedit | 0.750 ± 0.071 | 2 | 0.717 ± 0.024 | 0.175 | 2.5 (2/2) | 5.0 |" in md
     assert "| fedmomentum | 0.900 | 1 |" in md
     assert "accuracy** (higher is better)" in md and "FINAL round" in md
     assert "`seed1-fedmomentum`" in md  # listed as not run

@@ -18,6 +18,7 @@ plotting style are :mod:`fedlora.sim.report`'s; nothing here needs torch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -97,6 +98,12 @@ class CellResult:
         vs = [v for *_, v in self.curve if math.isfinite(v)]
         return sum(vs) / len(vs) if vs else None
 
+    @property
+    def roughness(self) -> float | None:
+        """Mean absolute change of the metric between consecutive evaluated rounds (0 = smooth)."""
+        vs = [v for *_, v in self.curve if math.isfinite(v)]
+        return sum(abs(b - a) for a, b in itertools.pairwise(vs)) / (len(vs) - 1) if len(vs) > 1 else None
+
 
 def _personal(record: dict[str, Any], metric: str | None) -> dict[str, float]:
     """Personalised values of ``metric`` in one record (e.g. FedSA-LoRA's clients' own models).
@@ -160,6 +167,7 @@ class Group:
     baseline_mean: float | None
     mb_total: float | None
     seconds_mean: float | None
+    rough_mean: float | None = None
     reached: int | None = None
     rounds_to_target: float | None = None
     mb_to_target: float | None = None
@@ -184,6 +192,7 @@ def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Seque
             mbm, _, _ = mean_std([c.mb_total for c in done if c.mb_total is not None])
             sm, _, _ = mean_std([c.seconds for c in done if c.seconds is not None])
             g = Group(sl, m, n, sorted(c.seed for c in done), fm, fs, am, asd, bm, mbm, sm)
+            g.rough_mean = mean_std([c.roughness for c in done])[0]
             if target is not None and done:
                 hits = [h for h in (reach(c.curve, target, lower) for c in done) if h]
                 g.reached = len(hits)
@@ -226,7 +235,7 @@ class StudyReport:
             "direction": "lower is better" if self.lower else "higher is better",
             "target": self.spec.target,
             "headline": "value at the final evaluated round (not the running max); mean and sample std over seeds",
-            "cells": [asdict(c) | {"auc": c.auc} for c in self.cells],
+            "cells": [asdict(c) | {"auc": c.auc, "roughness": c.roughness} for c in self.cells],
             "groups": [asdict(g) for g in self.groups],
             "plots": {k: str(v) for k, v in self.plots.items()},
         }
@@ -264,6 +273,8 @@ class StudyReport:
                 if spec.target is not None
                 else ""
             ),
+            "- smoothness: `mean abs. change / round` = mean |metric(t) − metric(t−1)| over rounds 1..R "
+            "(lower = smoother), mean over seeds",
             "- MB = total bytes communicated up + down over the run, in 10^6 bytes",
             f"- regenerate this report: `fedlora study --report-only {ref}`; run the missing cells: "
             f"`fedlora study {ref}`",
@@ -293,7 +304,7 @@ class StudyReport:
             if png is not None:
                 out += [f"![{metric} vs round and vs MB, {label}]({image_prefix}{png.name})", ""]
             personal = sorted({k for g in self.groups if slice_name(g.slice) == slice_name(s) for k in g.personal})
-            head = ["method", f"final {metric}", "n", "mean over rounds"]
+            head = ["method", f"final {metric}", "n", "mean over rounds", "mean abs. change / round"]
             if spec.target is not None:
                 head += ["rounds to target", "MB to target"]
             head += ["MB total", "s / run"] + [f"{k} (final)" for k in personal]
@@ -303,6 +314,7 @@ class StudyReport:
                 if g is None:
                     continue
                 row = [m, fmt_mean_std(g.final_mean, g.final_std), str(g.n), fmt_mean_std(g.auc_mean, g.auc_std)]
+                row.append(_fmt(g.rough_mean, 3))
                 if spec.target is not None:
                     if g.reached:
                         row += [f"{g.rounds_to_target:.1f} ({g.reached}/{g.n})", f"{g.mb_to_target:,.1f}"]
