@@ -195,3 +195,20 @@ def test_study_runs_skips_finished_cells_and_reports_a_failing_one(tmp_path, cap
     (tmp_path / "report" / "report.md").unlink()
     assert main(["study", "--report-only", str(path)]) == 0
     assert (tmp_path / "report" / "report.md").read_text() == md
+
+
+def test_cell_state_finished_partial_stale_new(tmp_path):
+    from fedlora.study.run import cell_state
+
+    spec = parse_spec(spec_dict(tmp_path, overrides={"rounds.num_rounds": 3}))
+    cell = spec.cells()[0]
+    assert cell_state(cell) == "new"
+    fake_run(cell, [0.6, 0.7, 0.8])
+    assert cell_state(cell) == "finished"
+    (cell.run_dir / "summary.json").unlink()
+    (cell.run_dir / "checkpoint").mkdir()
+    assert cell_state(cell) == "partial"  # killed mid-run: resumed, not restarted
+    changed = parse_spec(spec_dict(tmp_path, overrides={"rounds.num_rounds": 3, "train.lr": 0.5})).cells()[0]
+    assert cell_state(changed) == "stale"  # the spec changed: run again
+    with_set = parse_spec(spec_dict(tmp_path, overrides={"rounds.num_rounds": 3})).cells({"train.clip": 0.5})[0]
+    assert cell_state(with_set) == "stale"  # a --set that changes the config counts too
