@@ -12,6 +12,10 @@
 # CERTS (a folder with ca.crt, server.pem, server.key: TLS between SuperLink, SuperNodes and flwr;
 # default: insecure), AUTH_KEYS (a folder with node-<i> / node-<i>.pub EC key pairs: SuperNode
 # authentication, needs CERTS). scripts/flower_dev_certs.sh makes both for loopback trials.
+# KILL_NODE=i (fault drill): SIGKILL SuperNode i and its ClientApp process while it trains in
+# round KILL_ROUND (default 1; read from its status.json under the node cache), then start it
+# again with the same node config and cache dir after RESTART_DELAY seconds (default 2).
+# Each SuperNode runs in its own process group (setsid), so its ClientApp processes go with it.
 set -euo pipefail
 
 OUT=$(realpath -m "${1:?usage: $0 OUT_DIR [NUM_NODES] [-- run-config items]}")
@@ -28,10 +32,13 @@ export FEDLORA_NODE_CACHE=${FEDLORA_NODE_CACHE:-$OUT/node-cache}
 mkdir -p "$OUT/logs" "$FLWR_HOME"
 
 PIDS=()
+signal_all() { # SuperNodes by process group (they lead their own), the SuperLink by pid
+  for pid in "${PIDS[@]}"; do kill "-$1" -- "-$pid" 2>/dev/null || kill "-$1" "$pid" 2>/dev/null || true; done
+}
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  signal_all TERM
   sleep 2
-  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  signal_all KILL
 }
 trap cleanup EXIT INT TERM
 
@@ -74,15 +81,18 @@ if [[ -n "$AUTH_KEYS" ]]; then # only registered SuperNodes may connect
   done
 fi
 
-for ((i = 0; i < NODES; i++)); do
-  NODE_AUTH=()
+NODE_PID=()
+start_node() { # start_node i LOG: SuperNode i in its own process group
+  local i=$1 NODE_AUTH=()
   [[ -n "$AUTH_KEYS" ]] && NODE_AUTH=(--auth-supernode-private-key "$AUTH_KEYS/node-$i")
-  "$BIN/flower-supernode" "${NODE_SEC[@]}" "${NODE_AUTH[@]}" --superlink "$LINK" \
+  setsid "$BIN/flower-supernode" "${NODE_SEC[@]}" "${NODE_AUTH[@]}" --superlink "$LINK" \
     --host 127.0.0.1 --port $((BASE_PORT + 1 + i)) \
     --node-config "partition-id=$i num-partitions=$NODES" \
-    >"$OUT/logs/supernode-$i.log" 2>&1 &
+    >"$2" 2>&1 &
+  NODE_PID[i]=$!
   PIDS+=($!)
-done
+}
+for ((i = 0; i < NODES; i++)); do start_node "$i" "$OUT/logs/supernode-$i.log"; done
 
 # The run folder is an absolute path: the ServerApp runs in a process of the SuperLink.
 RUN_CONFIG="output-dir='$OUT' name='run' partition.num-clients=$NODES"
@@ -96,6 +106,30 @@ done
 cat "$OUT/logs/flwr-run.log"
 RUN_ID=$(grep -o 'started run [0-9]*' "$OUT/logs/flwr-run.log" | grep -o '[0-9]*$' || true)
 
+KILL_NODE=${KILL_NODE:-}
+KILL_ROUND=${KILL_ROUND:-1}
+killed=""
+kill_drill() { # SIGKILL SuperNode $KILL_NODE once its status.json says it trains in round $KILL_ROUND
+  local status victim pid keep=()
+  for status in "$FEDLORA_NODE_CACHE"/*/"client-$KILL_NODE"/status.json; do
+    [[ -f "$status" ]] && grep -q "\"round\": $KILL_ROUND, \"phase\": \"training\"" "$status" || continue
+    victim=${NODE_PID[KILL_NODE]}
+    kill -KILL -- "-$victim" 2>/dev/null || kill -KILL "$victim" 2>/dev/null || true
+    for pid in "${PIDS[@]}"; do
+      if [[ "$pid" != "$victim" ]]; then keep+=("$pid"); fi
+    done
+    PIDS=("${keep[@]}")
+    echo "killed SuperNode $KILL_NODE (process group $victim) while it trained in round $KILL_ROUND" \
+      | tee -a "$OUT/logs/kill.log"
+    sleep "${RESTART_DELAY:-2}"
+    start_node "$KILL_NODE" "$OUT/logs/supernode-$KILL_NODE-restarted.log"
+    echo "restarted SuperNode $KILL_NODE (pid ${NODE_PID[KILL_NODE]}), same node config and cache dir" \
+      | tee -a "$OUT/logs/kill.log"
+    killed=1
+    return
+  done
+}
+
 deadline=$((SECONDS + TIMEOUT))
 until [[ -f "$OUT/run/summary.json" ]]; do
   if ((SECONDS > deadline)); then
@@ -104,9 +138,18 @@ until [[ -f "$OUT/run/summary.json" ]]; do
     exit 1
   fi
   for pid in "${PIDS[@]}"; do
-    if ! kill -0 "$pid" 2>/dev/null; then echo "process $pid exited early; logs in $OUT/logs" >&2; exit 1; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "process $pid exited early; logs in $OUT/logs" >&2
+      exit 1
+    fi
   done
-  sleep 2
+  if [[ -n "$KILL_NODE" && -z "$killed" ]]; then
+    kill_drill
+    sleep 0.2
+  else
+    sleep 2
+  fi
 done
+if [[ -n "$KILL_NODE" && -z "$killed" ]]; then echo "KILL_NODE=$KILL_NODE: never saw it train in round $KILL_ROUND" >&2; exit 1; fi
 [[ -n "$RUN_ID" ]] && timeout 20 "$BIN/flwr" log "$RUN_ID" local-deployment --show >"$OUT/logs/serverapp.log" 2>&1 || true
 echo "done: $OUT/run/summary.json"

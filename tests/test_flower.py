@@ -812,6 +812,70 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
 
 @needs_model
 @pytest.mark.slow
+def test_supernode_killed_mid_round_rejoins_in_a_later_round(tmp_path):
+    """KILL_NODE=2 scripts/flower_local_deployment.sh: a SuperLink and 3 SuperNodes (MiniLM,
+    FedMomentum, all 3 clients per round, ``rounds.min_clients`` 2). SuperNode 2 is SIGKILLed
+    (with its ClientApp process) while it trains in round 1 and started again with the same node
+    config and cache dir. Round 1 completes with the other two (client 2 a failed client: no
+    reply within ``round-timeout`` or reported unavailable by the SuperLink), the restarted node
+    is found at the next handshake, receives what it lacks (state and backbone ledger) and trains
+    in a later round; the run finishes and its records show the failure."""
+    from fedlora.flower.client_app import RecordStore
+
+    base = _free_port_block(4)
+    ports = [base + i for i in range(4)]
+    out = tmp_path / "dep"
+    env = {**_env(tmp_path), "BASE_PORT": str(base), "TIMEOUT": "400", "KILL_NODE": "2", "KILL_ROUND": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    sets = (
+        f"{MINILM}; method.name=fedmomentum; method.settings={{}}; train.batch_size=16; train.max_steps=6; "
+        "task.settings={dataset: sst2, source: generated, n_train: 96, n_test: 16, max_length: 64}; "
+        "rounds.clients_per_round=3; rounds.min_clients=2"
+    )
+    args = ["fedlora-config='glue_minilm'", f"fedlora-set='{sets}'", "round-timeout=60.0"]
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "flower_local_deployment.sh"), str(out), "3", "--", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=460)
+    finally:
+        _kill_group(proc)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _pids_on_ports(ports):
+            time.sleep(1)
+        for pid in _pids_on_ports(ports):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((out / "logs").glob("*.log")))
+    assert proc.returncode == 0, output[-2000:] + logs
+    kill_log = (out / "logs" / "kill.log").read_text()
+    assert "killed SuperNode 2" in kill_log and "restarted SuperNode 2" in kill_log
+    lines = _records(out / "run" / "metrics.jsonl")
+    assert [r["round"] for r in lines] == [1, 2, 3]
+    first = lines[0]
+    assert first["clients"] == ["0", "1", "2"] and sorted(first["train"]) == ["0", "1"] and not first["skipped"]
+    assert [x["client"] for x in first["rejected"]] == ["2"], first["rejected"]
+    reason = first["rejected"][0]["reason"]
+    assert "round-timeout=60s" in reason or "Node Unavailable" in reason, reason
+    rejoined = [r["round"] for r in lines[1:] if "2" in r["train"]]
+    assert rejoined, [r["rejected"] for r in lines]
+    back = lines[rejoined[0] - 1]
+    assert back["wire"]["down_payload"] > 0 and back["wire"]["up_payload"] == back["bytes_up"]
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["rejected"] >= 1 and summary["final"]["accuracy"] >= 0
+    node2 = tmp_path / "node-cache" / summary["run_key"] / "client-2"
+    assert RecordStore(node2).rounds() and max(RecordStore(node2).rounds()) >= 1  # trained after it came back
+    assert (out / "logs" / "supernode-2-restarted.log").exists()
+    assert not _pids_on_ports(ports)
+
+
+@needs_model
+@pytest.mark.slow
 def test_flwr_run_flower_app_in_simulation_mode(tmp_path):
     """``flwr run flower_app --federation-config num-supernodes=3`` with a temporary FLWR_HOME: the
     CLI starts a local simulation SuperLink (detached; stopped here by its pid), which runs the

@@ -106,6 +106,16 @@ def check_run_dir(cfg: Config, opts: FlowerOptions) -> None:
         )
 
 
+def reply_node(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for: the destination of the message it replies to (an error the
+    SuperLink makes for an unavailable node comes from the SuperLink itself), else its source."""
+    to = reply.metadata.reply_to_message_id
+    for m in sent:
+        if to and m.metadata.message_id == to:
+            return m.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
 class FlowerServer(Simulation):
     """A fedlora run whose clients are Flower SuperNodes."""
 
@@ -157,7 +167,8 @@ class FlowerServer(Simulation):
         node_of: dict[str, int] = {}
         for r in replies:
             if r.has_error():
-                log.warning("node %s did not answer the handshake: %s", r.metadata.src_node_id, r.error.reason)
+                node = reply_node(r, msgs)
+                log.warning("node %s did not answer the handshake: %s", node, r.error.reason)
                 continue
             info = r.content.config_records["node"]
             cid = str(info["partition-id"])
@@ -232,7 +243,7 @@ class FlowerServer(Simulation):
         replies = {}
         if msgs:
             for r in self.grid.send_and_receive(msgs, timeout=self.opts.round_timeout):
-                replies[sent.get(r.metadata.src_node_id)] = r
+                replies[sent.get(reply_node(r, msgs))] = r
         for cid in sampled:
             reason = self._reply_problem(cid, replies.get(cid))
             if reason is not None:
