@@ -332,7 +332,8 @@ class StudyReport:
         bad = [c for c in self.cells if c.status in ("failed", "partial")]
         if bad:
             out += [f"{heading}# Cells not in the tables", ""]
-            out += [f"- `{c.name}`: {c.status}" + (f" ({c.error})" if c.error else "") for c in bad]
+            why = {"partial": "unfinished (still running, or killed: `fedlora study` resumes it)", "failed": "failed"}
+            out += [f"- `{c.name}`: {why[c.status]}" + (f" ({c.error})" if c.error else "") for c in bad]
             out.append("")
         missing = [c for c in self.cells if c.status == "missing"]
         if missing:
