@@ -139,6 +139,8 @@ def test_fedsa_personal_models_are_evaluated_saved_and_reload_in_peft(tmp_path):
     last = lines[-1]["personal"]
     assert last["clients"] == 3 and set(last["per_client"]) == {"0", "1", "2"}
     assert summary["final_personal"]["weighted"] == last["weighted"]
+    protocol = json.loads((run / "protocol.json").read_text())["personal_evaluation"]
+    assert protocol["max_per_client"] == 24 and protocol["sizes"]["max"] <= 24
 
     # Re-evaluate each saved personal adapter with plain PEFT on the client's matched test set.
     data = prepare_data(cfg)
@@ -176,3 +178,4 @@ def test_methods_without_local_parts_write_no_personal_section(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "fedit" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert all("personal" not in r for r in lines)
     assert summary["final_personal"] is None and not (tmp_path / "fedit" / "final" / "clients").exists()
+    assert "personal_evaluation" not in json.loads((tmp_path / "fedit" / "protocol.json").read_text())

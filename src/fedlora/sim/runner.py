@@ -313,6 +313,22 @@ class Simulation:
             self.global_extras,
         )
 
+    def _protocol(self) -> dict[str, Any]:
+        """The task's evaluation protocol, plus how clients' own models are evaluated if they are."""
+        protocol = dict(self.task.protocol())
+        if self.personal:
+            sizes = [len(v) for v in self.personal_sets.values()]
+            protocol["personal_evaluation"] = {
+                "models": f"each client that has trained: {self.method.name}'s personal_factors (its own model)",
+                "test_sets": "drawn from the held-out test split with the client's train group mix "
+                "(data.partition.matched_test_sets; natural partitions: its own group's test examples)",
+                "max_per_client": self.cfg.rounds.personal_test_size or len(self.test_examples),
+                "sizes": {"min": min(sizes, default=0), "max": max(sizes, default=0)},
+                "weighted": "mean over clients weighted by their test examples (pooled)",
+                "unweighted": "mean over clients, each once",
+            }
+        return protocol
+
     def _evaluate_base(self) -> dict[str, float]:
         self.binding.model.eval()
         with torch.no_grad(), self.binding.model.disable_adapter():
@@ -353,7 +369,7 @@ class Simulation:
                 )
                 log.info("base model: %s", _fmt(base))
             self._checkpoint(_count_lines(metrics_path))
-        (self.run_dir / "protocol.json").write_text(json.dumps(self.task.protocol(), indent=2) + "\n")
+        (self.run_dir / "protocol.json").write_text(json.dumps(self._protocol(), indent=2) + "\n")
 
         k = self._clients_per_round()
         total_steps = cfg.rounds.num_rounds * k * cfg.train.max_steps if cfg.train.max_steps else None
@@ -523,7 +539,7 @@ class Simulation:
             "seconds": self.elapsed + (time.perf_counter() - self.t0),
             "rejected": sum(len(r.get("rejected", [])) for r in records),
             "skipped_rounds": sum(1 for r in records if r.get("skipped")),
-            "protocol": self.task.protocol(),
+            "protocol": self._protocol(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         try:
