@@ -273,3 +273,16 @@ def test_only_selects_a_slice_of_the_grid_and_names_bad_axes(tmp_path, capsys):
     assert "2 finished" in (tmp_path / "report" / "report.md").read_text()
     assert main(["study", "--only", "seed=7", str(path)]) == 2
     assert "not among the grid's values" in capsys.readouterr().err
+
+
+def test_results_doc_tables_are_the_reports_tables():
+    """docs/results.md copies tables from the study reports: every table row must be in a report."""
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "results.md").read_text()
+    reports = "\n".join(p.read_text() for p in (root / "docs" / "results").glob("*/report.md"))
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    assert len(rows) > 10
+    stale = [row for row in rows if row not in reports]
+    assert not stale, f"docs/results.md rows not in any docs/results/*/report.md (rerun --report-only?): {stale[:3]}"
+    for link in ("results/glue/report.md", "results/glue/alpha0.5-num_clients3.png"):
+        assert f"({link})" in doc and (root / "docs" / link).is_file()
