@@ -195,6 +195,7 @@ def test_every_registered_method_is_covered():
             "ffa_lora",
             "flexlora",
             "flora",
+            "frlora",
             "rolora",
         ]
     )
@@ -208,5 +209,6 @@ def test_every_registered_method_is_covered():
         "fedmomentum",
         "fedsmooth_lora",
         "flora",
+        "frlora",
     }
     assert {n for n in names if method_class(n).heterogeneous_ranks} == {"flexlora", "flora"}

@@ -104,13 +104,17 @@ def test_malformed_spec_names_the_key(tmp_path, patch, names):
 
 
 def test_shipped_specs_expand():
-    for name, n in (("study_glue", 120), ("study_math", 120)):
+    for name, n in (("study_glue", 132), ("study_math", 132)):
         spec = load_spec(name)
         cells = spec.cells()
         assert len(cells) == n
         flex = next(c for c in cells if c.method == "flexlora" and c.config.partition.num_clients == 10)
         assert set(flex.config.lora.client_ranks) == {str(i) for i in range(10)}
-        assert len({c.config.method.name for c in cells}) == 10
+        assert len({c.config.method.name for c in cells}) == 11
+    assert len(load_spec("study_shakespeare").cells()) == 33
+    tau = load_spec("study_fedmomentum_tau").cells()
+    assert len(tau) == 18 and {c.config.method.settings["tau"] for c in tau} == {0.9, 0.99, 1.0}
+    assert {c.config.partition.num_clients for c in tau} == {10}
 
 
 # ---- the report on hand-written runs (no model) ---------------------------------------------------

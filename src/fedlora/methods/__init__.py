@@ -10,6 +10,7 @@ from fedlora.methods import (  # noqa: F401  (importing registers each method)
     ffa_lora,
     flexlora,
     flora,
+    frlora,
     rolora,
 )
 from fedlora.methods.base import (

@@ -49,9 +49,7 @@ class FedSALoRA(Method):
 
     def personal_factors(self, state: GlobalState, memory: Mapping[str, Tensor]) -> Factors | None:
         """Client i's model: ``W + s B_i A^t`` (global A, its own last B; the global B if it has none)."""
-        return {
-            m: ModuleFactors(A=g.A.clone(), B=memory.get(f"{m}.B", g.B).clone()) for m, g in state.factors.items()
-        }
+        return {m: ModuleFactors(A=g.A.clone(), B=memory.get(f"{m}.B", g.B).clone()) for m, g in state.factors.items()}
 
     def client_finish(
         self, state: GlobalState, ctx: ClientContext, start: ClientStart, trained: Factors
