@@ -115,6 +115,8 @@ def test_shipped_specs_expand():
     tau = load_spec("study_fedmomentum_tau").cells()
     assert len(tau) == 18 and {c.config.method.settings["tau"] for c in tau} == {0.9, 0.99, 1.0}
     assert {c.config.partition.num_clients for c in tau} == {10}
+    split = load_spec("study_fedmomentum_split").cells()
+    assert len(split) == 18 and {c.config.method.settings["split"] for c in split} == {"balanced", "left", "right"}
 
 
 # ---- the report on hand-written runs (no model) ---------------------------------------------------
