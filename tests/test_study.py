@@ -173,6 +173,20 @@ def test_report_statistics_final_not_max(tmp_path):
     assert png.is_file() and png.stat().st_size > 10_000
 
 
+def test_slices_without_a_finished_cell_get_no_table_and_no_plot(tmp_path):
+    d = spec_dict(tmp_path, grid={"seed": [0], "partition.alpha": [0.5, 100], "method.name": ["fedit"]})
+    spec = parse_spec(d)
+    cells = {c.name: c for c in spec.cells()}
+    fake_run(cells["seed0-alpha0.5-fedit"], [0.6, 0.7])
+    spec.report_dir.mkdir(parents=True)
+    stale = spec.report_dir / "alpha100.png"
+    stale.write_bytes(b"an earlier report's plot")
+    md = write_report(spec).markdown()
+    assert "## alpha = 0.5" in md and "## alpha = 100" not in md and "Overview" not in md
+    assert "Slices with no finished cell yet (no table, no plot): alpha = 100" in md
+    assert (spec.report_dir / "alpha0.5.png").is_file() and not stale.exists()
+
+
 def test_paired_comparison_matches_seeds_and_counts_wins_ties_losses(tmp_path):
     d = spec_dict(
         tmp_path,

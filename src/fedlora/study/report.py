@@ -266,10 +266,14 @@ class StudyReport:
     plots: dict[str, Path] = field(default_factory=dict)
     pairs: list[Paired] = field(default_factory=list)
 
-    def slice_keys(self) -> list[dict[str, Any]]:
+    def slice_keys(self, finished_only: bool = False) -> list[dict[str, Any]]:
+        """The slices in grid order; ``finished_only``: those with at least one finished cell."""
         seen: dict[str, dict[str, Any]] = {}
         for g in self.groups:
             seen.setdefault(slice_name(g.slice), g.slice)
+        if finished_only:
+            done = {slice_name(g.slice) for g in self.groups if g.n}
+            return [v for k, v in seen.items() if k in done]
         return list(seen.values())
 
     def to_json(self) -> dict[str, Any]:
@@ -330,7 +334,8 @@ class StudyReport:
             f"`fedlora study {ref}`",
             "",
         ]
-        slices = self.slice_keys()
+        slices = self.slice_keys(finished_only=True)
+        empty = [s for s in self.slice_keys() if s not in slices]
         if len(slices) > 1:
             out += [f"{heading}# Overview: final {metric} (mean ± std over seeds)", ""]
             head = ["method"] + [slice_label(s) for s in slices]
@@ -395,6 +400,8 @@ class StudyReport:
                 + (", …" if len(missing) > 12 else ""),
                 "",
             ]
+        if empty:
+            out += ["Slices with no finished cell yet (no table, no plot): " + "; ".join(map(slice_label, empty)), ""]
         return "\n".join(out)
 
     def _pairs_markdown(self, slices: list[dict[str, Any]], heading: str) -> list[str]:
@@ -535,10 +542,17 @@ def build_report(spec: StudySpec, extra: dict[str, Any] | None = None, *, plots:
     methods = list(dict.fromkeys(c.method for c in cells))
     groups = summarise(results, spec.slices, methods, spec.target, lower)
     report = StudyReport(spec, metric, lower, results, groups, methods)
-    report.pairs = [compare_pair(results, a, b, s, lower) for a, b in spec.pairs for s in report.slice_keys()]
+    report.pairs = [
+        compare_pair(results, a, b, s, lower) for a, b in spec.pairs for s in report.slice_keys(finished_only=True)
+    ]
     if plots:
+        done = report.slice_keys(finished_only=True)
         for s in report.slice_keys():
-            report.plots[slice_name(s)] = plot_slice(report, s, spec.report_dir / f"{slice_name(s)}.png")
+            png = spec.report_dir / f"{slice_name(s)}.png"
+            if s in done:
+                report.plots[slice_name(s)] = plot_slice(report, s, png)
+            else:
+                png.unlink(missing_ok=True)  # an earlier report's plot of cells that are gone
     return report
 
 
