@@ -729,6 +729,34 @@ def _pids_on_ports(ports: list[int]) -> list[int]:
     return out
 
 
+def _start_deployment(out: Path, nodes: int, args: list[str], env: dict) -> subprocess.Popen:
+    """scripts/flower_local_deployment.sh with ``nodes`` SuperNodes, in its own process group."""
+    return subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "flower_local_deployment.sh"), str(out), str(nodes), "--", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _stop_deployment(proc: subprocess.Popen, ports: list[int]) -> None:
+    """Stop the script's process group, then whatever still listens on its ports (SuperExec children
+    leave the group; they follow their parent within a few seconds)."""
+    _kill_group(proc)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _pids_on_ports(ports):
+        time.sleep(1)
+    for pid in _pids_on_ports(ports):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _deployment_logs(out: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((out / "logs").glob("*.log")))
+
+
 @needs_model
 @pytest.mark.slow
 @pytest.mark.parametrize("security", ["insecure", "tls+auth"])
@@ -761,14 +789,7 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
         assert made.returncode == 0, made.stderr
         env.update(CERTS=str(tmp_path / "sec" / "certs"), AUTH_KEYS=str(tmp_path / "sec" / "keys"))
     args = [f"fedlora-set='{TINY}; {extra}'", "train.max-steps=1", "method.name='fedsa_lora'", "round-timeout=300.0"]
-    proc = subprocess.Popen(
-        ["bash", str(REPO / "scripts" / "flower_local_deployment.sh"), str(out), "2", "--", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start_deployment(out, 2, args, env)
     try:
         sets = dict(item.split("=", 1) for item in f"{TINY}; {extra}".split("; "))
         sets.update(
@@ -783,15 +804,8 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
             torch.set_num_threads(threads)
         output, _ = proc.communicate(timeout=560)
     finally:
-        _kill_group(proc)
-        deadline = time.monotonic() + 15  # SuperExec children leave the group; they follow their parent
-        while time.monotonic() < deadline and _pids_on_ports(ports):
-            time.sleep(1)
-        for pid in _pids_on_ports(ports):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((out / "logs").glob("*.log")))
-    assert proc.returncode == 0, output[-2000:] + logs
+        _stop_deployment(proc, ports)
+    assert proc.returncode == 0, output[-2000:] + _deployment_logs(out)
     sim, dep = _records(tmp_path / "sim" / "metrics.jsonl"), _records(out / "run" / "metrics.jsonl")
     assert [r["round"] for r in dep] == [1, 2]
     for a, b in zip(sim, dep):
@@ -833,26 +847,12 @@ def test_supernode_killed_mid_round_rejoins_in_a_later_round(tmp_path):
         "rounds.clients_per_round=3; rounds.min_clients=2"
     )
     args = ["fedlora-config='glue_minilm'", f"fedlora-set='{sets}'", "round-timeout=60.0"]
-    proc = subprocess.Popen(
-        ["bash", str(REPO / "scripts" / "flower_local_deployment.sh"), str(out), "3", "--", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start_deployment(out, 3, args, env)
     try:
         output, _ = proc.communicate(timeout=460)
     finally:
-        _kill_group(proc)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _pids_on_ports(ports):
-            time.sleep(1)
-        for pid in _pids_on_ports(ports):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((out / "logs").glob("*.log")))
-    assert proc.returncode == 0, output[-2000:] + logs
+        _stop_deployment(proc, ports)
+    assert proc.returncode == 0, output[-2000:] + _deployment_logs(out)
     kill_log = (out / "logs" / "kill.log").read_text()
     assert "killed SuperNode 2" in kill_log and "restarted SuperNode 2" in kill_log
     lines = _records(out / "run" / "metrics.jsonl")

@@ -542,11 +542,9 @@ def build_report(spec: StudySpec, extra: dict[str, Any] | None = None, *, plots:
     methods = list(dict.fromkeys(c.method for c in cells))
     groups = summarise(results, spec.slices, methods, spec.target, lower)
     report = StudyReport(spec, metric, lower, results, groups, methods)
-    report.pairs = [
-        compare_pair(results, a, b, s, lower) for a, b in spec.pairs for s in report.slice_keys(finished_only=True)
-    ]
+    done = report.slice_keys(finished_only=True)
+    report.pairs = [compare_pair(results, a, b, s, lower) for a, b in spec.pairs for s in done]
     if plots:
-        done = report.slice_keys(finished_only=True)
         for s in report.slice_keys():
             png = spec.report_dir / f"{slice_name(s)}.png"
             if s in done:
