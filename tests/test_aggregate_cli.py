@@ -118,7 +118,13 @@ def _loaded(base, out):
     return model
 
 
-@pytest.mark.parametrize("method,settings", [("fedmomentum", ["--set", "tau=1"]), ("fedex_lora", []), ("flora", [])])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize(
+    "method,settings",
+    [("fedmomentum", ["--set", "tau=1", "--device", d]) for d in DEVICES] + [("fedex_lora", []), ("flora", [])],
+)
 def test_exact_methods_reproduce_the_ideal_update(clients, method, settings):
     base, root, dirs, rank = clients
     out = _aggregate(root, dirs, method, f"{method}-exact", *settings)

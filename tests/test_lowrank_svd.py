@@ -18,6 +18,7 @@ from fedlora.lowrank import (
     compute_dtype,
     energy_rank,
     group_by_shape,
+    implicit_svd,
     lora_init,
     lora_scale,
     lowrank_svd,
@@ -25,7 +26,9 @@ from fedlora.lowrank import (
     pad_rank,
     split_factors,
     stack_products,
+    svd_device,
     truncated_factors,
+    truncated_svd_many,
 )
 
 HYP = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -402,3 +405,96 @@ def test_lora_init():
     assert float(A.abs().max()) <= 1 / 5 and float(A.abs().max()) > 0.1  # U(-1/sqrt(25), 1/sqrt(25))
     _, A2 = lora_init(7, 25, 3, gen(0), dtype=F64)
     assert torch.equal(A, A2)
+
+
+def test_stack_products_layout_dtype_and_batch():
+    """P is written column-major and Q row-major (LAPACK's layouts, so the QRs can run in
+    place), in the requested dtype, with leading batch dimensions kept."""
+    g = gen(5)
+    ups = [randn(3, 9, 2, g=g).float(), randn(3, 9, 4, g=g).to(torch.bfloat16)]
+    downs = [randn(3, 2, 7, g=g).float(), randn(3, 4, 7, g=g).float()]
+    P, Q = stack_products(ups, downs, [0.5, -2.0], dtype=torch.float64)
+    assert P.shape == (3, 9, 6) and Q.shape == (3, 6, 7)
+    assert P.dtype == Q.dtype == F64
+    assert P.mT.is_contiguous() and not P.is_contiguous() and Q.is_contiguous()
+    ref = 0.5 * ups[0].double() @ downs[0].double() - 2.0 * ups[1].double() @ downs[1].double()
+    assert_close(P @ Q, ref, 1e-13)
+    # default dtype: the promoted inputs' (bfloat16 and float32 -> float32)
+    assert stack_products(ups, downs)[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_implicit_svd_overwrite_factors_in_place(dtype):
+    """With overwrite=True the QRs reuse stack_products' buffers (no copy of the tall
+    factors) and give the same SVD; without it the inputs are left untouched."""
+    g = gen(6)
+    ups = [randn(40, 3, g=g).to(dtype) for _ in range(4)]
+    downs = [randn(3, 30, g=g).to(dtype) for _ in range(4)]
+    P, Q = stack_products(ups, downs, [0.1, 0.2, 0.3, 0.4])
+    P_saved, Q_saved = P.clone(), Q.clone()
+    ref = implicit_svd(P, Q)
+    assert torch.equal(P, P_saved) and torch.equal(Q, Q_saved)
+    got = implicit_svd(P, Q, overwrite=True)
+    assert got.up_reflectors.data_ptr() == P.data_ptr()
+    assert got.down_reflectors.data_ptr() == Q.data_ptr()
+    assert not torch.equal(P, P_saved)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(got.S, ref.S, rtol=0, atol=tol * float(ref.S[0]))
+    assert_close(got.leading(5).dense().double(), ref.leading(5).dense().double(), tol)
+    # a row-major up (not LAPACK's layout) is copied even with overwrite=True
+    up = P_saved.contiguous()
+    implicit_svd(up, Q_saved.clone(), overwrite=True)
+    assert torch.equal(up, P_saved.contiguous())
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_truncated_svd_many_streams_pairs_per_shape(stack):
+    """Pairs built on demand, stacked in chunks per shape (or one by one), kept components
+    chosen from all singular values: the same as per-module calls, in the input order."""
+    g = gen(12)
+    shapes = {"a0": (13, 6, 7), "b0": (7, 4, 13), "a1": (13, 6, 7), "a2": (13, 6, 7), "b1": (7, 4, 13)}
+    pairs = {n: (randn(d, q, g=g), randn(q, k, g=g)) for n, (d, q, k) in shapes.items()}
+    built = []
+
+    def make(n):
+        built.append(n)
+        up, down = pairs[n]
+        return stack_products([up], [down])
+
+    for budget in (1 << 27, 2 * (13 + 7) * 6, 1):
+        built.clear()
+        out = truncated_svd_many(
+            list(pairs), make, lambda S: 3, max_batch_elements=budget, stack=stack, overwrite=True, workers=2
+        )
+        assert list(out) == list(pairs) and sorted(built) == sorted(pairs)
+        for n, (up, down) in pairs.items():
+            S, svd = out[n]
+            assert torch.allclose(S, torch.linalg.svdvals(up @ down)[: up.shape[1]], atol=1e-12 * float(S[0]))
+            assert svd.rank == 3
+            assert_close(svd.dense(), _dense_trunc(up @ down, 3), 1e-10)
+    with svd_device("cpu"):  # the runtime's context: same results on the inputs' device
+        S, svd = truncated_svd_many(["a0"], make, stack=stack)["a0"]
+        assert S.device.type == "cpu" and svd.rank == 6
+
+
+def test_svd_device_context_is_scoped():
+    from fedlora.lowrank.batched import _DEVICE
+
+    assert _DEVICE.get() is None
+    with svd_device("cpu"):
+        assert _DEVICE.get() == torch.device("cpu")
+        with svd_device(None):
+            assert _DEVICE.get() is None
+    assert _DEVICE.get() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_truncated_svd_many_on_gpu_returns_to_cpu():
+    g = gen(13)
+    pairs = {f"m{i}": (randn(64, 8, g=g).float(), randn(8, 48, g=g).float()) for i in range(3)}
+    with svd_device("cuda"):
+        out = truncated_svd_many(list(pairs), lambda n: stack_products(*map(list, zip(pairs[n]))), lambda S: 4)
+    for n, (up, down) in pairs.items():
+        S, svd = out[n]
+        assert S.device.type == "cpu" and svd.U.device.type == "cpu"
+        assert_close(svd.dense().double(), _dense_trunc(up.double() @ down.double(), 4), 1e-5)

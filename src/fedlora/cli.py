@@ -37,6 +37,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
         global_dir=args.global_dir,
         round_=args.round,
         settings=parse_assignments(args.set),
+        device=args.device,
     )
     deltas = report["backbone_delta_ranks"]
     print(
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="NAME=VALUE", help="method setting, repeatable (e.g. --set tau=0.99)"
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (must not exist or be empty)")
+    p.add_argument("--device", help="where to run the QRs/SVDs, e.g. cuda (default: cpu)")
     p.add_argument("--json", action="store_true", help="also print the aggregation report as JSON")
     p.set_defaults(func=_cmd_aggregate)
 

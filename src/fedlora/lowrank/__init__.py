@@ -8,6 +8,7 @@ from fedlora.lowrank.batched import (
     implicit_svd_many,
     leading_many,
     lowrank_svd_many,
+    svd_device,
     truncated_svd_many,
 )
 from fedlora.lowrank.delta import FactoredDelta
@@ -50,6 +51,7 @@ __all__ = [
     "soft_rotation",
     "split_factors",
     "stack_products",
+    "svd_device",
     "truncated_factors",
     "truncated_svd_many",
 ]

@@ -15,7 +15,11 @@ Results equal the per-module calls (to rounding), in the order of the input mapp
 
 :func:`truncated_svd_many` builds each module's factor pair on demand: on CPU every worker builds,
 factors and drops one module at a time, so peak memory stays at a few modules' worth and the
-stacking runs in parallel too.
+stacking runs in parallel too; on an accelerator one chunk per shape is held at a time.
+
+Where the factoring runs is a runtime's choice, not a method's: inside ``with svd_device(dev):``
+the functions here factor on ``dev`` (the runtime's GPU) whatever device the client factors
+arrive on, and hand results back on the factors' device.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 import torch
@@ -34,6 +39,21 @@ from fedlora.lowrank.svd import ImplicitSVD, LowRankSVD, implicit_svd
 
 T = TypeVar("T")
 _THREADS = threading.Lock()
+_DEVICE: ContextVar[torch.device | None] = ContextVar("fedlora_svd_device", default=None)
+
+
+@contextmanager
+def svd_device(device: torch.device | str | None) -> Iterator[None]:
+    """Within the block, :func:`truncated_svd_many` and :func:`lowrank_svd_many` factor on
+    ``device`` (``None``: where the inputs are) and return results on the inputs' device.
+
+    A runtime whose uploads arrive on the CPU wraps ``method.aggregate`` in it to run the
+    methods' QRs and SVDs on its accelerator, without the methods knowing about devices."""
+    token = _DEVICE.set(None if device is None else torch.device(device))
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
 
 
 def group_by_shape(pairs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[tuple[int, ...], list[str]]:
@@ -129,26 +149,26 @@ def lowrank_svd_many(
     max_batch_elements: int = 1 << 27,
     stack: bool | None = None,
     workers: int | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, LowRankSVD]:
     """:func:`~fedlora.lowrank.svd.lowrank_svd` of every ``up @ down``.
 
     ``stack``: batch each shape group into stacked calls (default: on every device but the
     CPU); ``max_batch_elements`` bounds the elements of one stacked input (memory), splitting
     large groups into chunks. ``workers``: parallel threads for the unstacked CPU path (default
-    ``torch.get_num_threads()``; see the module docstring).
+    ``torch.get_num_threads()``; see the module docstring). ``device``: where to factor, as in
+    :func:`truncated_svd_many`.
     """
-    singles, batches = _blocks(pairs, max_batch_elements, stack)
-
-    def one(n: str) -> LowRankSVD:
-        return implicit_svd(*pairs[n], dtype=dtype).leading()
-
-    out = dict(zip(singles, _map(one, singles, _on_cpu(pairs), workers)))
-    for block in batches:
-        ups = torch.stack([pairs[n][0] for n in block])
-        svd = implicit_svd(ups, torch.stack([pairs[n][1] for n in block]), dtype=dtype).leading()
-        for i, n in enumerate(block):
-            out[n] = LowRankSVD(svd.U[i], svd.S[i], svd.Vh[i])
-    return {n: out[n] for n in pairs}
+    result = truncated_svd_many(
+        list(pairs),
+        pairs.__getitem__,
+        dtype=dtype,
+        max_batch_elements=max_batch_elements,
+        stack=stack,
+        workers=workers,
+        device=device,
+    )
+    return {n: svd for n, (_, svd) in result.items()}
 
 
 def truncated_svd_many(
@@ -160,28 +180,65 @@ def truncated_svd_many(
     max_batch_elements: int = 1 << 27,
     stack: bool | None = None,
     workers: int | None = None,
+    device: torch.device | str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, tuple[Tensor, LowRankSVD]]:
     """For every module ``n``: all singular values ``S`` of ``up @ down`` (``(up, down) =
     make_pair(n)``) and its leading ``keep(S)`` components with singular vectors (all when
     ``keep`` is None): ``{n: (S, svd)}`` in the order of ``names``.
 
-    Unstacked (default on CPU), pairs are built inside the parallel workers one module at a time;
-    stacked (default elsewhere), every pair is built first and each shape group factored in batches.
-    ``dtype``, ``max_batch_elements``, ``stack`` and ``workers`` as in :func:`lowrank_svd_many`.
+    ``device``: where to factor (default: :func:`svd_device`'s, else where ``make_pair`` puts
+    the pairs); results come back to the pairs' device. Unstacked (default on CPU), pairs are
+    built inside the parallel workers one module at a time; stacked (default elsewhere), pairs
+    are built one at a time too and factored per shape in chunks of at most
+    ``max_batch_elements`` stacked elements, so device memory holds one chunk, not every
+    client's factors. ``overwrite``: the pairs are fresh and may be overwritten by the QRs
+    (:func:`~fedlora.lowrank.svd.implicit_svd`). ``dtype``, ``stack`` and ``workers`` as in
+    :func:`lowrank_svd_many`.
     """
     names = list(names)
     if not names:
         return {}
     built = {names[0]: make_pair(names[0])}  # its device picks the default path
-    up0 = built[names[0]][0]
-    if not (up0.device.type != "cpu" if stack is None else stack):
+    home = built[names[0]][0].device
+    target = torch.device(device) if device is not None else (_DEVICE.get() or home)
+    if not (target.type != "cpu" if stack is None else stack):
 
         def one(n: str) -> tuple[Tensor, LowRankSVD]:
             pair = built.pop(n, None)
-            isvd = implicit_svd(*(pair if pair is not None else make_pair(n)), dtype=dtype)
-            return isvd.S, isvd.leading(None if keep is None else keep(isvd.S))
+            up, down = pair if pair is not None else make_pair(n)
+            moved = up.device != target
+            isvd = implicit_svd(up.to(target), down.to(target), dtype=dtype, overwrite=overwrite or moved)
+            svd = isvd.leading(None if keep is None else keep(isvd.S))
+            return _to(isvd.S, svd, home)
 
-        return dict(zip(names, _map(one, names, up0.device.type == "cpu", workers)))
-    pairs = {n: built[n] if n in built else make_pair(n) for n in names}
-    isvds = implicit_svd_many(pairs, dtype=dtype, max_batch_elements=max_batch_elements, stack=True, workers=workers)
-    return {n: (v.S, v.leading(None if keep is None else keep(v.S))) for n, v in isvds.items()}
+        return dict(zip(names, _map(one, names, target.type == "cpu", workers)))
+
+    out: dict[str, tuple[Tensor, LowRankSVD]] = {}
+    pending: dict[tuple[int, ...], list[tuple[str, Tensor, Tensor]]] = defaultdict(list)
+
+    def flush(key: tuple[int, ...]) -> None:
+        block = pending.pop(key)
+        ups = torch.stack([up for _, up, _ in block]).to(target)
+        downs = torch.stack([down for _, _, down in block]).to(target)
+        isvd = implicit_svd(ups, downs, dtype=dtype)
+        del ups, downs
+        for i, (n, _, _) in enumerate(block):
+            one = isvd[i]
+            out[n] = _to(one.S, one.leading(None if keep is None else keep(one.S)), home)
+
+    for n in names:
+        up, down = built.pop(n) if n in built else make_pair(n)
+        key = (int(up.shape[-2]), int(up.shape[-1]), int(down.shape[-1]))
+        pending[key].append((n, up, down))
+        if len(pending[key]) >= max(1, max_batch_elements // max(1, (key[0] + key[2]) * max(key[1], 1))):
+            flush(key)
+    for key in list(pending):
+        flush(key)
+    return {n: out[n] for n in names}
+
+
+def _to(S: Tensor, svd: LowRankSVD, device: torch.device) -> tuple[Tensor, LowRankSVD]:
+    if S.device == device:
+        return S, svd
+    return S.to(device), LowRankSVD(svd.U.to(device), svd.S.to(device), svd.Vh.to(device))

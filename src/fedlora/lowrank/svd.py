@@ -76,23 +76,59 @@ class LowRankSVD:
 
 
 def stack_products(
-    ups: Sequence[Tensor], downs: Sequence[Tensor], weights: Sequence[float] | Tensor | None = None
+    ups: Sequence[Tensor],
+    downs: Sequence[Tensor],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Stack ``sum_i w_i up_i @ down_i`` into one product ``P @ Q``.
 
     ``P = [w_1 up_1, ..., w_n up_n]`` (d_out x sum q_i), ``Q = [down_1; ...; down_n]``.
-    Weights are applied to the up factors only. Ranks may differ between terms.
+    Weights are applied to the up factors only. Ranks may differ between terms. ``dtype``:
+    the result's (default: the inputs' promoted dtype).
+
+    Both results are fresh tensors laid out for LAPACK: ``P`` column-major (each ``w_i up_i``
+    written once, straight into place) and ``Q`` row-major, i.e. ``Q^T`` column-major, so
+    :func:`implicit_svd` with ``overwrite=True`` factors both in place without another copy.
     """
     if len(ups) != len(downs) or not ups:
         raise ValueError(f"need matching, non-empty factor lists (got {len(ups)} and {len(downs)})")
     if weights is None:
-        scaled = list(ups)
+        w = [1.0] * len(ups)
     else:
         w = [float(x) for x in weights]
         if len(w) != len(ups):
             raise ValueError(f"{len(w)} weights for {len(ups)} terms")
-        scaled = [u * wi for u, wi in zip(ups, w)]
-    return torch.cat(scaled, dim=-1), torch.cat(list(downs), dim=-2)
+    dt = dtype if dtype is not None else ups[0].dtype
+    if dtype is None:
+        for t in (*ups, *downs):
+            dt = torch.promote_types(dt, t.dtype)
+    first = ups[0]
+    q = sum(int(u.shape[-1]) for u in ups)
+    P_t = torch.empty(*first.shape[:-2], q, first.shape[-2], dtype=dt, device=first.device)
+    start = 0
+    for u, wi in zip(ups, w):
+        block = P_t[..., start : start + u.shape[-1], :]
+        src = u.mT if u.dtype == dt else u.mT.to(dt)
+        if wi == 1.0:
+            block.copy_(src)
+        else:
+            torch.mul(src, wi, out=block)
+        start += int(u.shape[-1])
+    return P_t.mT, torch.cat([d.to(dt) for d in downs], dim=-2)
+
+
+def _geqrf(x: Tensor, overwrite: bool) -> tuple[Tensor, Tensor]:
+    """LAPACK ``geqrf`` of ``x`` (..., m, n): in place when ``overwrite`` and ``x`` is already
+    column-major (no copy of the tall matrix, no fresh pages to fault in), else on a copy."""
+    if overwrite and x.mT.is_contiguous():
+        tau = x.new_empty(*x.shape[:-2], min(int(x.shape[-2]), int(x.shape[-1])))
+        try:
+            return torch.geqrf(x, out=(x, tau))
+        except RuntimeError:  # a torch that refuses the aliased output: factor a copy
+            pass
+    return torch.geqrf(x)
 
 
 def _apply_q(reflectors: Tensor, tau: Tensor, small: Tensor) -> Tensor:
@@ -158,18 +194,22 @@ class ImplicitSVD:
         return LowRankSVD(U, self.S[..., :k], V.mT)
 
 
-def implicit_svd(up: Tensor, down: Tensor, *, dtype: torch.dtype | None = None) -> ImplicitSVD:
+def implicit_svd(up: Tensor, down: Tensor, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> ImplicitSVD:
     """Exact SVD of ``up @ down`` without forming it, singular vectors kept implicit.
 
     ``up``: (..., d_out, q), ``down``: (..., q, d_in). ``k = min(q, d_out, d_in)`` components
     (trailing ones may be zero when the product's rank is lower). Computes in ``dtype``
     (float32 or float64; default: float64 if an input is float64, else float32).
+
+    ``overwrite=True`` lets the QRs overwrite ``up`` and ``down`` when they are already in the
+    compute dtype and LAPACK's layout (``up`` column-major, ``down`` row-major; what
+    :func:`stack_products` returns): the caller must not use them afterwards.
     """
     if up.shape[-1] != down.shape[-2]:
         raise ValueError(f"inner dimensions differ: up {tuple(up.shape)} @ down {tuple(down.shape)}")
     cd = compute_dtype(dtype, up, down)
-    h_up, tau_up = torch.geqrf(up.to(cd))  # R_up = triu of the first a rows, a = min(d_out, q)
-    h_dn, tau_dn = torch.geqrf(down.to(cd).mT)  # down^T = Q_dn R_dn, b = min(d_in, q)
+    h_up, tau_up = _geqrf(up.to(cd), overwrite)  # R_up = triu of the first a rows, a = min(d_out, q)
+    h_dn, tau_dn = _geqrf(down.to(cd).mT, overwrite)  # down^T = Q_dn R_dn, b = min(d_in, q)
     a, b = tau_up.shape[-1], tau_dn.shape[-1]
     core = h_up[..., :a, :].triu() @ h_dn[..., :b, :].triu().mT  # (a, b) = R_up R_dn^T
     u, s, vh = torch.linalg.svd(core, full_matrices=False)

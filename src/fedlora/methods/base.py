@@ -310,14 +310,12 @@ def stacked_products(
     uploads: Sequence[ClientUpload], module: str, weights: Sequence[float], scales: Sequence[float] | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(P, Q)`` with ``P Q = sum_i p_i c_i B_i A_i`` (``c_i`` = per-client scale ratio, 1 by
-    default), computed in float32/float64 and never densely."""
+    default), computed in float32/float64 and never densely. Fresh tensors in LAPACK's layout
+    (:func:`~fedlora.lowrank.stack_products`): an SVD may overwrite them."""
     from fedlora.lowrank import stack_products
 
     coef = list(weights) if scales is None else [p * c for p, c in zip(weights, scales)]
-    ups, downs = [], []
-    for u in uploads:
-        B, A = _required(u, module, "B"), _required(u, module, "A")
-        dt = torch.float64 if B.dtype == torch.float64 else torch.float32
-        ups.append(B.to(dt))
-        downs.append(A.to(dt))
-    return stack_products(ups, downs, coef)
+    ups = [_required(u, module, "B") for u in uploads]
+    downs = [_required(u, module, "A") for u in uploads]
+    wide = any(t.dtype == torch.float64 for t in (*ups, *downs))
+    return stack_products(ups, downs, coef, dtype=torch.float64 if wide else torch.float32)

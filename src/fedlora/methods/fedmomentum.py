@@ -89,6 +89,7 @@ class FedMomentum(Method):
             lambda m: stacked_products(uploads, m, p),
             lambda S: max(r, energy_rank(S, tau)),
             dtype=PRECISIONS[self.settings.precision],
+            overwrite=True,  # stacked_products builds fresh pairs: the QRs may work in place
         )
         factors, residuals, report = {}, {}, {}
         for m, (S, svd) in svds.items():

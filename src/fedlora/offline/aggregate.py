@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from fedlora.lowrank import svd_device
 from fedlora.methods import ClientContext, ClientUpload, GlobalState, LoRASpec, ModuleFactors, build_method
 from fedlora.methods.base import aggregation_weights, clone_factors, weighted_mean
 from fedlora.methods.validation import InvalidUpdate, check_upload
@@ -135,8 +136,12 @@ def aggregate_folders(
     global_dir: str | os.PathLike | None = None,
     round_: int | None = None,
     settings: Mapping[str, Any] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """One aggregation round over adapter folders; returns the report written to ``aggregation.json``.
+
+    ``device``: where the methods' QRs and SVDs run (e.g. ``cuda``; default: the CPU, where the
+    adapters are loaded); the outputs are the same up to rounding.
 
     Raises :class:`AggregationError` (or :class:`AdapterError`) before writing anything when an
     input is bad.
@@ -184,7 +189,8 @@ def aggregate_folders(
         except InvalidUpdate as err:
             raise AggregationError(str(err)) from None
     p = aggregation_weights(uploads, weights)
-    result = method.aggregate(state, uploads, p)
+    with svd_device(device):
+        result = method.aggregate(state, uploads, p)
     new_state, final_delta = method.finalize(result.state)
     deltas = dict(result.backbone_delta)
     for m, d in final_delta.items():

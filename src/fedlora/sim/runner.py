@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fedlora.lowrank import FactoredDelta
+from fedlora.lowrank import FactoredDelta, svd_device
 from fedlora.methods import ClientUpload, GlobalState, Method, ModuleFactors, build_method
 from fedlora.methods.base import Factors
 from fedlora.methods.validation import InvalidUpdate, screen_uploads
@@ -417,7 +417,8 @@ class Simulation:
             self.state = GlobalState(t + 1, self.state.factors, self.state.spec, self.state.method_state)
             record.update(skipped=True, bytes_up=0, bytes_down=0)
         else:
-            result = self.method.aggregate(self.state, accepted)
+            with svd_device(self.device):  # uploads live on the CPU; the QRs/SVDs run on the model's device
+                result = self.method.aggregate(self.state, accepted)
             deltas = dict(result.backbone_delta)
             state = result.state
             if state.round >= cfg.rounds.num_rounds:
