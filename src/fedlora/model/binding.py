@@ -25,6 +25,7 @@ from fedlora.model.adapter_io import save_deltas, write_adapter
 from fedlora.model.backbone import apply_backbone_delta
 
 ADAPTER = "default"
+INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class LoRASettings:
     dropout: float = 0.0
     rslora: bool = False
     modules_to_save: tuple[str, ...] = field(default_factory=tuple)
+    init: str = "default"  # PEFT's init_lora_weights: default (True), gaussian, pissa
+
+    def peft_init(self) -> bool | str:
+        if self.init not in INITS:
+            raise ValueError(f"unknown LoRA init {self.init!r}; allowed: {', '.join(INITS)}")
+        return INITS[self.init]
 
     def spec(self) -> LoRASpec:
         return LoRASpec(rank=self.rank, alpha=self.alpha, use_rslora=self.rslora)
@@ -54,6 +61,7 @@ class LoRABinding:
             use_rslora=lora.rslora,
             task_type=task_type,
             modules_to_save=list(lora.modules_to_save) or None,
+            init_lora_weights=lora.peft_init(),
         )
         self.lora = lora
         self.model: PeftModel = get_peft_model(model, config)
@@ -64,6 +72,19 @@ class LoRABinding:
             raise ValueError(f"no module of the model matches the LoRA targets {list(lora.targets)}")
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.init_delta = self._init_shift()
+
+    def _init_shift(self) -> dict[str, FactoredDelta]:
+        """What the LoRA init did to the base weights, as a backbone delta: PiSSA moves each
+        weight's top-r part into the factors, ``W <- W - s B_0 A_0``; other inits change nothing.
+        An exported adapter applies to the original base model with this delta included."""
+        if self.lora.init != "pissa":
+            return {}
+        out = {}
+        for name, f in self.get_factors().items():
+            s = float(self.layers[name].scaling[ADAPTER])
+            out[name] = FactoredDelta.from_factors(-s * f.B, f.A)
+        return out
 
     # ---- factors ------------------------------------------------------------------------
     @property

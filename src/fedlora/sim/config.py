@@ -43,6 +43,12 @@ class LoRAConfig:
     targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "module names to adapt")
     dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
     rslora: bool = _f(False, "rank-stabilised scale alpha/sqrt(r)")
+    init: Literal["default", "gaussian", "pissa"] = _f(
+        "default",
+        "LoRA init (PEFT's init_lora_weights): default (Kaiming A, B = 0), gaussian, or pissa (top-r "
+        "singular components of each weight, removed from it; FRLoRA's official init); pissa's shift of "
+        "the backbone is part of the exported backbone delta",
+    )
     client_ranks: dict[str, int] = _f({}, "per-client rank overrides {client_id: rank} (flexlora, flora)")
 
 

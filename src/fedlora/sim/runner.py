@@ -156,6 +156,7 @@ def build_binding(cfg: Config, device: torch.device) -> tuple[Any, LoRABinding]:
         dropout=cfg.lora.dropout,
         rslora=cfg.lora.rslora,
         modules_to_save=("classifier", "score") if cfg.model.kind == "seq_cls" else (),
+        init=cfg.lora.init,
     )
     binding = LoRABinding(model, lora, task_type="SEQ_CLS" if cfg.model.kind == "seq_cls" else "CAUSAL_LM")
     return tokenizer, binding
@@ -517,8 +518,9 @@ class Simulation:
 
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         final_dir = self.run_dir / "final"
-        merged = _merge_ledger(self.ledger)
-        self.binding.save_adapter(final_dir, self.state.factors, merged if self.method.changes_backbone else None)
+        merged = _merge_ledger([self.binding.init_delta, *self.ledger])
+        changed = self.method.changes_backbone or bool(self.binding.init_delta)
+        self.binding.save_adapter(final_dir, self.state.factors, merged if changed else None)
         evals = [r for r in records if r.get("eval")]
         baseline = next((r["eval"] for r in records if r.get("phase") == "baseline"), None)
         final = evals[-1]["eval"] if evals and evals[-1].get("phase") != "baseline" else None
@@ -527,7 +529,7 @@ class Simulation:
             for cid, record in sorted(self.clients.items()):
                 factors = self.method.personal_factors(self.state, record.memory)
                 if factors is not None:
-                    self.binding.save_adapter(final_dir / "clients" / cid, factors, None)
+                    self.binding.save_adapter(final_dir / "clients" / cid, factors, merged if changed else None)
         summary = {
             "name": self.cfg.name,
             "method": self.method.name,
