@@ -117,6 +117,16 @@ def test_shipped_specs_expand():
     assert {c.config.partition.num_clients for c in tau} == {10}
     split = load_spec("study_fedmomentum_split").cells()
     assert len(split) == 18 and {c.config.method.settings["split"] for c in split} == {"balanced", "left", "right"}
+    pissa = load_spec("study_frlora_pissa").cells()
+    assert len(pissa) == 24
+    assert {(c.method, c.config.lora.init) for c in pissa} == {("frlora", "pissa"), ("fedsmooth_lora", "default")}
+    glue = {c.name: c.config for c in load_spec("study_glue").cells()}
+    for c in pissa:  # study_glue's setting, cell for cell, but for FRLoRA's init
+        same = glue[c.name].to_dict()
+        same["lora"]["init"] = c.config.lora.init
+        assert {k: v for k, v in same.items() if k not in ("name", "output_dir")} == {
+            k: v for k, v in c.config.to_dict().items() if k not in ("name", "output_dir")
+        }
 
 
 # ---- the report on hand-written runs (no model) ---------------------------------------------------
