@@ -23,6 +23,7 @@ All functions accept a leading batch dimension (several modules of one shape at 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -100,10 +101,7 @@ def stack_products(
         w = [float(x) for x in weights]
         if len(w) != len(ups):
             raise ValueError(f"{len(w)} weights for {len(ups)} terms")
-    dt = dtype if dtype is not None else ups[0].dtype
-    if dtype is None:
-        for t in (*ups, *downs):
-            dt = torch.promote_types(dt, t.dtype)
+    dt = dtype if dtype is not None else functools.reduce(torch.promote_types, [t.dtype for t in (*ups, *downs)])
     first = ups[0]
     q = sum(int(u.shape[-1]) for u in ups)
     P_t = torch.empty(*first.shape[:-2], q, first.shape[-2], dtype=dt, device=first.device)
