@@ -191,7 +191,7 @@ def test_pissa_init_shift_is_part_of_the_exported_backbone_delta(tmp_path):
     from fedlora.model.backbone import target_weight
     from fedlora.model.loading import load_model
 
-    cfg = tiny(tmp_path, method, method__name=method, lora__init="pissa")
+    cfg = tiny(tmp_path, method, method__name=method, lora__init="pissa", rounds__num_rounds="1")
     _, binding = build_binding(cfg, torch.device("cpu"))
     fresh = load_model(cfg.model.name)
     s = binding.spec.scale()
