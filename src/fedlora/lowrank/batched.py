@@ -94,8 +94,7 @@ def _blocks(
     batches: list[list[str]] = []
     for (d_out, q, d_in), names in group_by_shape(pairs).items():
         batched = pairs[names[0]][0].device.type != "cpu" if stack is None else stack
-        per_item = max(1, (d_out + d_in) * max(q, 1))
-        chunk = max(1, max_batch_elements // per_item) if batched else 1
+        chunk = _chunk_size((d_out, q, d_in), max_batch_elements) if batched else 1
         for start in range(0, len(names), chunk):
             block = names[start : start + chunk]
             if len(block) == 1:
@@ -103,6 +102,13 @@ def _blocks(
             else:
                 batches.append(block)
     return singles, batches
+
+
+def _chunk_size(shape: tuple[int, int, int], max_batch_elements: int) -> int:
+    """How many ``(d_out, q, d_in)`` pairs one stacked call takes: at most
+    ``max_batch_elements`` stacked input elements, at least one pair."""
+    d_out, q, d_in = shape
+    return max(1, max_batch_elements // max(1, (d_out + d_in) * max(q, 1)))
 
 
 def _on_cpu(pairs: Mapping[str, tuple[Tensor, Tensor]]) -> bool:
@@ -231,7 +237,7 @@ def truncated_svd_many(
         up, down = built.pop(n) if n in built else make_pair(n)
         key = (int(up.shape[-2]), int(up.shape[-1]), int(down.shape[-1]))
         pending[key].append((n, up, down))
-        if len(pending[key]) >= max(1, max_batch_elements // max(1, (key[0] + key[2]) * max(key[1], 1))):
+        if len(pending[key]) >= _chunk_size(key, max_batch_elements):
             flush(key)
     for key in list(pending):
         flush(key)
