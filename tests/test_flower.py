@@ -35,6 +35,8 @@ from fedlora.flower.records import (
     pack_tree,
     payload_bytes,
     to_record,
+    train_metrics,
+    train_stats_from_metrics,
     unpack_tree,
 )
 from fedlora.flower.sync import (
@@ -192,6 +194,16 @@ def test_records_round_trip_and_count_bytes_is_payload_plus_npy_headers_and_keys
     assert restored["cursor"] == 5
     for k in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(opt2.state_dict()["state"][0][k], opt.state_dict()["state"][0][k])
+
+
+def test_training_stats_and_the_methods_client_report_survive_the_reply():
+    stats = {"loss": 0.5, "steps": 3, "examples": 12, "seconds": 1.25}
+    reported = {**stats, "report": {"rm_dropped": 0.75, "upload_dropped": 0.25}}
+    for sent in (stats, reported):
+        metrics = train_metrics(sent, num_examples=40)
+        assert int(metrics["num-examples"]) == 40
+        assert train_stats_from_metrics(metrics) == sent
+    assert "report" not in train_stats_from_metrics(train_metrics(stats, 40))
 
 
 def test_diff_survives_a_message_with_empty_ledger_entries():

@@ -59,6 +59,16 @@ def test_empty_factors_and_dense():
     assert up.shape == (4, 0) and down.shape == (0, 3) and up.dtype == F64
     assert torch.equal(d.dense(), torch.zeros(4, 3, dtype=F64))
     assert d.nbytes() == 0
+    assert d.energy() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_energy_is_the_squared_frobenius_norm_of_the_sum(dtype):
+    d = FactoredDelta(13, 9)
+    for up, down in terms(13, 9, [2, 3, 1], seed=4, dtype=dtype):
+        d.add(up, down)
+    d.add(*terms(13, 9, [2], seed=4, dtype=dtype)[0], scale=-1.0)  # cancels the first term exactly
+    assert d.energy() == pytest.approx(float(d.dense().pow(2).sum()), rel=1e-12 if dtype == F64 else 1e-5)
 
 
 @pytest.mark.parametrize(("d_out", "d_in"), [(13, 7), (6, 11), (32, 20)])

@@ -660,6 +660,7 @@ def test_fedsmooth_lora_two_rounds(shape, r, n, wmode, rslora):
     for i in range(n):
         ctx = ClientContext(f"c{i}", 0, r, grad_fn=grads[i])
         start = method.client_start(state, ctx)
+        assert start.report == {}  # no Round-Matching term in round 0
         assert len(grads[i].calls) == 1 and grads[i].calls[0] == {}
         assert start.trainable == AB and start.upload == AB
         trained = {}
@@ -675,10 +676,15 @@ def test_fedsmooth_lora_two_rounds(shape, r, n, wmode, rslora):
             )
         up, mem = method.client_finish(state, ctx, start, trained)
         assert int(mem["round"]) == 0
+        dropped = total = 0.0
         for m in shapes:
             W_ga = -start.local_shift[m].dense() / s
-            ref = svd_truncate(trained[m].B @ trained[m].A - W_ga, r)
+            Y = trained[m].B @ trained[m].A - W_ga
+            ref = svd_truncate(Y, r)
             assert_close(up[m].B @ up[m].A, ref, 1e-9, "upload = SVD_r(BA - W_ga)")
+            dropped, total = dropped + float((Y - ref).pow(2).sum()), total + float(Y.pow(2).sum())
+        assert start.report["upload_dropped"] == pytest.approx(math.sqrt(dropped / total), rel=1e-8, abs=1e-12)
+        for m in shapes:
             assert up[m].B.shape[1] == r
             assert torch.equal(mem[f"{m}.A"], up[m].A) and torch.equal(mem[f"{m}.B"], up[m].B)
         memories.append(mem)
@@ -700,6 +706,7 @@ def test_fedsmooth_lora_two_rounds(shape, r, n, wmode, rslora):
         start = method.client_start(state1, ctx)
         offsets = grads[i].calls[-1]
         assert set(offsets) == set(shapes)
+        dropped = rm_energy = 0.0
         for m in shapes:
             Bs, As = state1.method_state[f"{m}.Bs"], state1.method_state[f"{m}.As"]
             W_rm = zeta * (memories[i][f"{m}.B"] @ memories[i][f"{m}.A"] - Bs @ As)
@@ -715,6 +722,12 @@ def test_fedsmooth_lora_two_rounds(shape, r, n, wmode, rslora):
             f = start.factors[m]
             assert f.B.shape == (shapes[m][0], r) and f.A.shape == (r, shapes[m][1])
             assert_close(f.B @ f.A, svd_truncate(W_ga + W_rm, r), 1e-9, "init = SVD_r(W_ga + W_rm)")
+            dropped += float((W_ga + W_rm - svd_truncate(W_ga + W_rm, r)).pow(2).sum())
+            rm_energy += float(W_rm.pow(2).sum())
+        # the share of the Round-Matching term the rank-r init loses, pooled over modules (one
+        # client: its upload is the aggregate, W_rm = 0 and there is nothing to report)
+        if n > 1:
+            assert start.report["rm_dropped"] == pytest.approx(math.sqrt(dropped / rm_energy), rel=1e-8, abs=1e-12)
 
 
 def test_fedsmooth_lora_stale_memory_and_decay():

@@ -53,6 +53,14 @@ def test_two_rounds_of_every_method(tmp_path, method):
         assert not r["skipped"] and not r["rejected"]
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert all(s["steps"] == 1 for s in r["train"].values())
+    if method == "fedsmooth_lora":  # what its rank-r init (from round 2) and upload drop, per client and mean
+        assert [sorted(r["client_report"]) for r in lines] == [["upload_dropped"], ["rm_dropped", "upload_dropped"]]
+        for r in lines:
+            per_client = [s["report"]["upload_dropped"] for s in r["train"].values()]
+            assert r["client_report"]["upload_dropped"] == pytest.approx(sum(per_client) / len(per_client))
+            assert all(0.0 <= v <= 1.0 for v in r["client_report"].values())
+    else:
+        assert all("client_report" not in r for r in lines)
     assert 0.0 <= summary["final"]["exact_match"] <= 1.0
     adapter = read_adapter(run / "final")
     assert adapter.rank == cfg.lora.rank

@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import torch
 import yaml
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
@@ -53,6 +53,7 @@ from fedlora.flower.records import (
     factors_record,
     pack_tree,
     to_record,
+    train_metrics,
     unpack_tree,
 )
 from fedlora.flower.sync import (
@@ -307,15 +308,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     records.save(round_, record, base)
     write_status(folder, round_ + 1, "done")
-    metrics = MetricRecord(
-        {
-            "num-examples": int(out.upload.num_examples),
-            "train-loss": float(out.stats["loss"]),
-            "steps": int(out.stats["steps"]),
-            "examples": int(out.stats["examples"]),
-            "seconds": float(out.stats["seconds"]),
-        }
-    )
+    metrics = train_metrics(out.stats, out.upload.num_examples)
     content = RecordDict(
         {"upload": factors_record(out.upload.factors), "extras": to_record(out.extras), "metrics": metrics}
     )

@@ -12,7 +12,8 @@ Message layout (server -> client, ``train``):
 
 Reply (client -> server): ``upload`` (ArrayRecord ``<module>/A|B``: only the factors the method
 sends), ``extras`` (ArrayRecord, ``modules_to_save`` tensors, empty for causal LMs) and
-``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, ``steps``, ``examples``, ``seconds``).
+``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, ``steps``, ``examples``, ``seconds``
+and ``report.<name>`` for each number of the method's client report).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from fedlora.flower.sync import Diff, wire_tensor
@@ -112,6 +113,37 @@ def factors_from_record(record: ArrayRecord) -> Factors:
             raise ValueError(f"upload key {key!r} is not <module>/A or <module>/B")
         pairs.setdefault(m, {})[which] = t
     return {m: ModuleFactors(A=p.get("A"), B=p.get("B")) for m, p in pairs.items()}
+
+
+REPORT_PREFIX = "report."
+
+
+def train_metrics(stats: Mapping[str, Any], num_examples: int) -> MetricRecord:
+    """A client's training stats (``client_round``'s) as the reply's MetricRecord."""
+    return MetricRecord(
+        {
+            "num-examples": int(num_examples),
+            "train-loss": float(stats["loss"]),
+            "steps": int(stats["steps"]),
+            "examples": int(stats["examples"]),
+            "seconds": float(stats["seconds"]),
+            **{REPORT_PREFIX + k: float(v) for k, v in stats.get("report", {}).items()},
+        }
+    )
+
+
+def train_stats_from_metrics(metrics: MetricRecord) -> dict[str, Any]:
+    """The stats :func:`train_metrics` encoded (``num-examples`` is the upload's, not a stat)."""
+    stats: dict[str, Any] = {
+        "loss": float(metrics["train-loss"]),
+        "steps": int(metrics["steps"]),
+        "examples": int(metrics["examples"]),
+        "seconds": float(metrics["seconds"]),
+    }
+    report = {k.removeprefix(REPORT_PREFIX): float(v) for k, v in metrics.items() if k.startswith(REPORT_PREFIX)}
+    if report:
+        stats["report"] = report
+    return stats
 
 
 # ---- what a client keeps between rounds (its record on the node's disk) -----------------------------

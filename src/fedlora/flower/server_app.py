@@ -52,7 +52,13 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedlora.flower.config import FlowerOptions, resolve
-from fedlora.flower.records import diff_content, factors_from_record, from_record, payload_bytes
+from fedlora.flower.records import (
+    diff_content,
+    factors_from_record,
+    from_record,
+    payload_bytes,
+    train_stats_from_metrics,
+)
 from fedlora.flower.sync import EXTRA_PREFIX, NodeVersion, StateSync, flatten_state, seeded_state
 from fedlora.methods import ClientUpload
 from fedlora.sim.config import Config
@@ -258,12 +264,7 @@ class FlowerServer(Simulation):
             wire["up_extras"] += payload_bytes(ex)
             metrics = content.metric_records["metrics"]
             uploads.append(ClientUpload(cid, factors_from_record(up), num_examples=int(metrics["num-examples"])))
-            train_stats[cid] = {
-                "loss": float(metrics["train-loss"]),
-                "steps": int(metrics["steps"]),
-                "examples": int(metrics["examples"]),
-                "seconds": float(metrics["seconds"]),
-            }
+            train_stats[cid] = train_stats_from_metrics(metrics)
             extras.append(from_record(ex))
             ranks[cid] = client_rank(self.cfg, cid)
             self.sync.acknowledge(cid)

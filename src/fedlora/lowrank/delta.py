@@ -95,6 +95,13 @@ class FactoredDelta:
         B, A = split_factors(svd.truncate(keep), "balanced")
         return FactoredDelta.from_factors(B.to(up.dtype), A.to(up.dtype))
 
+    def energy(self) -> float:
+        """``||Delta||_F^2 = <up^T up, down down^T>`` from the r x r Gram matrices (float64)."""
+        if self.is_empty:
+            return 0.0
+        up, down = self.factors(torch.float64)
+        return float(((up.mT @ up) * (down @ down.mT)).sum())
+
     def nbytes(self, bytes_per_element: int | None = None) -> int:
         """Bytes to send the factors (``(d_out + d_in) * rank`` elements)."""
         n = 0

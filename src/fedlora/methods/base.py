@@ -128,13 +128,16 @@ class ClientStart:
     - ``trainable``: which factors get gradients; the others stay bit-identical;
     - ``upload``: which factors the client sends back;
     - ``local_shift``: a client-only offset of the backbone for this round's training
-      (``W_local = W + shift``), already scaled; the runtime removes it afterwards.
+      (``W_local = W + shift``), already scaled; the runtime removes it afterwards;
+    - ``report``: numbers about this client's round worth logging with its training stats
+      (``client_finish`` may add to it); the runtimes log the mean over clients.
     """
 
     factors: Factors
     trainable: frozenset[str] = AB
     upload: frozenset[str] = AB
     local_shift: dict[str, FactoredDelta] = field(default_factory=dict)
+    report: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -22,6 +22,11 @@ it is from the previous round (a client that skipped rounds restarts from the ne
 model, ``W_rm = 0``); the gradient SVD is exact (``ga_svd=lowrank`` uses
 ``torch.svd_lowrank`` with ``ga_niter`` iterations, as LoRA-GA's fork does).
 Every SVD of a sum of products here is the exact low-rank one on stacked factors.
+
+Each client reports what its two rank-r re-factorisations drop, pooled over modules:
+``rm_dropped = ||X - SVD_r(X)||_F / ||W_rm||_F`` with ``X = B_ga A_ga + W_rm`` (the part of the
+Round-Matching term its start loses; rounds with a memory only) and
+``upload_dropped = ||Y - SVD_r(Y)||_F / ||Y||_F`` with ``Y = B A - B_ga A_ga``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from fedlora.lowrank import FactoredDelta, stack_products, truncated_factors
+from fedlora.lowrank import FactoredDelta, lowrank_svd, pad_rank, split_factors, stack_products, truncated_factors
 from fedlora.methods.base import (
     ClientContext,
     ClientStart,
@@ -85,23 +90,34 @@ def gradient_aligned_factors(
     return ModuleFactors(A=Vh[:rank].contiguous() * c, B=U[:, rank : 2 * rank].contiguous() * c)
 
 
-def smooth_init(ga: ModuleFactors, rm: FactoredDelta | None, rank: int, split: str) -> ModuleFactors:
-    """``SVD_r(B_ga A_ga + W_rm)``, or ``(B_ga, A_ga)`` itself without a Round-Matching term."""
+def truncate_with_loss(up: Tensor, down: Tensor, rank: int, split: str) -> tuple[ModuleFactors, float]:
+    """``SVD_r(up @ down)`` as factors, and the energy it drops, ``sum_{j > r} s_j^2``."""
+    svd = lowrank_svd(up, down)
+    B, A = pad_rank(*split_factors(svd.truncate(rank), split), rank)
+    return ModuleFactors(A=A, B=B), float((svd.S[rank:].double() ** 2).sum())
+
+
+def smooth_init(ga: ModuleFactors, rm: FactoredDelta | None, rank: int, split: str) -> tuple[ModuleFactors, float]:
+    """``SVD_r(B_ga A_ga + W_rm)`` (``(B_ga, A_ga)`` itself without a Round-Matching term), and
+    the energy the truncation drops: ``||B_ga A_ga + W_rm - SVD_r(.)||_F^2``."""
     assert ga.A is not None and ga.B is not None
     if rm is None or rm.is_empty:
-        return ModuleFactors(A=ga.A.clone(), B=ga.B.clone())
+        return ModuleFactors(A=ga.A.clone(), B=ga.B.clone()), 0.0
     up, down = rm.factors(ga.B.dtype)
-    B, A = truncated_factors(torch.cat([ga.B, up], 1), torch.cat([ga.A, down], 0), rank, split)
-    return ModuleFactors(A=A, B=B)
+    return truncate_with_loss(torch.cat([ga.B, up], 1), torch.cat([ga.A, down], 0), rank, split)
 
 
-def smooth_upload(trained: ModuleFactors, ga: ModuleFactors, rank: int, split: str) -> ModuleFactors:
-    """The re-factorised upload ``SVD_r(B A - B_ga A_ga)``."""
+def smooth_upload(trained: ModuleFactors, ga: ModuleFactors, rank: int, split: str) -> tuple[ModuleFactors, float]:
+    """The re-factorised upload ``SVD_r(B A - B_ga A_ga)``, and the energy it drops."""
     assert trained.A is not None and trained.B is not None and ga.A is not None and ga.B is not None
     dt = torch.float64 if trained.B.dtype == torch.float64 else torch.float32
     up, down = stack_products([trained.B.to(dt), ga.B.to(dt)], [trained.A.to(dt), ga.A.to(dt)], [1.0, -1.0])
-    B, A = truncated_factors(up, down, rank, split)
-    return ModuleFactors(A=A, B=B)
+    return truncate_with_loss(up, down, rank, split)
+
+
+def relative_loss(dropped: float, total: float) -> float:
+    """``sqrt(dropped / total)``: the relative Frobenius error of a truncation (0 for an empty total)."""
+    return math.sqrt(max(dropped, 0.0) / total) if total > 0 else 0.0
 
 
 @register
@@ -151,25 +167,33 @@ class FedSmoothLoRA(Method):
         rm = self._round_matching(state, ctx)
         grads = ctx.grad_fn({m: d.scaled(s) for m, d in rm.items()})
         factors, shift = {}, {}
+        dropped = rm_energy = 0.0
         for m in state.factors:
             ga = gradient_aligned_factors(
                 grads[m], ctx.rank, self.settings.gamma, svd=self.settings.ga_svd, niter=self.settings.ga_niter
             )
-            factors[m] = smooth_init(ga, rm.get(m), ctx.rank, self.settings.split)
+            factors[m], lost = smooth_init(ga, rm.get(m), ctx.rank, self.settings.split)
             shift[m] = FactoredDelta.from_factors(ga.B * (-s), ga.A)
-        return ClientStart(factors=factors, local_shift=shift)
+            dropped += lost
+            rm_energy += rm[m].energy() if m in rm else 0.0
+        report = {"rm_dropped": relative_loss(dropped, rm_energy)} if rm_energy > 0 else {}
+        return ClientStart(factors=factors, local_shift=shift, report=report)
 
     def client_finish(
         self, state: GlobalState, ctx: ClientContext, start: ClientStart, trained: Factors
     ) -> tuple[Factors, dict[str, Tensor]]:
         s = state.spec.scale(ctx.rank)
         upload, memory = {}, {"round": torch.tensor(state.round)}
+        dropped = kept = 0.0
         for m, f in trained.items():
             shift = start.local_shift[m]  # = -s B_ga A_ga
             ga = ModuleFactors(A=shift.downs[0], B=shift.ups[0] / (-s))
-            u = smooth_upload(f, ga, ctx.rank, self.settings.split)
+            u, lost = smooth_upload(f, ga, ctx.rank, self.settings.split)
             upload[m] = u
             memory[f"{m}.A"], memory[f"{m}.B"] = u.A, u.B
+            dropped += lost
+            kept += FactoredDelta.from_factors(u.B, u.A).energy()
+        start.report["upload_dropped"] = relative_loss(dropped, dropped + kept)
         return upload, memory
 
     # ---- server ---------------------------------------------------------------------------

@@ -143,6 +143,8 @@ def client_round(
     record.memory = memory
     record.optimizer = _cpu(opt_state) if carry else None
     stats = {"loss": result.loss, "steps": result.steps, "examples": result.examples, "seconds": result.seconds}
+    if start.report:
+        stats["report"] = dict(start.report)
     return ClientOutcome(ClientUpload(cid, factors, num_examples=len(data.indices)), stats, binding.extras())
 
 

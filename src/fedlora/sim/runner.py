@@ -447,6 +447,10 @@ class Simulation:
         agg_seconds = time.perf_counter() - t_agg
         losses = [s["loss"] for s in train_stats.values()]
         record["train_loss"] = sum(losses) / len(losses) if losses else None
+        client_report = _summarise({cid: s["report"] for cid, s in train_stats.items() if s.get("report")})
+        if client_report:
+            record["client_report"] = client_report
+            log.info("round %d: clients' method report (mean): %s", t + 1, _fmt(client_report))
         record["bytes_total"] = self.bytes_total
         every = cfg.rounds.eval_every
         eval_seconds = 0.0
@@ -572,7 +576,8 @@ def _mean_extras(extras: list[dict[str, torch.Tensor]], weights: list[int]) -> d
 
 
 def _summarise(report: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Mean of each per-module number over modules (the per-module detail is too long for a line)."""
+    """Mean of each number over the report's entries (modules, or clients): the detail is too long
+    for a line."""
     sums: dict[str, list[float]] = {}
     for values in report.values():
         for k, v in values.items():
