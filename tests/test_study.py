@@ -120,6 +120,20 @@ def test_shipped_specs_expand():
     pissa = load_spec("study_frlora_pissa").cells()
     assert len(pissa) == 24
     assert {(c.method, c.config.lora.init) for c in pissa} == {("frlora", "pissa"), ("fedsmooth_lora", "default")}
+    smooth = load_spec("study_fedsmooth_math").cells()
+    assert {(c.config.method.settings["gamma"], c.config.method.settings["zeta_mode"]) for c in smooth} == {
+        (g, z) for g in (64.0, 1024.0) for z in ("constant", "decay")
+    }
+    math_cell = next(
+        c for c in load_spec("study_math").cells() if c.name == "seed0-alpha0.5-num_clients3-fedsmooth_lora"
+    )
+    for c in smooth:  # study_math's slice, but for FedSmoothLoRA's settings
+        same = c.config.to_dict()
+        assert same.pop("method")["name"] == "fedsmooth_lora"
+        ref = math_cell.config.to_dict()
+        ref.pop("method")
+        drop = ("name", "output_dir")
+        assert {k: v for k, v in same.items() if k not in drop} == {k: v for k, v in ref.items() if k not in drop}
     glue = {c.name: c.config for c in load_spec("study_glue").cells()}
     for c in pissa:  # study_glue's setting, cell for cell, but for FRLoRA's init
         same = glue[c.name].to_dict()
