@@ -144,14 +144,17 @@ def test_shipped_specs_expand():
 
 
 # ---- the report on hand-written runs (no model) ---------------------------------------------------
-def fake_run(cell, values: list[float], base: float = 0.5, mb: float = 2.0) -> None:
-    """A finished run folder for ``cell`` with the given metric per round (as the runtime writes it)."""
+def fake_run(cell, values: list[float], base: float = 0.5, mb: float = 2.0, reports=None) -> None:
+    """A finished run folder for ``cell`` with the given metric per round (as the runtime writes it),
+    and ``reports[t]`` as round t+1's ``client_report`` when given."""
     run = cell.run_dir
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cell.config.to_dict(), sort_keys=False))
     lines = [{"round": 0, "phase": "baseline", "eval": {"accuracy": base, "n": 10}, "bytes_total": 0}]
     for t, v in enumerate(values, start=1):
         lines.append({"round": t, "phase": "train", "eval": {"accuracy": v, "n": 10}, "bytes_total": int(t * mb * 1e6)})
+        if reports and reports[t - 1]:
+            lines[-1]["client_report"] = reports[t - 1]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     summary = {"name": cell.name, "method": cell.method, "rounds": len(values), "seconds": 3.0}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -195,6 +198,26 @@ def test_report_statistics_final_not_max(tmp_path):
     assert {c["name"]: c["final"] for c in data["cells"]}["seed0-fedit"] == 0.7
     png = spec.report_dir / "all.png"
     assert png.is_file() and png.stat().st_size > 10_000
+
+
+def test_a_methods_client_report_is_averaged_over_the_rounds_reporting_it(tmp_path):
+    d = spec_dict(tmp_path, overrides={"rounds.num_rounds": 3}, grid={"seed": [0, 1], "method.name": ["fedit"]})
+    spec = parse_spec(d, path=tmp_path / "spec.yaml")
+    cells = {c.name: c for c in spec.cells()}
+    # round 1 has no Round-Matching term yet: rm_dropped is reported from round 2 on
+    fake_run(
+        cells["seed0-fedit"], [0.6, 0.7, 0.8], reports=[{"up": 0.4}, {"up": 0.2, "rm": 0.9}, {"up": 0.3, "rm": 0.7}]
+    )
+    fake_run(
+        cells["seed1-fedit"], [0.6, 0.7, 0.8], reports=[{"up": 0.5}, {"up": 0.5, "rm": 0.5}, {"up": 0.5, "rm": 0.5}]
+    )
+    report = build_report(spec, plots=False)
+    by_seed = {c.seed: c.client_report for c in report.cells}
+    assert by_seed[0] == pytest.approx({"up": 0.3, "rm": 0.8}) and by_seed[1] == pytest.approx({"up": 0.5, "rm": 0.5})
+    (g,) = report.groups
+    assert g.client_report["rm"][:2] == pytest.approx((0.65, 0.212132), rel=1e-5)
+    md = report.markdown()
+    assert "| rm (mean over rounds) | up (mean over rounds) |" in md and "| 0.650 ± 0.212 | 0.400 ± 0.141 |" in md
 
 
 def test_slices_without_a_finished_cell_get_no_table_and_no_plot(tmp_path):

@@ -13,7 +13,9 @@ picking the best round on the test set is an evaluation bug). Per (slice, method
   Δ = a − b of the final value and of the mean over rounds, and how often a was better, tied and
   worse (W-T-L, "better" in the metric's direction);
 * a personalised metric (any eval key or record section whose name contains ``personal``, e.g.
-  FedSA-LoRA's clients' own models) when the runtime records one.
+  FedSA-LoRA's clients' own models) when the runtime records one;
+* a method's client report (``client_report`` in the records, e.g. FedSmoothLoRA's
+  ``rm_dropped``): each number's mean over the rounds that report it.
 
 Plots (one PNG per slice): metric vs round and metric vs cumulative MB, one line per method (the
 mean over seeds) with a ±1 std band, the untuned base model at round 0. Reading runs and the
@@ -95,6 +97,7 @@ class CellResult:
     mb_total: float | None = None
     seconds: float | None = None
     personal: dict[str, float] = field(default_factory=dict)
+    client_report: dict[str, float] = field(default_factory=dict)  # mean over the rounds reporting it
     error: str | None = None
 
     @property
@@ -153,6 +156,11 @@ def read_cell(cell: Cell, metric: str | None) -> tuple[CellResult, str | None]:
         p = _personal(r, metric)
         if p:
             res.personal = p
+    reported: dict[str, list[float]] = {}
+    for r in train:
+        for k, v in _metrics_of(r.get("client_report")).items():
+            reported.setdefault(k, []).append(v)
+    res.client_report = {k: sum(v) / len(v) for k, v in reported.items()}
     return res, metric
 
 
@@ -176,6 +184,7 @@ class Group:
     rounds_to_target: float | None = None
     mb_to_target: float | None = None
     personal: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
+    client_report: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
 
 
 def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Sequence[str], target, lower) -> list[Group]:
@@ -204,6 +213,8 @@ def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Seque
                 g.mb_to_target = mean_std([h[1] for h in hits])[0]
             names = sorted({k for c in done for k in c.personal})
             g.personal = {k: mean_std([c.personal[k] for c in done if k in c.personal]) for k in names}
+            names = sorted({k for c in done for k in c.client_report})
+            g.client_report = {k: mean_std([c.client_report[k] for c in done if k in c.client_report]) for k in names}
             groups.append(g)
     return groups
 
@@ -361,10 +372,12 @@ class StudyReport:
             if png is not None:
                 out += [f"![{metric} vs round and vs MB, {label}]({image_prefix}{png.name})", ""]
             personal = sorted({k for g in self.groups if slice_name(g.slice) == slice_name(s) for k in g.personal})
+            reported = sorted({k for g in self.groups if slice_name(g.slice) == slice_name(s) for k in g.client_report})
             head = ["method", f"final {metric}", "n", "mean over rounds", "mean abs. change / round"]
             if spec.target is not None:
                 head += ["rounds to target", "MB to target"]
             head += ["MB total", "s / run"] + [f"{k} (final)" for k in personal]
+            head += [f"{k} (mean over rounds)" for k in reported]
             rows = []
             for m in self.methods:
                 g = self._group(s, m)
@@ -381,6 +394,9 @@ class StudyReport:
                 for k in personal:
                     pm, ps, pn = g.personal.get(k, (None, None, 0))
                     row.append(f"{fmt_mean_std(pm, ps)} (n={pn})" if pn else "-")
+                for k in reported:
+                    rm, rs, rn = g.client_report.get(k, (None, None, 0))
+                    row.append(fmt_mean_std(rm, rs) if rn else "-")
                 rows.append(row)
             bs = [g.baseline_mean for g in self.groups if slice_name(g.slice) == slice_name(s) and g.baseline_mean]
             if bs:
