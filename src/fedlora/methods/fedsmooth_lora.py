@@ -129,7 +129,10 @@ class FedSmoothLoRA(Method):
 
     @dataclass(frozen=True)
     class Settings:
-        gamma: float = field(default=64.0, metadata={"help": "LoRA-GA stable-scale gamma"})
+        gamma: float = field(
+            default=64.0,
+            metadata={"help": "LoRA-GA stable-scale gamma (paper: 64; larger = smaller GA start, docs/results.md 2.1)"},
+        )
         zeta: float = field(default=1.0, metadata={"help": "Round-Matching coefficient (start value for decay)"})
         zeta_mode: Literal["constant", "decay"] = field(
             default="constant", metadata={"help": "constant (IID) or cosine decay over rounds (non-IID)"}
