@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from fedlora.cli import main
+from fedlora.sim.config import config_from_dict
 from fedlora.study import load_spec, run_study, write_report
 from fedlora.study.report import build_report, fmt_mean_std, mean_std, reach
 from fedlora.study.spec import StudySpecError, parse_spec
@@ -218,6 +219,58 @@ def test_a_methods_client_report_is_averaged_over_the_rounds_reporting_it(tmp_pa
     assert g.client_report["rm"][:2] == pytest.approx((0.65, 0.212132), rel=1e-5)
     md = report.markdown()
     assert "| rm (mean over rounds) | up (mean over rounds) |" in md and "| 0.650 ± 0.212 | 0.400 ± 0.141 |" in md
+
+
+def test_cells_run_on_another_machine_are_carried_from_the_previous_report_unless_the_spec_changed(tmp_path):
+    """A study split over machines: the report.json (tracked) keeps the finished cells whose run
+    folders (not tracked) are elsewhere; a cell whose config changed since is not carried."""
+    d = spec_dict(tmp_path, overrides={"rounds.num_rounds": 2}, grid={"seed": [0, 1], "method.name": ["fedit"]})
+    spec = parse_spec(d, path=tmp_path / "spec.yaml")
+    cells = {c.name: c for c in spec.cells()}
+    fake_run(cells["seed0-fedit"], [0.6, 0.8], reports=[{"up": 0.4}, {"up": 0.2}])
+    write_report(spec)
+    first = json.loads((spec.report_dir / "report.json").read_text())
+    assert [c["digest"] for c in first["cells"]] == [cells["seed0-fedit"].digest, cells["seed1-fedit"].digest]
+
+    # another machine: seed 0's run folder is gone, seed 1 runs there
+    (tmp_path / "runs").rename(tmp_path / "runs-elsewhere")
+    fake_run(cells["seed1-fedit"], [0.6, 0.6])
+    report = write_report(spec)
+    by_seed = {c.seed: c for c in report.cells}
+    assert by_seed[0].status == "finished" and by_seed[0].carried and not by_seed[1].carried
+    assert by_seed[0].curve == [(1, 2.0, 0.6), (2, 4.0, 0.8)] and by_seed[0].client_report == {"up": pytest.approx(0.3)}
+    (g,) = report.groups
+    assert g.n == 2 and g.final_mean == pytest.approx(0.7) and g.seconds_mean == pytest.approx(3.0)
+    assert "1 finished cells were carried over from the previous report.json" in report.markdown()
+    again = build_report(spec, plots=False)  # carried again from the report that carried it
+    assert [c.carried for c in again.cells] == [True, False] and again.groups[0].final_mean == pytest.approx(0.7)
+
+    # the spec changes (more local steps): the old seed-0 numbers are not this cell's any more
+    d["overrides"]["train.max_steps"] = 3
+    changed = parse_spec(d, path=tmp_path / "spec.yaml")
+    assert {c.name: c.digest for c in changed.cells()} != {c.name: c.digest for c in spec.cells()}
+    assert {c.name: c.status for c in build_report(changed, plots=False).cells} == {
+        "seed0-fedit": "missing",  # not carried
+        "seed1-fedit": "partial",  # its folder holds a run of the old config
+    }
+    # another study's report in the same folder is never read as this one's
+    other = parse_spec(spec_dict(tmp_path, name="other", grid={"seed": [0, 1], "method.name": ["fedit"]}))
+    assert not any(c.carried for c in build_report(other, plots=False).cells)
+
+
+def test_a_cells_digest_ignores_schema_defaults_and_sees_every_change(tmp_path):
+    from fedlora.sim.config import Config
+    from fedlora.study.spec import config_digest
+
+    assert config_digest(Config()) == config_digest(config_from_dict({"train": {"lr": Config().train.lr}}))
+    variants = [
+        {},
+        {"seed": 1},
+        {"train": {"lr": 5e-4}},
+        {"method": {"name": "fedit"}},
+        {"method": {"name": "fedmomentum", "settings": {"tau": 0.9}}},
+    ]
+    assert len({config_digest(config_from_dict(x)) for x in variants}) == len(variants)
 
 
 def test_slices_without_a_finished_cell_get_no_table_and_no_plot(tmp_path):

@@ -17,6 +17,12 @@ picking the best round on the test set is an evaluation bug). Per (slice, method
 * a method's client report (``client_report`` in the records, e.g. FedSmoothLoRA's
   ``rm_dropped``): each number's mean over the rounds that report it.
 
+A study may be run over several machines (run folders are not tracked; the report is): a cell with
+no run folder here keeps the numbers the previous ``report.json`` of the same study holds for it,
+provided it was made with the same config (the cell's digest, :attr:`Cell.digest`; entries written
+before digests were recorded are taken as this spec's). Such cells are marked ``carried``; a run
+folder, when present, always wins.
+
 Plots (one PNG per slice): metric vs round and metric vs cumulative MB, one line per method (the
 mean over seeds) with a ±1 std band, the untuned base model at round 0. Reading runs and the
 plotting style are :mod:`fedlora.sim.report`'s; nothing here needs torch.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,6 +58,7 @@ from fedlora.study.run import ERROR_FILE, cell_state
 from fedlora.study.spec import Cell, StudySpec, cell_name
 
 PNG_DPI = 80
+log = logging.getLogger("fedlora.study")
 
 
 # ---- numbers --------------------------------------------------------------------------------------
@@ -99,6 +107,8 @@ class CellResult:
     personal: dict[str, float] = field(default_factory=dict)
     client_report: dict[str, float] = field(default_factory=dict)  # mean over the rounds reporting it
     error: str | None = None
+    digest: str | None = None  # the cell's config digest (Cell.digest) when it was read
+    carried: bool = False  # read from the previous report.json: its run folder is not here
 
     @property
     def auc(self) -> float | None:
@@ -132,7 +142,7 @@ def _personal(record: dict[str, Any], metric: str | None) -> dict[str, float]:
 
 def read_cell(cell: Cell, metric: str | None) -> tuple[CellResult, str | None]:
     """Read one cell's run folder; returns the result and the metric it found (when none was given)."""
-    res = CellResult(cell.name, cell.method, cell.seed, dict(cell.values), "missing")
+    res = CellResult(cell.name, cell.method, cell.seed, dict(cell.values), "missing", digest=cell.digest)
     run_dir = cell.run_dir
     if (run_dir / ERROR_FILE).is_file():
         lines = (run_dir / ERROR_FILE).read_text().strip().splitlines()
@@ -162,6 +172,53 @@ def read_cell(cell: Cell, metric: str | None) -> tuple[CellResult, str | None]:
             reported.setdefault(k, []).append(v)
     res.client_report = {k: sum(v) / len(v) for k, v in reported.items()}
     return res, metric
+
+
+def previous_cells(spec: StudySpec) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """The metric and the finished cells (by name) of the report.json already in ``spec.report_dir``
+    for this study; nothing when there is none, it is another study's or it cannot be read."""
+    path = spec.report_dir / "report.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, {}
+    except (OSError, ValueError) as exc:
+        log.warning("study %s: cannot read the previous %s (%s): no cells carried over", spec.name, path, exc)
+        return None, {}
+    if not isinstance(data, dict) or data.get("study") != spec.name or not isinstance(data.get("cells"), list):
+        return None, {}
+    cells = {c["name"]: c for c in data["cells"] if isinstance(c, dict) and c.get("status") == "finished"}
+    return data.get("metric"), cells
+
+
+def carried_cell(cell: Cell, entry: dict[str, Any] | None) -> CellResult | None:
+    """A finished cell of the previous report, for ``cell`` whose run folder is not here: only when it
+    was made with the same config (same digest; an entry written before digests were recorded is
+    taken as this spec's, which wrote it) and the same grid values."""
+    if entry is None or entry.get("values") != cell.values:
+        return None
+    if entry.get("digest") not in (None, cell.digest):
+        return None  # the spec changed since: the old numbers are not this cell's
+    try:
+        return CellResult(
+            cell.name,
+            cell.method,
+            cell.seed,
+            dict(cell.values),
+            "finished",
+            baseline=entry.get("baseline"),
+            curve=[(int(r), float(mb), float(v)) for r, mb, v in entry.get("curve") or []],
+            final=entry.get("final"),
+            final_round=entry.get("final_round"),
+            mb_total=entry.get("mb_total"),
+            seconds=entry.get("seconds"),
+            personal=dict(entry.get("personal") or {}),
+            client_report=dict(entry.get("client_report") or {}),
+            digest=cell.digest,
+            carried=True,
+        )
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -328,7 +385,13 @@ class StudyReport:
             )
         out += [
             f"- cells: {len(self.cells)} ({counts['finished']} finished, {counts['partial']} unfinished, "
-            f"{counts['failed']} failed, {counts['missing']} not run); only finished cells enter the tables",
+            f"{counts['failed']} failed, {counts['missing']} not run); only finished cells enter the tables"
+            + (
+                f"; {carried} finished cells were carried over from the previous report.json (their run "
+                "folders are not on the machine that wrote this report)"
+                if (carried := sum(c.carried for c in self.cells))
+                else ""
+            ),
             f"- metric: **{metric}** ({direction}), the value at the FINAL round (never the best round), "
             "mean ± sample std over seeds (n = seeds finished)",
             "- speed: `mean over rounds` = area under the metric-vs-round curve / rounds"
@@ -554,6 +617,12 @@ def build_report(spec: StudySpec, extra: dict[str, Any] | None = None, *, plots:
         results.append(res)
     if spec.metric is None and metric is not None:  # cells read before the metric was known
         results = [read_cell(c, metric)[0] for c in cells]
+    old_metric, old_cells = previous_cells(spec)
+    if old_cells and old_metric is not None and metric in (None, old_metric):
+        metric = old_metric  # cells whose run folders are elsewhere keep the numbers their report holds
+        for i, c in enumerate(cells):
+            if results[i].status == "missing":
+                results[i] = carried_cell(c, old_cells.get(c.name)) or results[i]
     lower = lower_is_better(metric) if metric else False
     methods = list(dict.fromkeys(c.method for c in cells))
     groups = summarise(results, spec.slices, methods, spec.target, lower)

@@ -34,7 +34,9 @@ naming the key.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,29 @@ class Cell:
     @property
     def seed(self) -> int:
         return self.config.seed
+
+    @property
+    def digest(self) -> str:
+        """What the cell computes, as 16 hex digits: the sha256 of its config keys that differ from
+        the schema's defaults (a key added to the schema later, at its default, leaves it unchanged)."""
+        return config_digest(self.config)
+
+
+def config_digest(config: Config) -> str:
+    """sha256 (16 hex digits) of ``config``'s dotted keys whose values differ from ``Config()``'s."""
+
+    def flat(cfg: Config) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in cfg.to_dict().items():
+            if isinstance(value, dict):  # a section: model, lora, method, ... (settings dicts stay whole)
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    default = flat(Config())
+    changed = {k: v for k, v in flat(config).items() if k not in default or default[k] != v}
+    return hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -345,6 +370,7 @@ __all__ = [
     "StudySpecError",
     "cell_filter",
     "cell_name",
+    "config_digest",
     "load_spec",
     "parse_spec",
     "set_dotted",
