@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora import progress
 from fedlora.data.sources import SourceError
 from fedlora.tasks.base import Example, TaskData
 from fedlora.tasks.common import (
@@ -535,6 +536,7 @@ class ClassificationTask:
         was_training = bool(getattr(model, "training", False))
         model.eval()
         try:
+            progress.expect(len(order))
             with torch.no_grad():
                 for b in range(0, len(order), bs):
                     rows = order[b : b + bs]
@@ -543,6 +545,7 @@ class ClassificationTask:
                     values = logits[:, 0].tolist() if self.spec.regression else logits.argmax(dim=-1).tolist()
                     for i, v in zip(rows, values):
                         preds[i] = v
+                    progress.advance(len(rows))
         finally:
             if was_training:
                 model.train()

@@ -87,6 +87,7 @@ from typing import Any
 
 import torch
 
+from fedlora import progress
 from fedlora.data.sources import SourceError
 from fedlora.tasks.base import Example, TaskData
 from fedlora.tasks.code_templates import CATEGORIES, generate_code
@@ -576,6 +577,7 @@ class CodeTask:
         try:
             with rng, torch.no_grad():
                 torch.manual_seed(self.seed)
+                progress.expect(len(order))
                 for b in range(0, len(order), s.eval_batch_size):
                     rows = order[b : b + s.eval_batch_size]
                     ids, mask = left_padded([prompts[i] for i in rows], pad)
@@ -598,6 +600,7 @@ class CodeTask:
                     for r, i in enumerate(rows):
                         for j in range(s.n_samples):
                             texts[i].append(tokenizer.decode(new[r * s.n_samples + j], skip_special_tokens=True))
+                    progress.advance(len(rows))
         finally:
             if was_training:
                 model.train()

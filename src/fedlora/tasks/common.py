@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fedlora import progress
 from fedlora.data.sources import SourceError, is_local, read_records, split_files
 
 IGNORE_INDEX = -100
@@ -289,6 +290,7 @@ def completion_token_stats(
     out: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: (-(len(seqs[i][0]) + len(seqs[i][1])), i))
     device = model_device(model)
+    progress.expect(len(order))
     with _EvalMode(model):
         for b in range(0, len(order), batch_size):
             rows = order[b : b + batch_size]
@@ -308,6 +310,7 @@ def completion_token_stats(
                 tok = torch.tensor(c, dtype=torch.long, device=lp.device)
                 hits = int((lp.argmax(dim=-1) == tok).sum())
                 out[i] = (float(lp.gather(1, tok[:, None]).double().sum()), len(c), hits)
+            progress.advance(len(rows))
     return out
 
 
@@ -378,6 +381,7 @@ def greedy_generate(
     device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     texts = [""] * len(prompts)
+    progress.expect(len(order))
     with _EvalMode(model):
         for b in range(0, len(order), batch_size):
             rows = order[b : b + batch_size]
@@ -395,6 +399,7 @@ def greedy_generate(
             new = out[:, width:].cpu()
             for r, i in enumerate(rows):
                 texts[i] = tokenizer.decode(new[r], skip_special_tokens=True)
+            progress.advance(len(rows))
     return texts
 
 

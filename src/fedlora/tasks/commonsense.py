@@ -89,6 +89,7 @@ from typing import Any, Literal
 
 import torch
 
+from fedlora import progress
 from fedlora.data.sources import SourceError
 from fedlora.tasks.base import Example, TaskData
 from fedlora.tasks.common import (
@@ -588,9 +589,11 @@ class CommonsenseTask:
             groups.setdefault(e, []).append(sc)
         if any(len({tuple(p) for p, _ in g}) != 1 for g in groups.values()):
             return None
+        progress.expect(len(groups))
         try:
             for e, g in groups.items():
                 out[e] = shared_prompt_logprobs(model, g[0][0], [c for _, c in g])
+                progress.advance()
         except TypeError:
             return None
         return out
