@@ -3,20 +3,28 @@ packages (``offline:smollm2-135m``, ``offline:minilm``).
 
 GGUF checkpoints are dequantized by transformers on load (~11 s for SmolLM2-135M); the result
 is cached once as a regular safetensors folder (``$FEDLORA_CACHE``, default
-``~/.cache/fedlora/models``), which reloads in about a second.
+``~/.cache/fedlora/models``), which reloads in about a second. The cached folder is a plain
+float model: its ``config.json`` has no ``quantization_config``, so models loaded from it are not
+flagged as quantized and ``save_pretrained`` (``fedlora export``) works on them.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
+import logging
 import os
-import shutil
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from fedlora import atomic
+
+log = logging.getLogger("fedlora.model")
 
 Kind = Literal["causal_lm", "seq_cls"]
 
@@ -68,32 +76,70 @@ def _cache_root() -> Path:
 
 
 def _cached_gguf(source: ModelSource) -> Path:
-    """A safetensors copy of a dequantized GGUF model (built on first use, atomically)."""
+    """A safetensors copy of a dequantized GGUF model (built on first use, atomically).
+
+    Old caches: folders written before this fix kept the GGUF ``quantization_config`` in their
+    ``config.json``. Their weights are the same dense floats, so they are *repaired on load* (the
+    key is dropped from ``config.json``, atomically, by :func:`_drop_quantization_config`) rather
+    than rebuilt: no second ~11 s dequantization and no stale copy left behind under a new name.
+    """
     assert source.gguf_file is not None
     gguf_path = Path(source.path) / source.gguf_file
     stat = gguf_path.stat()
     target = _cache_root() / f"{gguf_path.stem}-{stat.st_size}"
     if (target / "config.json").is_file():
+        try:
+            _drop_quantization_config(target / "config.json")
+        except OSError as exc:  # a read-only cache: loads still work, export strips it itself
+            msg = f"{target}: could not drop the GGUF quantization_config from config.json ({exc})"
+            warnings.warn(msg, stacklevel=2)
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    log.info("first use of %s: dequantizing it once into %s (10-40 s)", gguf_path.name, target)
     tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
-    # save_pretrained on a GGUF-loaded model fails; a fresh model from its config works.
-    fresh = type(model)(model.config)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, gguf_file=source.gguf_file, dtype=torch.float32, **_dequantize_kwargs(source.gguf_file)
+    )
+    # save_pretrained on a GGUF-loaded model fails; a fresh model from a copy of its config, with
+    # the GGUF quantization_config dropped, is a plain float model that saves as one.
+    config = copy.deepcopy(model.config)
+    strip_quantization_config(config)
+    fresh = type(model)(config)
     fresh.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic.atomic_folder(target) as tmp:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _drop_quantization_config(tmp / "config.json")
     return target
+
+
+def _dequantize_kwargs(gguf_file: str) -> dict[str, Any]:
+    """``quantization_config=GgufConfig(dequantize=True)`` where transformers has it: the cache must
+    hold dense weights even where a GGUF matmul kernel would keep them packed."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers 5.x always dequantize GGUF files
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
+def strip_quantization_config(config: Any) -> None:
+    """Remove ``quantization_config`` from a transformers config (and its text sub-config)."""
+    for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        if hasattr(c, "quantization_config"):
+            delattr(c, "quantization_config")
+
+
+def _drop_quantization_config(path: Path) -> None:
+    """Rewrite a ``config.json`` without ``quantization_config`` (atomically; a no-op without it)."""
+    data = json.loads(path.read_text())
+    parts = [data] + ([data["text_config"]] if isinstance(data.get("text_config"), dict) else [])
+    if not any("quantization_config" in part for part in parts):
+        return
+    for part in parts:
+        part.pop("quantization_config", None)
+    atomic.write_json(path, data, sort_keys=True)  # keeps the file's mode
 
 
 def model_folder(name: str) -> str:
