@@ -10,6 +10,7 @@ PEFT key prefix (``base_model.model.<path>``), as in saved adapters.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -26,6 +27,20 @@ from fedlora.model.backbone import apply_backbone_delta
 
 ADAPTER = "default"
 INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+
+
+@contextlib.contextmanager
+def quiet_checkpointing_deprecation() -> Iterator[None]:
+    """Silence exactly one FutureWarning while PEFT wraps a model.
+
+    PEFT 0.21.2's ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which
+    transformers 5.x (seen with 5.25.0) deprecates for ``is_activation_checkpointing`` (removal in
+    v6), so every wrap printed the warning. fedlora never reads the old name; drop this once PEFT
+    reads the new one.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @dataclass(frozen=True)
@@ -50,9 +65,17 @@ class LoRASettings:
 
 
 class LoRABinding:
-    """A PEFT-wrapped model whose LoRA factors can be read, replaced, frozen and resized."""
+    """A PEFT-wrapped model whose LoRA factors can be read, replaced, frozen and resized.
 
-    def __init__(self, model: nn.Module, lora: LoRASettings, task_type: str | None = None) -> None:
+    ``base_name`` is the model's name as the user gave it (``offline:smollm2-135m``, a hub id, a
+    path as written): saved adapters record it as ``base_model_name_or_path`` instead of the
+    folder the weights were loaded from (e.g. a machine-local cache), so they are portable.
+    Without it PEFT's default (the loaded folder) stays.
+    """
+
+    def __init__(
+        self, model: nn.Module, lora: LoRASettings, task_type: str | None = None, base_name: str | None = None
+    ) -> None:
         config = LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
@@ -64,7 +87,10 @@ class LoRABinding:
             init_lora_weights=lora.peft_init(),
         )
         self.lora = lora
-        self.model: PeftModel = get_peft_model(model, config)
+        with quiet_checkpointing_deprecation():
+            self.model: PeftModel = get_peft_model(model, config)
+        if base_name:  # after get_peft_model, which sets it from the loaded folder
+            self.model.peft_config[ADAPTER].base_model_name_or_path = base_name
         self.layers: dict[str, LoraLayer] = {
             name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A
         }
