@@ -12,7 +12,8 @@ import os
 
 import pytest
 
-from fedlora.cli import main, preset_path
+from fedlora.cli import main
+from fedlora.configs import preset_path
 from fedlora.sim.config import load_config
 from fedlora.sim.runner import run_experiment
 
@@ -110,7 +111,7 @@ def test_adapter_folder_and_merged_export_give_the_same_metrics(run, tmp_path):
 def test_errors_exit_with_status_2(run, tmp_path, capsys):
     run_dir, _, _ = run
     assert main(["eval", str(tmp_path)]) == 2
-    assert "--model and --task" in capsys.readouterr().err
+    assert "not a run folder (no config.yaml) and not a PEFT adapter folder" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--task", "math"]) == 2
     assert "run folder" in capsys.readouterr().err
     unfinished = tmp_path / "unfinished"
@@ -120,3 +121,14 @@ def test_errors_exit_with_status_2(run, tmp_path, capsys):
     assert "no final/ adapter" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--model", "offline:minilm", "--task", "classification"]) == 2
     assert "not a PEFT adapter folder" in capsys.readouterr().err
+
+
+def test_the_run_adapter_names_the_model_as_configured_and_exports(run, tmp_path, capsys):
+    """``final/adapter_config.json`` records ``model.name`` as configured (portable), not the
+    folder the weights were loaded from; ``fedlora export`` of the run gives a plain model."""
+    run_dir, _, _ = run
+    config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "offline:minilm"
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    assert "wrote a merged model" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())

@@ -343,3 +343,77 @@ def test_compare_adds_the_clients_own_models_where_a_run_has_them(tmp_path):
     assert (rb["FINAL"], rb["own(w)"], rb["own(u)"]) == ("0.4000", "-", "-")
     assert "own(w) / own(u)" in table
     assert "own(w)" not in compare_runs([b], None)
+
+
+# ---- compare: runs evaluated on different test sets ------------------------------------------------
+def _with_protocol(run: Path, protocol: dict, *, file: bool = True) -> Path:
+    """Give a synthetic run the protocol a real one records (protocol.json, or only in summary.json)."""
+    if file:
+        (run / "protocol.json").write_text(json.dumps(protocol))
+    else:
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "protocol": protocol}))
+    return run
+
+
+def _math(n_test: int = 4, **settings) -> dict:
+    return {
+        "task": "math",
+        "kind": "causal_lm",
+        "seed": 0,
+        "settings": {"source": "generated", "n_test": n_test, **settings},
+    }
+
+
+def _warnings(table: str) -> list[str]:
+    return [line for line in table.splitlines() if line.startswith("warning:")]
+
+
+def test_compare_runs_on_the_same_test_set_has_no_warning(tmp_path):
+    a = _with_protocol(write_run(tmp_path, "a", make_records([0.2, 0.3])), _math(50))
+    b = _with_protocol(write_run(tmp_path, "b", make_records([0.4, 0.5]), method="fedit"), _math(50), file=False)
+    c = write_run(tmp_path, "c", make_records([0.1]))  # an old run without a protocol: n still agrees
+    assert not _warnings(compare_runs([a, b, c], None))
+    assert "warning" not in compare_runs([a], None)
+
+
+@pytest.mark.parametrize(
+    ("other", "n", "detail"),
+    [
+        (_math(50), 40, "test examples: 50 (a) vs 40 (b)"),
+        (_math(50, split_test="validation", split_train="train"), 50, "task.settings.split_test"),
+        (_math(50, source="gsm8k.jsonl"), 50, "task.settings.source: generated (a) vs gsm8k.jsonl (b)"),
+        ({**_math(50), "seed": 1}, 50, "data seed: 0 (a) vs 1 (b)"),
+        ({**_math(50), "task": "instruction"}, 50, "task: math (a) vs instruction (b)"),
+        ({**_math(50), "task": "classification", "dataset": "sst2"}, 50, "task: math (a) vs classification (b)"),
+    ],
+)
+def test_compare_warns_when_the_test_sets_differ(tmp_path, other, n, detail):
+    a = _with_protocol(write_run(tmp_path, "a", make_records([0.2, 0.3])), _math(50, split_test="test"))
+    records = make_records([0.4, 0.5])
+    for r in records:
+        if r.get("eval"):
+            r["eval"]["n"] = n
+    b = _with_protocol(
+        write_run(tmp_path, "b", records), {**other, "settings": {"split_test": "test", **other["settings"]}}
+    )
+    table = compare_runs([a, b], None)
+    (warning,) = _warnings(table)
+    assert "different test sets" in warning and "not comparable" in warning
+    assert detail in table
+    assert table.index(warning) < table.index("run ")  # before the table, not buried under it
+
+
+def test_compare_test_set_ignores_training_only_settings(tmp_path):
+    a = _with_protocol(write_run(tmp_path, "a", make_records([0.2])), _math(50, n_train=64, max_new_tokens=24))
+    b = _with_protocol(write_run(tmp_path, "b", make_records([0.3])), _math(50, n_train=640, max_new_tokens=24))
+    assert not _warnings(compare_runs([a, b], None))
+    # code evaluates a fixed problem file: its seed and training source do not change it, n_eval does
+    code = {"task": "code", "seed": 0, "settings": {"source": "generated", "eval_set": "humaneval", "n_eval": 20}}
+    c = _with_protocol(write_run(tmp_path, "c", make_records([0.2])), code)
+    d = _with_protocol(write_run(tmp_path, "d", make_records([0.2])), {**code, "seed": 3})
+    assert not _warnings(compare_runs([c, d], None))
+    e = _with_protocol(
+        write_run(tmp_path, "e", make_records([0.2])), {**code, "settings": {**code["settings"], "n_eval": 164}}
+    )
+    assert "task.settings.n_eval: 20 (c) vs 164 (e)" in compare_runs([c, e], None)

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Sequence
 
+from fedlora.configs import preset_names, preset_path
+
 
 def parse_assignments(items: Sequence[str] | None, flag: str = "--set") -> dict[str, str]:
     """``["tau=0.99", "split=left"]`` -> ``{"tau": "0.99", "split": "left"}``."""
@@ -52,19 +54,6 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
-
-
-def preset_path(name: str):
-    """A config shipped with the package (``default``, ``ci``, ...)."""
-    from importlib import resources
-
-    path = resources.files("fedlora") / "configs" / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(
-            p.name[:-5] for p in (resources.files("fedlora") / "configs").iterdir() if p.name.endswith(".yaml")
-        )
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(names)}")
-    return path
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -163,17 +152,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pathlib import Path
 
-    from fedlora.sim.evaluate import evaluate_run, evaluate_saved
+    from fedlora.model.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+    from fedlora.sim.evaluate import evaluate_run, evaluate_saved, is_adapter_dir
 
     overrides = parse_assignments(args.set)
     path = Path(args.path) if args.path else None
-    if path is not None and (path / "config.yaml").is_file():
-        if args.model or args.task:
-            raise ValueError(f"{path} is a run folder: its config names the model and task (use --set to change them)")
+    is_run = path is not None and (path / "config.yaml").is_file()
+    if path is not None and not is_run:
+        if not path.exists():
+            raise ValueError(f"no such folder: {path}")
+        if not path.is_dir():
+            raise ValueError(f"{path}: a file, not a run folder or a PEFT adapter folder")
+        if not is_adapter_dir(path):
+            raise ValueError(
+                f"{path}: not a run folder (no config.yaml) and not a PEFT adapter folder ({CONFIG_NAME} + "
+                f"{WEIGHTS_NAME}); for a merged model pass it as --model without a positional folder"
+            )
+    if is_run and (args.model or args.task):
+        raise ValueError(f"{path} is a run folder: its config names the model and task (use --set to change them)")
+    if not is_run and (not args.model or not args.task):
+        raise ValueError("an adapter folder or a plain model needs --model and --task (a run folder needs neither)")
+    if is_run:
         result = evaluate_run(path, overrides, out=args.out)
     else:
-        if not args.model or not args.task:
-            raise ValueError("an adapter folder or a plain model needs --model and --task (a run folder needs neither)")
         result = evaluate_saved(path, model=args.model, task=args.task, overrides=overrides, out=args.out)
     what = result.get("run") or result.get("adapter") or result["model"]
     print(f"{result['task']} on {what}: {result['n_test']} test examples")
@@ -222,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(--preset, default 'default': SmolLM2-135M, FedMomentum, generated math problems, ~10 min on 2 CPU cores).",
     )
     p.add_argument("config", nargs="?", help="YAML config file (see docs/config.md)")
-    p.add_argument("--preset", default="default", help="shipped config to run when no CONFIG is given (default, ci)")
+    p.add_argument(
+        "--preset",
+        default="default",
+        help=f"shipped config to run when no CONFIG is given: {', '.join(preset_names())} (default: default)",
+    )
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=1e-3"
     )
@@ -231,9 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("export", help="save a run's final model, fully merged, with save_pretrained")
-    p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p = sub.add_parser(
+        "export",
+        help="save a run's final model, fully merged, with save_pretrained",
+        description="Merge a finished run's model into plain weights: the base model named in RUN_DIR/config.yaml, "
+        "plus the run's backbone delta (RUN_DIR/final/backbone_delta.safetensors, for methods that change the "
+        "backbone), plus its final LoRA (RUN_DIR/final/). DIR receives a plain transformers model "
+        "(save_pretrained: config.json + safetensors weights) and the base model's tokenizer, loadable with "
+        "AutoModelForCausalLM / AutoModelForSequenceClassification.from_pretrained(DIR) without PEFT or fedlora; "
+        "`fedlora eval --model DIR --task TASK` evaluates it.",
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="a finished run folder (runs/NAME, holding final/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model and tokenizer to")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
@@ -254,8 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the whole result as JSON")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("compare", help="one table and shared plots for several runs")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p = sub.add_parser(
+        "compare",
+        help="one table and shared plots for several runs",
+        description="Compare finished (or interrupted) runs: prints one table, a row per run, with each run's "
+        "FINAL metric (the last evaluated round, not the running max over rounds, which overstates a result), "
+        "its untuned-base value and best round for reference, MB communicated, wall time, rejected updates and "
+        "skipped rounds. With --plot, writes a PNG of every run's curves on shared axes (metric by round, metric "
+        "by MB communicated, training loss). Prints a 'warning:' line when the runs were evaluated on different "
+        "test sets (their task, dataset, test-set settings, data seed or number of test examples differ).",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/NAME, holding metrics.jsonl)")
     p.add_argument("--plot", metavar="PNG", help="write the runs' curves on shared axes")
     p.set_defaults(func=_cmd_compare)
 

@@ -563,6 +563,103 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return [s.rstrip() for s in out]
 
 
+# Task settings that choose which examples a task's test set holds (the union over the tasks; a key a
+# run's task does not have is skipped). Code evaluates a fixed problem file: only its own keys count.
+_TEST_SET_SETTINGS = (
+    "dataset",
+    "datasets",
+    "source",
+    "sources",
+    "test_source",
+    "hub_config",
+    "hub_configs",
+    "split_test",
+    "test_splits",
+    "columns",
+    "categories",
+    "generated_subtasks",
+    "files",
+    "plays",
+    "roles",
+    "min_speeches",
+    "num_roles",
+    "test_fraction",
+    "max_test_per_role",
+    "n_test",
+)
+_TEST_SET_SETTINGS_OF = {"code": ("eval_set", "n_eval")}
+_SEEDLESS_TEST_SETS = frozenset({"code"})  # the seed draws code's training rows, never its problems
+
+
+def _protocol(run: RunData) -> dict[str, Any]:
+    """The run's evaluation protocol: ``protocol.json`` (written when the run starts), else the summary's."""
+    path = run.path / "protocol.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and data:
+                return data
+        except json.JSONDecodeError as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+    data = run.summary.get("protocol")
+    return data if isinstance(data, dict) else {}
+
+
+def _n_test(run: RunData) -> int | None:
+    """How many test examples the run's evaluations used: the ``n`` of its last eval dict that has one
+    (the summary's when the records have none)."""
+    evals = [r.get("eval") for r in reversed(run.records)] + [run.summary.get("final"), run.summary.get("baseline")]
+    return next((int(e["n"]) for e in evals if isinstance(e, dict) and _is_num(e.get("n"))), None)
+
+
+def evaluation_set_of(run: RunData) -> dict[str, Any]:
+    """What defines the run's test set, as far as its records tell: the task, its dataset, the
+    test-set settings, the data seed and the number of test examples (keys that are unknown are absent)."""
+    protocol = _protocol(run)
+    out: dict[str, Any] = {}
+    task = protocol.get("task")
+    for key in ("task", "dataset"):
+        if protocol.get(key) is not None:
+            out[key] = protocol[key]
+    settings = protocol.get("settings") if isinstance(protocol.get("settings"), dict) else {}
+    for key in _TEST_SET_SETTINGS_OF.get(str(task), _TEST_SET_SETTINGS):
+        if key in settings:
+            out[f"task.settings.{key}"] = settings[key]
+    if protocol and task not in _SEEDLESS_TEST_SETS:
+        seed = settings.get("seed")
+        seed = protocol.get("seed") if seed is None else seed
+        if seed is not None:
+            out["data seed"] = seed
+    n = _n_test(run)
+    if n is not None:
+        out["test examples"] = n
+    return out
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def evaluation_set_warnings(runs: Sequence[RunData]) -> list[str]:
+    """``warning:`` lines when ``runs`` were evaluated on different test sets (then their metrics
+    are not comparable), one indented line per differing item; ``[]`` when they agree."""
+    names = [r.name for r in runs]
+    labels = names if len(set(names)) == len(names) else [str(r.path) for r in runs]
+    sets = [evaluation_set_of(r) for r in runs]
+    lines = []
+    for key in dict.fromkeys(k for s in sets for k in s):
+        groups: dict[str, list[str]] = {}
+        for label, s in zip(labels, sets):
+            if key in s:
+                groups.setdefault(_shown(s[key]), []).append(label)
+        if len(groups) > 1:
+            lines.append(f"  {key}: " + " vs ".join(f"{v} ({', '.join(ls)})" for v, ls in groups.items()))
+    if not lines:
+        return []
+    return ["warning: the runs were evaluated on different test sets, so their metrics are not comparable:", *lines]
+
+
 def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     """A text table of ``run_dirs`` (one row each, in the given order); with ``out``, a PNG of all runs.
 
@@ -571,7 +668,8 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     FINAL value (last evaluated round: the headline), the best evaluated round's value and that
     round (for reference only), then MB communicated, wall seconds, rejected updates and skipped
     rounds. ``out`` receives metric vs round, metric vs MB and train loss vs round, all runs on
-    shared axes.
+    shared axes. When the runs' test sets differ (see :func:`evaluation_set_of`), ``warning:`` lines
+    naming the differences come first.
     """
     runs = [load_run(d) for d in run_dirs]
     rows = [_Row(r, _train_records(r.records), _primary(r.records, r.summary)) for r in runs]
@@ -607,6 +705,7 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     else:
         head = f"metrics differ between runs (one column group each): {', '.join(metrics)}"
     notes = [
+        *evaluation_set_warnings(runs),
         head,
         *_table(header, body, right),
         "FINAL = value at the last evaluated round (the result to report); base = untuned base model;",
@@ -686,4 +785,12 @@ def _compare_plot(rows: list[_Row], out: Path) -> None:
         fig.savefig(out, dpi=110)
 
 
-__all__ = ["RunData", "compare_runs", "load_run", "lower_is_better", "write_plots"]
+__all__ = [
+    "RunData",
+    "compare_runs",
+    "evaluation_set_of",
+    "evaluation_set_warnings",
+    "load_run",
+    "lower_is_better",
+    "write_plots",
+]
