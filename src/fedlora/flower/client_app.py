@@ -48,6 +48,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
+from fedlora.atomic import write_tensors, write_text
 from fedlora.flower.records import (
     diff_from_content,
     factors_record,
@@ -58,8 +59,6 @@ from fedlora.flower.records import (
 )
 from fedlora.flower.sync import (
     NodeStore,
-    _atomic_save,
-    _atomic_text,
     entry_deltas,
     flatten_state,
     seeded_state,
@@ -213,7 +212,7 @@ def write_status(folder: Path, server_round: int, phase: str) -> None:
     """``status.json``: what this node is doing (``loading``, ``training``, ``done``) in which
     1-based round, and its process id."""
     status = {"round": server_round, "phase": phase, "pid": os.getpid(), "time": time.time()}
-    _atomic_text(json.dumps(status), folder / "status.json")
+    write_text(folder / "status.json", json.dumps(status))
 
 
 class RecordStore:
@@ -251,8 +250,8 @@ class RecordStore:
         tensors: dict[str, torch.Tensor] = {}
         tree = pack_tree({"cursor": record.cursor, "memory": record.memory, "optimizer": record.optimizer}, tensors)
         name = f"{round_:06d}-{uuid.uuid4().hex[:8]}.safetensors"
-        _atomic_save({k: v.detach().cpu().clone() for k, v in tensors.items()}, self.dir / name)
-        _atomic_text(json.dumps({"round": round_, "tensors": name, "tree": tree}), self.dir / f"{round_:06d}.json")
+        write_tensors(self.dir / name, {k: v.detach().cpu().clone() for k, v in tensors.items()})
+        write_text(self.dir / f"{round_:06d}.json", json.dumps({"round": round_, "tensors": name, "tree": tree}))
         for r in self.rounds():
             if r not in (round_, base):
                 (self.dir / f"{r:06d}.json").unlink(missing_ok=True)

@@ -35,15 +35,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from fedlora.atomic import write_tensors, write_text
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods.base import GlobalState, LoRASpec, Method, ModuleFactors
 
@@ -362,9 +362,9 @@ class NodeStore:
             raise OutOfSync(f"backbone ledger of {len(chains) - 1} entries does not match the server's")
         (self.root / "ledger").mkdir(parents=True, exist_ok=True)
         for j, entry in enumerate(diff.ledger, start=diff.ledger_from):
-            _atomic_save(entry, self.root / "ledger" / f"{j:06d}.safetensors")
-            _atomic_text(json.dumps(list(entry)), self.root / "ledger" / f"{j:06d}.json")
-        _atomic_save(flat, self.root / f"state-{diff.state_to}.safetensors")
+            write_tensors(self.root / "ledger" / f"{j:06d}.safetensors", entry)
+            write_text(self.root / "ledger" / f"{j:06d}.json", json.dumps(list(entry)))
+        write_tensors(self.root / f"state-{diff.state_to}.safetensors", flat)
         old = self.info
         info = {
             "round": diff.state_to,
@@ -374,7 +374,7 @@ class NodeStore:
             "chains": chains,
             "keys": list(flat),
         }
-        _atomic_text(json.dumps(info), self.root / "node.json")
+        write_text(self.root / "node.json", json.dumps(info))
         if old is not None and old["round"] != diff.state_to:
             (self.root / f"state-{old['round']}.safetensors").unlink(missing_ok=True)
         return flat, chains
@@ -401,23 +401,3 @@ class NodeStore:
 
 def _same(a: Tensor, b: Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-
-
-def _atomic_save(tensors: Mapping[str, Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from fedlora.atomic import atomic_folder, atomic_path
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods.base import Factors, LoRASpec, ModuleFactors
 
@@ -136,11 +135,6 @@ def check_config(config: Mapping[str, Any], where: str) -> None:
         raise AdapterError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
 
 
-def _atomic_dir(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
 def adapter_tensors(factors: Factors, extras: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     """The safetensors payload of an adapter: ``<module>.lora_A/B.weight`` plus extras."""
     out: dict[str, Tensor] = {}
@@ -163,33 +157,26 @@ def write_adapter(
 ) -> Path:
     """Write a PEFT-loadable adapter folder atomically (``r`` in the config set from the factors)."""
     target = Path(path)
-    ranks = {f.rank for f in factors.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"an adapter folder needs one rank, got {sorted(ranks)}")
-    cfg = dict(config)
-    cfg["r"] = ranks.pop()
-    cfg["inference_mode"] = True
-    tmp = _atomic_dir(target)
-    try:
-        save_file(adapter_tensors(factors, extras or {}, dtype), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_folder(target) as tmp:
+        fill_adapter(tmp, config, factors, extras, dtype)
     return target
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``, replacing an existing folder as late as possible."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+def fill_adapter(
+    folder: Path,
+    config: Mapping[str, Any],
+    factors: Factors,
+    extras: Mapping[str, Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """An adapter's two files, written into a folder being filled atomically (``r`` in the config
+    set from the factors, which must share one rank)."""
+    ranks = {f.rank for f in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"an adapter folder needs one rank, got {sorted(ranks)}")
+    cfg = {**config, "r": ranks.pop(), "inference_mode": True}
+    save_file(adapter_tensors(factors, extras or {}, dtype), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def delta_tensors(deltas: Mapping[str, FactoredDelta]) -> dict[str, Tensor]:
@@ -208,17 +195,9 @@ def save_deltas(
     path: str | os.PathLike, deltas: Mapping[str, FactoredDelta], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write a backbone delta file atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        meta = {"format": "fedlora.backbone_delta", **(metadata or {})}
-        save_file(delta_tensors(deltas), tmp, metadata=meta)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    meta = {"format": "fedlora.backbone_delta", **(metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file(delta_tensors(deltas), str(tmp), metadata=meta)
 
 
 def load_deltas(path: str | os.PathLike) -> dict[str, FactoredDelta]:

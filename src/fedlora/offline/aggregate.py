@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from fedlora.atomic import atomic_folder
 from fedlora.lowrank import svd_device
 from fedlora.methods import ClientContext, ClientUpload, GlobalState, LoRASpec, ModuleFactors, build_method
 from fedlora.methods.base import aggregation_weights, clone_factors, weighted_mean
@@ -35,11 +35,9 @@ from fedlora.model.adapter_io import (
     DELTA_NAME,
     Adapter,
     AdapterError,
-    _atomic_dir,
+    fill_adapter,
     read_adapter,
-    replace_dir,
     save_deltas,
-    write_adapter,
 )
 
 REPORT_NAME = "aggregation.json"
@@ -212,23 +210,12 @@ def aggregate_folders(
         "backbone_delta_ranks": {m: d.rank for m, d in deltas.items()},
         "modules": result.report,
     }
-    tmp = _atomic_dir(out)
-    try:
-        dtype = adapters[0].dtype
-        write_adapter(tmp / "adapter", base_config, new_state.factors, extras, dtype)
-        for f in (tmp / "adapter").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "adapter").rmdir()
+    with atomic_folder(out) as tmp:
+        fill_adapter(tmp, base_config, new_state.factors, extras, adapters[0].dtype)
         if method.changes_backbone:
             fan = str(bool(base_config.get("fan_in_fan_out", False))).lower()
             save_deltas(tmp / DELTA_NAME, deltas, {"method": method.name, "fan_in_fan_out": fan})
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

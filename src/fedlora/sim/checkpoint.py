@@ -3,20 +3,21 @@
 ``flatten`` turns nested dicts/lists holding tensors and JSON values into a flat tensor dict
 plus a JSON skeleton whose tensor leaves read ``{"__tensor__": key}``; ``unflatten`` inverts it.
 A checkpoint folder is written under a temporary name and renamed into place, so a process
-killed at any moment leaves either the previous checkpoint or the new one, never a mix.
+killed at any moment leaves either the previous checkpoint or the new one, never a mix; the
+temporary folder such a kill leaves behind (``.checkpoint.*``) is removed by the next save or load.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from fedlora.atomic import atomic_folder, recover_folder
 
 TENSORS = "state.safetensors"
 META = "state.json"
@@ -49,39 +50,44 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``folder`` atomically (replacing an older checkpoint)."""
+def stale_folders(folder: str | Path) -> list[Path]:
+    """Temporary folders of ``folder``'s saves that a killed process left behind: ``.<name>.tmp-*``
+    (and the untagged ``.<name>.<random>`` of older versions), never ``.<name>.old``."""
     target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = flatten(state, tensors)
+    prefix, old = f".{target.name}.", f".{target.name}.old"
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and p.name != old)
+
+
+def remove_stale(folder: str | Path) -> None:
+    """Delete :func:`stale_folders` (best effort: a read-only folder is left as it is)."""
+    for p in stale_folders(folder):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``folder`` atomically (:func:`fedlora.atomic.atomic_folder`, replacing an
+    older checkpoint); temporary folders of earlier saves killed midway are removed."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten(state, tensors)  # the slow copy, before any folder exists to be left behind
+    remove_stale(folder)
+    with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         (tmp / META).write_text(json.dumps(skeleton))
-        for f in (tmp / TENSORS, tmp / META):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(folder: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (falls back to the previous one if a
-    crash interrupted the swap)."""
-    target = Path(folder)
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    If a crash interrupted a save's swap, the previous checkpoint (``.<name>.old``) is moved back
+    into place and read (:func:`fedlora.atomic.recover_folder`). Temporary folders of killed saves
+    are removed once the read succeeds.
+    """
+    target = recover_folder(folder, complete=META)
     if not (target / META).is_file():
-        old = target.with_name(f".{target.name}.old")
-        if (old / META).is_file():
-            target = old
-        else:
-            raise FileNotFoundError(f"{folder}: no checkpoint")
+        raise FileNotFoundError(f"{folder}: no checkpoint")
     tensors = load_file(str(target / TENSORS))
-    return unflatten(json.loads((target / META).read_text()), tensors)
+    state = unflatten(json.loads((target / META).read_text()), tensors)
+    remove_stale(folder)
+    return state

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora import atomic
 from fedlora.sim.report import (
     _STYLE,
     MB,
@@ -643,8 +644,8 @@ def write_report(spec: StudySpec, extra: dict[str, Any] | None = None) -> StudyR
     """Write ``report.md``, ``report.json`` and one PNG per slice into ``spec.report_dir``."""
     report = build_report(spec, extra)
     spec.report_dir.mkdir(parents=True, exist_ok=True)
-    (spec.report_dir / "report.md").write_text(report.markdown())
-    (spec.report_dir / "report.json").write_text(json.dumps(report.to_json(), indent=1, default=str) + "\n")
+    atomic.write_text(spec.report_dir / "report.md", report.markdown())
+    atomic.write_text(spec.report_dir / "report.json", json.dumps(report.to_json(), indent=1, default=str) + "\n")
     return report
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from fedlora import atomic
 from fedlora.sim.config import config_from_dict
 from fedlora.study.spec import Cell, StudySpec
 
@@ -116,7 +117,7 @@ def run_study(
             secs = time.perf_counter() - t
             text = "".join(traceback.format_exception(exc))
             cell.run_dir.mkdir(parents=True, exist_ok=True)
-            (cell.run_dir / ERROR_FILE).write_text(text)
+            atomic.write_text(cell.run_dir / ERROR_FILE, text)
             why = f"{type(exc).__name__}: {exc}"
             echo(f"{head}: FAILED after {secs:.0f} s: {why} (see {cell.run_dir / ERROR_FILE})")
             outcomes.append(CellOutcome(cell, "failed", secs, f"{type(exc).__name__}: {exc}"))
