@@ -405,7 +405,7 @@ def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accou
     method's ``bytes_up`` and round 2's down-link tensor bytes are round 1's ``bytes_down``
     (each sampled node held the previous version); ``count_bytes()`` adds a <=128-byte .npy
     header and the key per array."""
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
     from fedlora.model.adapter_io import read_adapter
     from fedlora.sim.config import load_config
     from fedlora.sim.runner import run_experiment
@@ -779,7 +779,7 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
     authentication (registered EC keys). Two rounds of FedSA-LoRA with carried optimizer states:
     the client memory (each node's own B) and the optimizer state live in ``context.state``, which
     the SuperNode hands to a fresh ClientApp process per message. Same records as ``fedlora run``."""
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
     from fedlora.sim.config import load_config
     from fedlora.sim.runner import run_experiment
 

@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from fedlora.cli import preset_path
+from fedlora.configs import preset_path
 from fedlora.sim.config import load_config
 from fedlora.sim.runner import prepare_data
 

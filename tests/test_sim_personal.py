@@ -94,7 +94,7 @@ def test_fedsa_personal_factors_are_global_A_with_the_clients_B():
 
 # ---- through the runner ------------------------------------------------------------------------
 def _cfg(tmp_path, name, **sets):
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
     from fedlora.sim.config import load_config
 
     base = {

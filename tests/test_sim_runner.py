@@ -33,7 +33,7 @@ TINY = {
 def tiny(tmp_path: Path, name: str, **overrides: str):
     sets = {**TINY, "output_dir": str(tmp_path), "name": name}
     sets.update({k.replace("__", "."): v for k, v in overrides.items()})
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
 
     return load_config(preset_path("ci"), sets)
 
@@ -283,7 +283,7 @@ def test_a_crashing_client_is_reported_and_checkpoints_survive(tmp_path, monkeyp
     ],
 )
 def test_config_errors_name_the_key(sets, needle):
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
 
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         load_config(preset_path("ci"), sets)
@@ -322,6 +322,19 @@ def test_carried_optimizer_state_and_heterogeneous_ranks(tmp_path):
 
 
 def test_float_written_without_a_dot_is_a_number():
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
 
     assert load_config(preset_path("ci"), {"train.lr": "5e-4"}).train.lr == 5e-4
+
+
+def test_resume_leaves_no_temporary_checkpoint_folder(tmp_path):
+    """One round, then --resume to two: no ``.checkpoint.*`` survives, not even one that a save
+    killed midway left before the resume (planted here; see tests/test_sim_checkpoint.py)."""
+    run = tmp_path / "resumed"
+    run_experiment(tiny(tmp_path, "resumed", rounds__num_rounds="1"), progress=False)
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    (run / ".checkpoint.k3x9_q2w").mkdir()  # what a process killed while saving leaves
+    summary = run_experiment(tiny(tmp_path, "resumed", rounds__num_rounds="2"), resume=True, progress=False)
+    assert summary["rounds"] == 2 and [r["round"] for r in records(run)] == [1, 2]
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    assert (run / "checkpoint" / "state.json").is_file()

@@ -242,7 +242,7 @@ def test_stsb_regression_uses_mse(minilm):
 
 @needs_minilm
 def test_one_federated_round_through_the_runner(tmp_path):
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
     from fedlora.sim.config import load_config
     from fedlora.sim.runner import run_experiment
 

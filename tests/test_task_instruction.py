@@ -158,7 +158,7 @@ def test_perplexity_is_exp_of_transformers_mean_loss(smollm):
 
 @needs_smollm
 def test_one_federated_round_through_the_runner(tmp_path):
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
     from fedlora.sim.config import load_config
     from fedlora.sim.runner import run_experiment
 

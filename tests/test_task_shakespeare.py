@@ -371,7 +371,7 @@ def test_perplexity_and_accuracy_equal_transformers_loss_on_the_same_tokens(tmp_
 
 @needs_texts
 def test_one_federated_round_on_three_roles(tmp_path):
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
     from fedlora.sim.config import load_config
     from fedlora.sim.runner import Simulation
 

@@ -74,7 +74,7 @@ class Progress:
         self.total, self.n, self.desc, self.unit = total, initial, desc, unit
         self.postfix: dict[str, Any] = {}
         self.interval = interval
-        self._start_n = initial
+        self._start_n = self._written_n = initial
         self._t0 = self._last = time.monotonic()
         self._bar = None
         if mode == "bar":
@@ -120,7 +120,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.mode == "lines" and self.n > self._start_n:
+        elif self.mode == "lines" and self.n > self._written_n:
             self._write_line(done=True)
         self.mode = "off"
 
@@ -149,7 +149,7 @@ class Progress:
         return ", ".join(parts)
 
     def _write_line(self, done: bool = False) -> None:
-        self._last = time.monotonic()
+        self._last, self._written_n = time.monotonic(), self.n
         self.stream.write(time.strftime("%H:%M:%S ") + self.line(done=done) + "\n")
         self.stream.flush()
 

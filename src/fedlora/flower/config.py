@@ -70,7 +70,7 @@ def config_source(name: str) -> Any:
     """A preset's path, or the YAML path itself."""
     if name.endswith((".yaml", ".yml")) or "/" in name:
         return name
-    from fedlora.cli import preset_path
+    from fedlora.configs import preset_path
 
     return preset_path(name)
 

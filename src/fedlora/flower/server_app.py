@@ -38,7 +38,6 @@ client models here (``rounds.personal_eval=on`` is refused).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -49,8 +48,8 @@ import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from tqdm.auto import tqdm
 
+from fedlora import atomic
 from fedlora.flower.config import FlowerOptions, resolve
 from fedlora.flower.records import (
     diff_content,
@@ -61,6 +60,7 @@ from fedlora.flower.records import (
 )
 from fedlora.flower.sync import EXTRA_PREFIX, NodeVersion, StateSync, flatten_state, seeded_state
 from fedlora.methods import ClientUpload
+from fedlora.progress import Progress
 from fedlora.sim.config import Config
 from fedlora.sim.runner import Simulation, TrainedClients, client_rank
 
@@ -220,7 +220,7 @@ class FlowerServer(Simulation):
         self.sync.observe(t, flatten_state(self.state, self.global_extras), self.ledger, self._seeded(t))
 
     # ---- one round's local training, remotely ---------------------------------------------------
-    def _train_clients(self, sampled: list[str], bar: tqdm) -> TrainedClients:
+    def _train_clients(self, sampled: list[str], bar: Progress) -> TrainedClients:
         t = self.state.round
         self._observe()
         self._refresh_nodes()
@@ -284,7 +284,7 @@ class FlowerServer(Simulation):
             return "reply without upload/metrics"
         return None
 
-    def _round(self, k: int, bar: tqdm) -> dict[str, Any]:
+    def _round(self, k: int, bar: Progress) -> dict[str, Any]:
         record = super()._round(k, bar)
         record["wire"] = dict(self._wire)
         return record
@@ -319,7 +319,7 @@ class FlowerServer(Simulation):
         summary["runtime"] = "flower"
         summary["run_key"] = self.run_key
         summary["wire"] = dict(self.wire_total)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic.write_json(self.run_dir / "summary.json", summary)
         return summary
 
 

@@ -22,9 +22,6 @@ LoRA/head from the adapter folder via ``PeftModel.from_pretrained`` (unmerged). 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +29,10 @@ from typing import Any
 
 import torch
 
+from fedlora import atomic
 from fedlora.model.adapter_io import CONFIG_NAME, DELTA_NAME, WEIGHTS_NAME, load_deltas
+from fedlora.model.binding import quiet_checkpointing_deprecation
+from fedlora.progress import Progress, tracking
 from fedlora.sim.config import Config, load_config
 
 EVAL_NAME = "eval.json"
@@ -72,7 +72,8 @@ def load_model_for_eval(cfg: Config, adapter_dir: str | Path | None = None) -> t
         if not is_adapter_dir(adapter_dir):
             raise ValueError(f"{adapter_dir}: not a PEFT adapter folder ({CONFIG_NAME} + {WEIGHTS_NAME})")
         delta_file = adapter_dir / DELTA_NAME
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with quiet_checkpointing_deprecation():  # PEFT reads a name transformers deprecated
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
         if delta_file.exists():
             apply_backbone_delta(model, load_deltas(delta_file))
             loaded["backbone_delta"] = True
@@ -92,7 +93,7 @@ def evaluate_config(cfg: Config, adapter_dir: str | Path | None = None) -> dict[
     data = task.load()
     model, tokenizer, loaded = load_model_for_eval(cfg, adapter_dir)
     t1 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), tracking(Progress(desc="evaluating", unit="example")):
         metrics = task.evaluate(model, tokenizer, data.test)
     t2 = time.perf_counter()
     return {
@@ -110,17 +111,7 @@ def evaluate_config(cfg: Config, adapter_dir: str | Path | None = None) -> dict[
 
 def write_eval(result: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``result`` as JSON to ``path`` atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic.write_json(path, result)
 
 
 def evaluate_run(

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from fedlora import atomic
 from fedlora.lowrank import FactoredDelta, svd_device
 from fedlora.methods import ClientUpload, GlobalState, Method, ModuleFactors, build_method
 from fedlora.methods.base import Factors
 from fedlora.methods.validation import InvalidUpdate, screen_uploads
 from fedlora.model.binding import LoRABinding, LoRASettings
+from fedlora.progress import Progress, quiet_library_bars, terminal_width, tracking
 from fedlora.sim.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.sim.client import ClientRecord, LocalData, client_round
 from fedlora.sim.config import Config
@@ -158,7 +159,7 @@ def build_binding(cfg: Config, device: torch.device) -> tuple[Any, LoRABinding]:
         modules_to_save=("classifier", "score") if cfg.model.kind == "seq_cls" else (),
         init=cfg.lora.init,
     )
-    binding = LoRABinding(model, lora, task_type="SEQ_CLS" if cfg.model.kind == "seq_cls" else "CAUSAL_LM")
+    binding = LoRABinding(model, lora, "SEQ_CLS" if cfg.model.kind == "seq_cls" else "CAUSAL_LM", cfg.model.name)
     return tokenizer, binding
 
 
@@ -199,6 +200,7 @@ class Simulation:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.progress = progress
+        self.progress_mode = "auto" if progress else "off"
         self.method: Method = build_method(cfg.method.name, cfg.method.settings)
         self.personal = personal_enabled(cfg.rounds.personal_eval, self.method)
         self.device = device_for(cfg.model.device)
@@ -208,19 +210,34 @@ class Simulation:
         from fedlora.data.partition import partition_report, plot_partition
 
         cfg = self.cfg
+        p = cfg.partition
+        log.info("preparing data: task %s, %d clients (%s partition)", cfg.task.name, p.num_clients, p.scheme)
         data = prepare_data(cfg)
+        log.info("data: %d train, %d test examples", len(data.train), len(data.test))
         self.task, self.train_examples, self.test_examples = data.task, data.train, data.test
         self.parts = data.parts
         self.client_ids = data.client_ids
         self.personal_sets = personal_test_sets(cfg, data) if self.personal else {}
         report = partition_report(data.groups, self.parts)
-        (self.run_dir / "partition.json").write_text(json.dumps(report, indent=2) + "\n")
+        atomic.write_json(self.run_dir / "partition.json", report)
         try:
             plot_partition(report, self.run_dir / "partition.png")
         except Exception as exc:  # a plot must never stop a run
             log.warning("partition plot failed: %s", exc)
+        if self.progress_mode != "off" and terminal_width(sys.stderr) == 0:
+            quiet_library_bars()  # a log gets fedlora's lines, not transformers' redrawn bars
+        log.info("loading model %s (%s) on %s", cfg.model.name, cfg.model.dtype, self.device)
+        t = time.perf_counter()
         self.tokenizer, self.binding = build_binding(cfg, self.device)
         self.global_extras = self.binding.extras()
+        base = sum(p.numel() for p in self.binding.model.parameters())
+        log.info(
+            "model ready in %.0f s: %.0fM parameters, LoRA rank %d on %d modules",
+            time.perf_counter() - t,
+            base / 1e6,
+            cfg.lora.rank,
+            len(self.binding.layers),
+        )
 
     def _client_rank(self, cid: str) -> int:
         return client_rank(self.cfg, cid)
@@ -292,27 +309,32 @@ class Simulation:
         return int(ck["metrics_lines"])
 
     # ---- evaluation ---------------------------------------------------------------------------
+    def _eval_progress(self, what: str) -> Progress:
+        """Progress of one evaluation (the task's batched loops report into it)."""
+        return Progress(desc=f"evaluating {what}", unit="example", mode=self.progress_mode, leave=False, position=1)
+
     def _evaluate(self) -> dict[str, float]:
         self.binding.set_factors(self.state.factors)
         if self.global_extras:
             self.binding.set_extras(self.global_extras)
         self.binding.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), tracking(self._eval_progress(f"round {self.state.round}")):
             return self.task.evaluate(self.binding.model, self.tokenizer, self.test_examples)
 
     def _evaluate_personal(self) -> dict[str, Any]:
         """Each trained client's own model on its matched test set (see ``sim/personal.py``)."""
-        return evaluate_personal(
-            self.binding,
-            self.method,
-            self.state,
-            self.clients,
-            self.task,
-            self.tokenizer,
-            self.test_examples,
-            self.personal_sets,
-            self.global_extras,
-        )
+        with tracking(self._eval_progress(f"round {self.state.round}: clients' own models")):
+            return evaluate_personal(
+                self.binding,
+                self.method,
+                self.state,
+                self.clients,
+                self.task,
+                self.tokenizer,
+                self.test_examples,
+                self.personal_sets,
+                self.global_extras,
+            )
 
     def _protocol(self) -> dict[str, Any]:
         """The task's evaluation protocol, plus how clients' own models are evaluated if they are."""
@@ -332,7 +354,8 @@ class Simulation:
 
     def _evaluate_base(self) -> dict[str, float]:
         self.binding.model.eval()
-        with torch.no_grad(), self.binding.model.disable_adapter():
+        progress = self._eval_progress("the untuned base model")
+        with torch.no_grad(), self.binding.model.disable_adapter(), tracking(progress):
             return self.task.evaluate(self.binding.model, self.tokenizer, self.test_examples)
 
     # ---- the run ------------------------------------------------------------------------------
@@ -341,7 +364,7 @@ class Simulation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _setup_logging(self.run_dir)
         metrics_path = self.run_dir / "metrics.jsonl"
-        (self.run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        atomic.write_text(self.run_dir / "config.yaml", _yaml(cfg.to_dict()))
         self._setup()
         self.t0 = time.perf_counter()
         self.elapsed = 0.0
@@ -354,8 +377,9 @@ class Simulation:
             self.ledger: list[dict[str, FactoredDelta]] = []
             self.clients: dict[str, ClientRecord] = {}
             self.bytes_total = 0
-            metrics_path.write_text("")
+            atomic.write_text(metrics_path, "")
             if cfg.rounds.eval_baseline:
+                log.info("evaluating the untuned base model on %d test examples", len(self.test_examples))
                 t = time.perf_counter()
                 base = self._evaluate_base()
                 _append(
@@ -370,18 +394,20 @@ class Simulation:
                 )
                 log.info("base model: %s", _fmt(base))
             self._checkpoint(_count_lines(metrics_path))
-        (self.run_dir / "protocol.json").write_text(json.dumps(self._protocol(), indent=2) + "\n")
+        atomic.write_json(self.run_dir / "protocol.json", self._protocol())
 
         k = self._clients_per_round()
         total_steps = cfg.rounds.num_rounds * k * cfg.train.max_steps if cfg.train.max_steps else None
         done_steps = self.state.round * k * cfg.train.max_steps if cfg.train.max_steps else 0
-        bar = tqdm(total=total_steps, initial=done_steps, disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = Progress(total_steps, initial=done_steps, unit="step", mode=self.progress_mode)
         try:
             while self.state.round < cfg.rounds.num_rounds:
                 record = self._round(k, bar)
                 _append(metrics_path, record)
+                bar.set_description(f"round {self.state.round}/{cfg.rounds.num_rounds}: writing the checkpoint")
                 self._checkpoint(_count_lines(metrics_path))
                 _fault("after_checkpoint", self.state.round)
+            bar.set_description(f"{cfg.rounds.num_rounds} rounds done")
         finally:
             bar.close()
         return self._finish(metrics_path)
@@ -389,7 +415,7 @@ class Simulation:
     def _clients_per_round(self) -> int:
         return clients_per_round(self.cfg, len(self.client_ids))
 
-    def _round(self, k: int, bar: tqdm) -> dict[str, Any]:
+    def _round(self, k: int, bar: Progress) -> dict[str, Any]:
         cfg, t = self.cfg, self.state.round
         sampled = sample_clients(cfg.seed, t, self.client_ids, k)
         t_train = time.perf_counter()
@@ -455,6 +481,7 @@ class Simulation:
         every = cfg.rounds.eval_every
         eval_seconds = 0.0
         if (every and (t + 1) % every == 0) or t + 1 == cfg.rounds.num_rounds:
+            bar.set_description(f"round {t + 1}/{cfg.rounds.num_rounds}: evaluating")
             t_eval = time.perf_counter()
             record["eval"] = self._evaluate()
             log.info("round %d: train loss %s, %s", t + 1, _num(record["train_loss"]), _fmt(record["eval"]))
@@ -473,7 +500,7 @@ class Simulation:
         record["seconds"] = {"train": train_seconds, "aggregate": agg_seconds, "eval": eval_seconds}
         return record
 
-    def _train_clients(self, sampled: list[str], bar: tqdm) -> TrainedClients:
+    def _train_clients(self, sampled: list[str], bar: Progress) -> TrainedClients:
         """Local training of the sampled clients, in order; a client that raises is a failure."""
         cfg, t, k = self.cfg, self.state.round, len(sampled)
         uploads, train_stats, failures, extras = [], {}, [], []
@@ -498,7 +525,7 @@ class Simulation:
 
         return uploads, train_stats, failures, extras, ranks
 
-    def _train_client(self, cid: str, bar: tqdm) -> tuple[ClientUpload, dict[str, Any], dict[str, torch.Tensor]]:
+    def _train_client(self, cid: str, bar: Progress) -> tuple[ClientUpload, dict[str, Any], dict[str, torch.Tensor]]:
         def on_step(step: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -548,7 +575,7 @@ class Simulation:
             "skipped_rounds": sum(1 for r in records if r.get("skipped")),
             "protocol": self._protocol(),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic.write_json(self.run_dir / "summary.json", summary)
         try:
             write_plots(records, self.run_dir, title=f"{self.cfg.name} ({self.method.name})")
         except Exception as exc:
@@ -586,10 +613,7 @@ def _summarise(report: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    atomic.append_line(path, json.dumps(record))
 
 
 def _count_lines(path: Path) -> int:
@@ -598,7 +622,7 @@ def _count_lines(path: Path) -> int:
 
 def _truncate_lines(path: Path, n: int) -> None:
     lines = [line for line in path.read_text().splitlines() if line.strip()][:n] if path.exists() else []
-    path.write_text("".join(line + "\n" for line in lines))
+    atomic.write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _fmt(metrics: dict[str, float]) -> str:

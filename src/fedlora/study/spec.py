@@ -214,7 +214,7 @@ def _resolve_base(base: Any, spec_dir: Path) -> tuple[str, dict[str, Any]]:
         if not path.is_file():
             raise StudySpecError(f"base: config file {path} does not exist")
     else:
-        from fedlora.cli import preset_path
+        from fedlora.configs import preset_path
 
         try:
             path = Path(str(preset_path(base)))
