@@ -9,7 +9,7 @@ from fedlora.tasks.base import Example, Task, TaskData
 
 # name -> "module:factory"; a factory takes (settings: Mapping, seed: int) and returns a Task.
 TASKS: dict[str, str] = {
-    "math": "fedlora.tasks.math:build",
+    "math": "fedlora.tasks.math.task:build",
     "code": "fedlora.tasks.code.task:build",
     "classification": "fedlora.tasks.classification:build",
     "commonsense": "fedlora.tasks.commonsense:build",

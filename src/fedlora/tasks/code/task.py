@@ -88,7 +88,7 @@ from typing import Any
 import torch
 
 from fedlora import progress
-from fedlora.data.sources import SourceError
+from fedlora.data.sources import SourceError, read_rows, subsample
 from fedlora.tasks.base import Example, TaskData
 from fedlora.tasks.code.sandbox import STATUSES, SandboxResult, run_sandboxed, sandbox_capabilities
 from fedlora.tasks.code.templates import CATEGORIES, generate_code
@@ -102,9 +102,7 @@ from fedlora.tasks.common import (
     model_device,
     pad_id,
     parse_settings,
-    read_rows,
     stop_ids,
-    subsample,
     text_ids,
 )
 

@@ -1,4 +1,4 @@
-"""Loading math examples from local JSONL / JSON / CSV / parquet files and (offline) the hub."""
+"""GSM8K-format math examples from local JSONL / JSON / CSV / parquet files and (offline) the hub."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from fedlora.data.sources import (
-    SourceError,
+from fedlora.data.sources import SourceError
+from fedlora.tasks.math.gsm8k import (
     final_from_answer,
     load_local,
     load_source,
