@@ -1,4 +1,4 @@
-"""Loading math examples from local JSONL / JSON / CSV / parquet files and (offline) the hub."""
+"""The general row layer: file readers, folders of split files, the hub loader, subsampling and hold-outs."""
 
 from __future__ import annotations
 
@@ -9,39 +9,22 @@ import json
 import pytest
 
 from fedlora.data.sources import (
+    LOCAL_HINT,
     SourceError,
-    final_from_answer,
-    load_local,
-    load_source,
-    solution_steps,
-    split_before_partition,
-    step_bucket,
+    drop_overlap,
+    holdout,
+    hub_rows,
+    is_dir,
+    is_local,
+    is_single_file,
+    read_records,
+    read_rows,
+    rename_columns,
+    split_files,
+    subsample,
 )
 
-# Three real GSM8K training rows (format: worked lines with calculator annotations, then ####).
-GSM8K_ROWS = [
-    {
-        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-        "How many clips did Natalia sell altogether in April and May?",
-        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
-    },
-    {
-        "question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
-        "How much did she earn?",
-        "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n"
-        "Working 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10",
-    },
-    {
-        "question": "Betty is saving money for a new wallet which costs $100. Betty has only half of the money she "
-        "needs. Her parents decided to give her $15 for that purpose, and her grandparents twice as much as "
-        "her parents. How much more money does Betty need to buy the wallet?",
-        "answer": "In the beginning, Betty has only 100 / 2 = $<<100/2=50>>50.\n"
-        "Betty's grandparents gave her 15 * 2 = $<<15*2=30>>30.\n"
-        "This means, Betty needs 100 - 50 - 30 - 15 = $<<100-50-30-15=5>>5 more.\n#### 5",
-    },
-    {"question": "A big one?", "answer": "It is 1,000 + 200 = 1,200.\n#### 1,200"},
-]
+ROWS = [{"text": "first", "label": 1}, {"text": "second", "label": 0}, {"text": "third", "label": 1}]
 
 
 def write_jsonl(path, rows):
@@ -49,79 +32,63 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_gsm8k_jsonl_loads(tmp_path):
-    res = load_local(write_jsonl(tmp_path / "gsm8k_train.jsonl", GSM8K_ROWS))
-    assert res.dropped == 0 and len(res.examples) == 4
-    finals = [ex["final"] for ex in res.examples]
-    assert finals == ["72", "10", "5", "1200"]
-    assert [ex["category"] for ex in res.examples] == ["steps_1-2", "steps_1-2", "steps_3", "steps_1-2"]
-    assert res.examples[0]["question"] == GSM8K_ROWS[0]["question"]
-    assert res.examples[0]["answer"] == GSM8K_ROWS[0]["answer"]
-    assert set(res.examples[0]) == {"question", "answer", "final", "category"}
-
-
-def test_category_fallbacks_and_mapped_columns(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", GSM8K_ROWS)
-    mag = load_local(path, category_fallback="magnitude").examples
-    assert [ex["category"] for ex in mag] == ["digits_2", "digits_2", "digits_1", "digits_4+"]
-    const = load_local(path, category_fallback="const:gsm8k").examples
-    assert {ex["category"] for ex in const} == {"gsm8k"}
-    with pytest.raises(SourceError, match="category_fallback"):
-        load_local(path, category_fallback="bogus")
-    rows = [{"q": "What is 2+2?", "sol": "2+2=4", "topic": "arith", "gold": "4.0"}]
-    ex = load_local(write_jsonl(tmp_path / "m.jsonl", rows), columns={
-        "question": "q", "answer": "sol", "category": "topic", "final": "gold"}).examples  # fmt: skip
-    assert ex == [{"question": "What is 2+2?", "answer": "2+2=4", "final": "4", "category": "arith"}]
-
-
-def test_metamath_style_answers_and_other_formats(tmp_path):
-    rows = [
-        {"query": "Tom has 3 apples and buys 4. How many?", "response": "3 + 4 = 7. The answer is: 7"},
-        {"query": "No number here?", "response": "I do not know."},
-    ]
-    cols = {"question": "query", "answer": "response"}
-    # JSON list, gzipped JSONL, CSV and parquet give the same examples
-    (tmp_path / "a.json").write_text(json.dumps(rows))
-    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as fh:
-        fh.write("\n".join(json.dumps(r) for r in rows))
-    with open(tmp_path / "c.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["query", "response"])
+def test_read_records_formats_and_errors(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    (tmp_path / "b.json").write_text(json.dumps({"data": ROWS}))
+    write_jsonl(tmp_path / "c.json", ROWS)  # JSON lines named .json
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as fh:
+        fh.write("\n".join(json.dumps(r) for r in ROWS))
+    for name in ("a.json", "b.json", "c.json", "d.jsonl.gz"):
+        assert read_records(tmp_path / name) == ROWS
+    with open(tmp_path / "e.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["text", "label"])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(ROWS)
+    assert read_records(tmp_path / "e.csv") == [{"text": r["text"], "label": str(r["label"])} for r in ROWS]
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    results = [load_local(tmp_path / f, columns=cols) for f in ("a.json", "b.jsonl.gz", "c.csv", "d.parquet")]
-    for res in results:
-        assert res.dropped == 1  # no final number: dropped, counted
-        assert res.examples == results[0].examples
-    assert results[0].examples[0]["final"] == "7"
-
-
-def test_missing_columns_and_files_are_clear(tmp_path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"query": "q", "response": "#### 1"}])
-    with pytest.raises(SourceError, match=r"columns not found: question -> 'question'"):
-        load_local(path)
-    with pytest.raises(SourceError, match="not found"):
-        load_source(str(tmp_path / "missing.jsonl"))
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "f.parquet")
+    assert read_records(tmp_path / "f.parquet") == ROWS
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\nnot json\n')
-    with pytest.raises(SourceError, match=r"bad\.jsonl:2"):
-        load_local(tmp_path / "bad.jsonl")
+    with pytest.raises(SourceError, match=r"bad\.jsonl:2: invalid JSON line"):
+        read_records(tmp_path / "bad.jsonl")
+    (tmp_path / "obj.json").write_text(json.dumps({"items": ROWS}))
+    with pytest.raises(SourceError, match="'data', 'rows' or 'examples'"):
+        read_records(tmp_path / "obj.json")
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(SourceError, match="unsupported file type"):
+        read_records(tmp_path / "x.txt")
+    with pytest.raises(SourceError, match="data file not found"):
+        read_records(tmp_path / "missing.jsonl")
 
 
-def test_folder_with_splits(tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS[:3])
-    sub = tmp_path / "main"
-    sub.mkdir()
-    write_jsonl(sub / "test-00000-of-00001.jsonl", GSM8K_ROWS[3:])
-    assert len(load_source(str(tmp_path), split="train").examples) == 3
-    assert [e["final"] for e in load_source(str(tmp_path), split="test").examples] == ["1200"]
+def test_read_rows_of_a_file_a_folder_and_its_splits(tmp_path):
+    path = write_jsonl(tmp_path / "all.jsonl", ROWS)
+    assert is_local(str(path)) and is_single_file(str(path)) and not is_dir(str(path))
+    assert read_rows(str(path), split="test") == (ROWS, str(path))  # a single file has no splits
+    folder = tmp_path / "repo"
+    (folder / "main").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS[:2])
+    write_jsonl(folder / "main" / "test-00000-of-00001.jsonl", ROWS[2:])
+    write_jsonl(folder / ".cache" / "test.jsonl", ROWS)  # hidden folders are skipped
+    assert is_dir(str(folder)) and not is_single_file(str(folder))
+    assert [p.name for p in split_files(folder, "test")] == ["test-00000-of-00001.jsonl"]
+    assert read_rows(str(folder)) == (ROWS[:2], f"{folder} [train]")
+    assert read_rows(str(folder), split="test") == (ROWS[2:], f"{folder} [test]")
     with pytest.raises(SourceError, match="no 'validation' data files"):
-        load_source(str(tmp_path), split="validation")
+        read_rows(str(folder), split="validation")
+    with pytest.raises(SourceError, match="data file not found"):
+        read_rows(str(tmp_path / "missing.jsonl"))
+    assert not is_local("some-org/some-dataset")
+    renamed = rename_columns(ROWS, {"sentence": "text"}, "origin")
+    assert [r["sentence"] for r in renamed] == [r["text"] for r in ROWS]
+    with pytest.raises(SourceError, match=r"origin: columns not found: sentence -> 'body'"):
+        rename_columns(ROWS, {"sentence": "body"}, "origin")
 
 
-def test_hub_offline_fails_clearly(monkeypatch):
+def test_hub_rows_offline_is_a_clear_error(monkeypatch):
     datasets = pytest.importorskip("datasets")
     import huggingface_hub.constants
 
@@ -131,28 +98,28 @@ def test_hub_offline_fails_clearly(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setenv("HF_DATASETS_CACHE", "/nonexistent/fedlora-test-cache")
     with pytest.raises(SourceError) as info:
-        load_source("openai/gsm8k", split="test")
+        read_rows("some-org/some-dataset", split="validation", config="cfg")
     msg = str(info.value)
-    assert "openai/gsm8k" in msg and "HF_HUB_OFFLINE" in msg
-    assert "local file" in msg and ".jsonl" in msg
+    assert msg.startswith("cannot load the hub dataset some-org/some-dataset (config 'cfg'), split 'validation'")
+    assert "HF_HUB_OFFLINE" in msg
+    assert "load_dataset('some-org/some-dataset', 'cfg', split='validation').to_json('validation.jsonl')" in msg
+    assert msg.endswith(f", and {LOCAL_HINT}")
+    with pytest.raises(SourceError, match=r"\.to_json\('train\.jsonl'\), and do something else\.$"):
+        hub_rows("some-org/some-dataset", "train", local_hint="do something else.")
 
 
-def test_answer_helpers():
-    assert final_from_answer("a\nb\n#### 1,234") == "1234"
-    assert final_from_answer("x = 3\n####   -5 apples") == "-5"
-    assert final_from_answer("no marker, the answer is 8.") == "8"
-    assert final_from_answer("nothing") is None
-    assert solution_steps("a\n\nb\nc\n#### 3") == 3
-    assert [step_bucket(s) for s in (1, 2, 3, 4, 5, 6, 7, 9)] == [
-        "steps_1-2", "steps_1-2", "steps_3", "steps_4", "steps_5-6", "steps_5-6", "steps_7+", "steps_7+"]  # fmt: skip
-
-
-def test_split_before_partition():
-    rows = [{"question": f"q{i % 45}", "answer": "#### 1"} for i in range(50)]  # 5 duplicated questions
-    train, test = split_before_partition(rows, 10, seed=0)
-    assert len(test) == 10
-    assert not {r["question"] for r in train} & {r["question"] for r in test}
-    assert len(train) + len(test) <= 50
-    assert (train, test) == split_before_partition(rows, 10, seed=0)
-    with pytest.raises(SourceError):
-        split_before_partition(rows, 50, seed=0)
+def test_subsample_holdout_and_drop_overlap():
+    items = list(range(100))
+    picked = subsample(items, 10, "0:train")
+    assert len(picked) == 10 and picked == sorted(picked) and picked == subsample(items, 10, "0:train")
+    assert picked != subsample(items, 10, "1:train")
+    assert subsample(items, 0, 0) == items and subsample(items, 200, 0) == items
+    rows = [{"q": f"q{i % 45}"} for i in range(50)]  # 5 duplicated questions
+    train, test = holdout(rows, 10, "0:holdout", lambda r: r["q"])
+    assert len(test) == 10 and (train, test) == holdout(rows, 10, "0:holdout", lambda r: r["q"])
+    assert not {r["q"] for r in train} & {r["q"] for r in test}
+    for n in (0, 50):
+        with pytest.raises(SourceError, match=f"cannot hold out {n} test examples from 50 rows"):
+            holdout(rows, n, 0, lambda r: r["q"])
+    kept, dropped = drop_overlap(rows, rows[:3], lambda r: r["q"])
+    assert dropped == 6 and len(kept) == 44

@@ -25,7 +25,7 @@ from fedlora.tasks.code import (
     load_eval_problems,
     pass_at_k,
 )
-from fedlora.tasks.code_templates import CATEGORIES, generate_code
+from fedlora.tasks.code.templates import CATEGORIES, generate_code
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = "offline:smollm2-135m"

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from fedlora.data.math_generator import CATEGORIES
 from fedlora.tasks import build_task
 from fedlora.tasks.math import IGNORE_INDEX, MathSettings, MathTask
+from fedlora.tasks.math.generator import CATEGORIES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = "offline:smollm2-135m"
@@ -56,7 +56,7 @@ def test_generated_split_is_disjoint_deterministic_and_seeded():
 
 
 def test_local_sources(tmp_path):
-    from fedlora.data.math_generator import generate_math
+    from fedlora.tasks.math.generator import generate_math
 
     rows = [{"question": e["question"], "answer": e["answer"]} for e in generate_math(60, seed=4)]
     path = tmp_path / "gsm.jsonl"

@@ -1,1 +1,1 @@
-"""Data: offline generators, local/hub sources, partitioners and partition reports."""
+"""Data every task uses: rows of local files and hub datasets (sources), partitioners and partition reports."""

@@ -1,33 +1,18 @@
-"""Loading math examples from local files or the Hugging Face hub, in the generator's format.
+"""Rows of a data source, the layer every task reads through: local files, folders of split files, the hub.
 
-Protocol
---------
-Every loader returns examples as dicts ``{"question", "answer", "final", "category"}`` (plus
-any extra columns named in ``keep``), exactly like :func:`fedlora.data.math_generator.generate_math`:
+* Files (:func:`read_records`): ``.jsonl``, ``.json`` (a list, ``{"data": [...]}`` or JSON lines),
+  ``.csv``, ``.parquet``; ``.jsonl.gz`` / ``.json.gz`` too (:data:`FILE_SUFFIXES`).
+* Sources (:func:`read_rows`): a file (read whole: it has no splits), a folder holding
+  ``<split>*.{jsonl,json,csv,parquet}`` files (e.g. a clone of a hub dataset repository; found
+  by :func:`split_files`), or a hub dataset id, read with ``datasets.load_dataset`` only when the
+  machine can reach the hub or has the dataset cached (:func:`hub_rows`). Offline
+  (``HF_HUB_OFFLINE=1``) or without network, a hub id fails with a :class:`SourceError` naming the
+  dataset and how to use a local file instead.
+* Rows to examples: :func:`rename_columns` (a ``{field: column}`` mapping), :func:`subsample`
+  (seeded, order kept), :func:`holdout` (a seeded test hold-out before any client partition) and
+  :func:`drop_overlap` (train rows whose key is also in test).
 
-* ``question`` / ``answer``: read through a column mapping (default GSM8K's own names,
-  ``{"question": "question", "answer": "answer"}``; e.g. MetaMathQA needs
-  ``{"question": "query", "answer": "response"}``).
-* ``final``: the mapped ``final`` column if there is one, else the number after the answer's
-  ``####`` line (GSM8K), else :func:`~fedlora.data.numbers.extract_final_number` of the answer;
-  normalised (``"1,200"`` -> ``"1200"``). Rows without a final number are dropped (counted in
-  :attr:`LoadResult.dropped`).
-* ``category``: the mapped ``category`` column if there is one, else a fallback computed from the
-  row (GSM8K has no category), chosen by ``category_fallback``:
-
-  - ``"steps"`` (default): the number of reasoning lines before ``####`` (GSM8K writes one
-    calculation per line), bucketed as ``steps_1-2``, ``steps_3``, ``steps_4``,
-    ``steps_5-6``, ``steps_7+``: problem difficulty, a natural non-IID axis;
-  - ``"magnitude"``: digits of the final answer: ``digits_1``, ``digits_2``, ``digits_3``,
-    ``digits_4+`` (``negative`` / ``decimal`` for those);
-  - ``"const:NAME"``: the same label ``NAME`` for every row.
-
-Sources (:func:`load_source`): a file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``;
-``.jsonl.gz`` / ``.json.gz`` too), a folder holding ``<split>*.{jsonl,json,csv,parquet}`` files
-(e.g. a clone of a hub dataset repository), or a hub dataset id (``openai/gsm8k``, config
-``main``), read with ``datasets.load_dataset`` only when the machine can reach the hub or has
-the dataset cached. Offline (``HF_HUB_OFFLINE=1``) or without network, a hub id fails with a
-:class:`SourceError` naming the dataset and how to use a local file instead.
+Each task turns these rows into its own examples.
 """
 
 from __future__ import annotations
@@ -37,131 +22,21 @@ import gzip
 import json
 import os
 import random
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlora.data.numbers import extract_final_number, normalize_number
-
-Example = dict[str, Any]
+Row = dict[str, Any]
 
 FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz")
-GSM8K_COLUMNS: dict[str, str] = {"question": "question", "answer": "answer"}
-CATEGORY_FALLBACKS = ("steps", "magnitude", "const:NAME")
-# hub ids whose config must be named (load_dataset fails without one)
-HUB_DEFAULT_CONFIGS: dict[str, str] = {"openai/gsm8k": "main", "gsm8k": "main"}
+# what a hub error advises to do with the downloaded file (after "..., and ")
+LOCAL_HINT = (
+    "use the local file, or a folder of split files such as train.jsonl and validation.jsonl, as the source instead."
+)
 
 
 class SourceError(ValueError):
     """A data source that cannot be read (missing file, bad columns, hub unreachable)."""
-
-
-@dataclass
-class LoadResult:
-    """Examples read from one source split, and how many rows were dropped (no final number)."""
-
-    examples: list[Example]
-    dropped: int = 0
-    origin: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-# ---- answers -----------------------------------------------------------------------------------
-_MARKER_LINE = re.compile(r"^\s*####\s*(.*)$", re.MULTILINE)
-
-
-def final_from_answer(answer: str) -> str | None:
-    """The final number of a worked answer: after ``####`` when present, else extracted."""
-    m = _MARKER_LINE.search(answer)
-    if m:
-        value = normalize_number(m.group(1).strip().split()[0] if m.group(1).strip() else "")
-        if value is not None:
-            return value
-    return extract_final_number(answer)
-
-
-def solution_steps(answer: str) -> int:
-    """Non-empty reasoning lines before the ``####`` line (GSM8K: one calculation per line)."""
-    body = answer.split("####")[0]
-    return sum(1 for line in body.splitlines() if line.strip())
-
-
-def step_bucket(steps: int) -> str:
-    """``steps_1-2``, ``steps_3``, ``steps_4``, ``steps_5-6`` or ``steps_7+``."""
-    if steps <= 2:
-        return "steps_1-2"
-    if steps <= 4:
-        return f"steps_{steps}"
-    if steps <= 6:
-        return "steps_5-6"
-    return "steps_7+"
-
-
-def magnitude_bucket(final: str) -> str:
-    """``digits_1`` .. ``digits_4+``, ``negative`` or ``decimal`` for a normalised number."""
-    if final.startswith("-"):
-        return "negative"
-    if "." in final:
-        return "decimal"
-    return f"digits_{len(final)}" if len(final) < 4 else "digits_4+"
-
-
-def fallback_category(answer: str, final: str, fallback: str) -> str:
-    """The category of a row without one (see the module docstring for ``fallback``)."""
-    if fallback == "steps":
-        return step_bucket(solution_steps(answer))
-    if fallback == "magnitude":
-        return magnitude_bucket(final)
-    if fallback.startswith("const:") and len(fallback) > len("const:"):
-        return fallback[len("const:") :]
-    raise SourceError(f"unknown category_fallback {fallback!r}; allowed: {', '.join(CATEGORY_FALLBACKS)}")
-
-
-def normalize_rows(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Mapping[str, str] | None = None,
-    *,
-    category_fallback: str = "steps",
-    keep: Sequence[str] = (),
-    origin: str = "",
-) -> LoadResult:
-    """Map raw rows to examples (see the module docstring); rows with no final number are dropped."""
-    cols = {**GSM8K_COLUMNS, **dict(columns or {})}
-    allowed = {"question", "answer", "final", "category"}
-    unknown = set(cols) - allowed
-    if unknown:
-        raise SourceError(f"unknown column mapping keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-    if category_fallback not in ("steps", "magnitude") and not category_fallback.startswith("const:"):
-        raise SourceError(f"unknown category_fallback {category_fallback!r}; allowed: {', '.join(CATEGORY_FALLBACKS)}")
-    if rows:
-        present = set(rows[0])
-        missing = [f"{k} -> {v!r}" for k, v in cols.items() if v not in present]
-        if missing:
-            raise SourceError(
-                f"{origin or 'source'}: columns not found: {', '.join(missing)}; the rows have "
-                f"{sorted(present)}. Set the column mapping, e.g. columns: {{question: query, answer: response}}"
-            )
-    out: list[Example] = []
-    dropped = 0
-    for row in rows:
-        question = str(row[cols["question"]]).strip()
-        answer = str(row[cols["answer"]]).strip()
-        final = normalize_number(str(row[cols["final"]])) if "final" in cols else final_from_answer(answer)
-        if not question or final is None:
-            dropped += 1
-            continue
-        if "category" in cols and row[cols["category"]] not in (None, ""):
-            category = str(row[cols["category"]])
-        else:
-            category = fallback_category(answer, final, category_fallback)
-        ex: Example = {"question": question, "answer": answer, "final": final, "category": category}
-        for k in keep:
-            if k in row:
-                ex[k] = row[k]
-        out.append(ex)
-    return LoadResult(out, dropped, origin)
 
 
 # ---- files -------------------------------------------------------------------------------------
@@ -233,29 +108,20 @@ def split_files(folder: str | os.PathLike[str], split: str) -> list[Path]:
     return found
 
 
-def load_local(
-    path: str | os.PathLike[str],
-    *,
-    split: str = "train",
-    columns: Mapping[str, str] | None = None,
-    category_fallback: str = "steps",
-    keep: Sequence[str] = (),
-) -> LoadResult:
-    """Examples from a data file, or from the ``split`` files of a folder."""
-    p = Path(path)
-    if p.is_dir():
-        files = split_files(p, split)
-        if not files:
-            raise SourceError(f"{p}: no {split!r} data files (names starting with {split!r}, types {FILE_SUFFIXES})")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise SourceError(f"data file not found: {p}")
-    rows: list[dict[str, Any]] = []
-    for f in files:
-        rows.extend(read_records(f))
-    origin = str(p) if p.is_file() else f"{p} [{split}]"
-    return normalize_rows(rows, columns, category_fallback=category_fallback, keep=keep, origin=origin)
+# ---- sources -----------------------------------------------------------------------------------
+def is_local(source: str) -> bool:
+    """Whether ``source`` names a local file or folder (a known file suffix, or an existing path)."""
+    p = Path(source).expanduser()
+    return p.exists() or _suffix(p) in FILE_SUFFIXES or source.startswith((".", "/", "~"))
+
+
+def is_dir(source: str) -> bool:
+    return Path(source).expanduser().is_dir()
+
+
+def is_single_file(source: str) -> bool:
+    """A local source that is one file (no splits: a test set is held out of it)."""
+    return is_local(source) and not is_dir(source)
 
 
 # ---- hub ---------------------------------------------------------------------------------------
@@ -270,23 +136,18 @@ def _offline() -> bool:
     return bool(is_offline_mode())
 
 
-def load_hub(
-    dataset_id: str,
-    *,
-    split: str = "train",
-    config: str | None = None,
-    columns: Mapping[str, str] | None = None,
-    category_fallback: str = "steps",
-    keep: Sequence[str] = (),
-) -> LoadResult:
-    """Examples of a hub dataset split via ``datasets.load_dataset`` (cached copies work offline)."""
-    config = config or HUB_DEFAULT_CONFIGS.get(dataset_id)
-    what = f"{dataset_id}" + (f" (config {config!r})" if config else "") + f", split {split!r}"
+def hub_rows(dataset_id: str, split: str, config: str | None = None, *, local_hint: str = LOCAL_HINT) -> list[Row]:
+    """Rows of a hub dataset split via ``datasets.load_dataset`` (cached copies work offline).
+
+    When the dataset cannot be loaded, a :class:`SourceError` names it, why (offline mode, or no
+    network / a wrong id / a missing config or split) and how to download it elsewhere
+    (``datasets.load_dataset(...).to_json('<split>.jsonl')``), followed by ``local_hint``: what to
+    do with that file (default :data:`LOCAL_HINT`).
+    """
+    what = dataset_id + (f" (config {config!r})" if config else "") + f", split {split!r}"
     hint = (
-        f"Download it on a machine with hub access, e.g. "
-        f"datasets.load_dataset({dataset_id!r}{', ' + repr(config) if config else ''}, split={split!r})"
-        f".to_json('{split}.jsonl'), and pass the local file instead (source: /path/to/{split}.jsonl, "
-        f"or a folder with train.jsonl and test.jsonl)."
+        f"Download it on a machine with hub access, e.g. datasets.load_dataset({dataset_id!r}"
+        f"{', ' + repr(config) if config else ''}, split={split!r}).to_json('{split}.jsonl'), and {local_hint}"
     )
     try:
         import datasets
@@ -295,88 +156,88 @@ def load_hub(
     try:
         ds = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:
-        if _offline():
-            reason = "the hub is unreachable in offline mode (HF_HUB_OFFLINE=1) and no cached copy exists"
-        else:
-            reason = "it could not be downloaded (no network access, a wrong id, or a missing config/split)"
+        reason = (
+            "the hub is unreachable in offline mode (HF_HUB_OFFLINE=1) and no cached copy exists"
+            if _offline()
+            else "it could not be downloaded (no network access, a wrong id, or a missing config/split)"
+        )
         raise SourceError(
             f"cannot load the hub dataset {what}: {reason} [{type(exc).__name__}: {str(exc)[:300]}]. {hint}"
         ) from exc
-    rows = ds.to_list()
-    return normalize_rows(rows, columns, category_fallback=category_fallback, keep=keep, origin=f"hub:{what}")
+    return ds.to_list()
 
 
-# ---- dispatch ----------------------------------------------------------------------------------
-def is_local(source: str) -> bool:
-    """Whether ``source`` names a local file or folder (a known file suffix, or an existing path)."""
-    p = Path(source).expanduser()
-    return p.exists() or _suffix(p) in FILE_SUFFIXES or source.startswith((".", "/", "~"))
-
-
-def load_source(
-    source: str,
-    *,
-    split: str = "train",
-    config: str | None = None,
-    columns: Mapping[str, str] | None = None,
-    category_fallback: str = "steps",
-    keep: Sequence[str] = (),
-) -> LoadResult:
-    """Examples of ``split`` from a local file/folder or a hub dataset id (see the module docstring).
-
-    A single file has no splits: it is read whole whatever ``split`` says.
-    """
+# ---- rows --------------------------------------------------------------------------------------
+def read_rows(source: str, *, split: str = "train", config: str | None = None) -> tuple[list[Row], str]:
+    """``(rows, origin)`` of ``split`` of a local file (read whole), a folder (its ``split*`` files)
+    or a hub dataset id."""
     if is_local(source):
-        return load_local(
-            Path(source).expanduser(), split=split, columns=columns, category_fallback=category_fallback, keep=keep
-        )
-    return load_hub(source, split=split, config=config, columns=columns, category_fallback=category_fallback, keep=keep)
+        p = Path(source).expanduser()
+        if p.is_dir():
+            files = split_files(p, split)
+            if not files:
+                raise SourceError(f"{p}: no {split!r} data files (names starting with {split!r})")
+            rows: list[Row] = []
+            for f in files:
+                rows.extend(read_records(f))
+            return rows, f"{p} [{split}]"
+        return read_records(p), str(p)
+    return hub_rows(source, split, config), f"hub:{source}" + (f"/{config}" if config else "") + f" [{split}]"
 
 
-def subsample(examples: Sequence[Example], n: int, seed: int | str) -> list[Example]:
-    """A seeded subset of ``n`` examples in their original order (all of them when ``n <= 0``)."""
-    if n <= 0 or n >= len(examples):
-        return list(examples)
-    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in keep]
+def rename_columns(rows: Sequence[Row], columns: Mapping[str, str], origin: str) -> list[Row]:
+    """Rows with ``columns`` (``{field: column}``) read into the field names the adapters expect."""
+    if not columns or not rows:
+        return list(rows)
+    missing = [f"{k} -> {v!r}" for k, v in columns.items() if v not in rows[0]]
+    if missing:
+        raise SourceError(f"{origin}: columns not found: {', '.join(missing)}; the rows have {sorted(rows[0])}")
+    return [{**row, **{k: row[v] for k, v in columns.items()}} for row in rows]
 
 
-def split_before_partition(
-    examples: Sequence[Example], n_test: int, seed: int | str
-) -> tuple[list[Example], list[Example]]:
-    """Hold out ``n_test`` examples (seeded) as the test set before any client partition.
+def subsample(items: Sequence[Any], n: int, seed: int | str) -> list[Any]:
+    """A seeded subset of ``n`` items in their original order (all when ``n <= 0``)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
 
-    Returns ``(train, test)`` in source order: ``test`` is a seeded sample of ``n_test`` rows and
-    ``train`` the remaining rows, less any whose question also occurs in ``test`` (duplicates in
-    the source), so that no test question is trained on.
-    """
-    if not 0 <= n_test < len(examples):
-        raise SourceError(f"cannot hold out {n_test} test examples from {len(examples)}")
-    test_idx = set(random.Random(seed).sample(range(len(examples)), n_test))
-    test = [examples[i] for i in sorted(test_idx)]
-    test_questions = {ex["question"] for ex in test}
-    train = [ex for i, ex in enumerate(examples) if i not in test_idx and ex["question"] not in test_questions]
+
+def holdout(
+    examples: Sequence[Row], n_test: int, seed: int | str, key: Callable[[Row], Hashable]
+) -> tuple[list[Row], list[Row]]:
+    """``(train, test)``: a seeded sample of ``n_test`` rows as test, the rest as train minus rows
+    whose ``key`` also occurs in test (both in source order)."""
+    if not 0 < n_test < len(examples):
+        raise SourceError(f"cannot hold out {n_test} test examples from {len(examples)} rows")
+    idx = set(random.Random(seed).sample(range(len(examples)), n_test))
+    test = [examples[i] for i in sorted(idx)]
+    seen = {key(ex) for ex in test}
+    train = [ex for i, ex in enumerate(examples) if i not in idx and key(ex) not in seen]
     return train, test
 
 
+def drop_overlap(train: Sequence[Row], test: Sequence[Row], key: Callable[[Row], Hashable]) -> tuple[list[Row], int]:
+    """Train rows whose ``key`` is not in test, and how many were dropped."""
+    seen = {key(ex) for ex in test}
+    kept = [ex for ex in train if key(ex) not in seen]
+    return kept, len(train) - len(kept)
+
+
 __all__ = [
-    "CATEGORY_FALLBACKS",
     "FILE_SUFFIXES",
-    "GSM8K_COLUMNS",
-    "LoadResult",
+    "LOCAL_HINT",
+    "Row",
     "SourceError",
-    "fallback_category",
-    "final_from_answer",
+    "drop_overlap",
+    "holdout",
+    "hub_rows",
+    "is_dir",
     "is_local",
-    "load_hub",
-    "load_local",
-    "load_source",
-    "magnitude_bucket",
-    "normalize_rows",
+    "is_single_file",
     "read_records",
-    "solution_steps",
-    "split_before_partition",
+    "read_rows",
+    "rename_columns",
     "split_files",
-    "step_bucket",
     "subsample",
 ]

@@ -9,12 +9,12 @@ from fedlora.tasks.base import Example, Task, TaskData
 
 # name -> "module:factory"; a factory takes (settings: Mapping, seed: int) and returns a Task.
 TASKS: dict[str, str] = {
-    "math": "fedlora.tasks.math:build",
-    "code": "fedlora.tasks.code:build",
+    "math": "fedlora.tasks.math.task:build",
+    "code": "fedlora.tasks.code.task:build",
     "classification": "fedlora.tasks.classification:build",
     "commonsense": "fedlora.tasks.commonsense:build",
     "instruction": "fedlora.tasks.instruction:build",
-    "shakespeare": "fedlora.tasks.shakespeare:build",
+    "shakespeare": "fedlora.tasks.shakespeare.task:build",
 }
 
 

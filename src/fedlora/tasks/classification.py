@@ -75,17 +75,19 @@ import numpy as np
 import torch
 
 from fedlora import progress
-from fedlora.data.sources import SourceError
-from fedlora.tasks.base import Example, TaskData
-from fedlora.tasks.common import (
+from fedlora.data.sources import (
+    SourceError,
     drop_overlap,
     holdout,
     is_single_file,
-    model_device,
-    parse_settings,
     read_rows,
     rename_columns,
     subsample,
+)
+from fedlora.tasks.base import Example, TaskData
+from fedlora.tasks.common import (
+    model_device,
+    parse_settings,
 )
 
 

@@ -1,11 +1,8 @@
-"""Helpers shared by the task plug-ins (math, classification, commonsense, instruction, code).
+"""Model-side helpers shared by the task plug-ins (math, classification, commonsense, instruction, code,
+shakespeare); reading rows of a data source is :mod:`fedlora.data.sources`.
 
 * :func:`parse_settings`: a settings dataclass from a config mapping (unknown keys and mistyped
   values raise ``ValueError`` naming the key).
-* :func:`read_rows`: raw rows (dicts) of one split of a local file, a folder of split files, or
-  a hub dataset (``datasets.load_dataset``; offline, a :class:`~fedlora.data.sources.SourceError`
-  names the dataset and how to use a local file instead). A single file has no splits.
-* :func:`holdout`: a seeded test hold-out before any client partition.
 * :func:`fit_completion`, :func:`completion_batch`: completion-only training batches (prompt and
   padding labels ``-100``), the math task's truncation rule.
 * :func:`completion_logprobs`: the summed log-probability of each completion's tokens given its
@@ -19,22 +16,17 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import random
 import types
 import typing
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fedlora import progress
-from fedlora.data.sources import SourceError, is_local, read_records, split_files
 
 IGNORE_INDEX = -100
 _EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
-Row = dict[str, Any]
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -70,109 +62,6 @@ def _checked(task: str, key: str, value: Any, ann: Any) -> Any:
             return value
     allowed = ", ".join(map(repr, typing.get_args(ann))) if typing.get_origin(ann) is typing.Literal else str(ann)
     raise ValueError(f"{task} task setting {key!r}: expected {allowed}, got {type(value).__name__} {value!r}")
-
-
-# ---- rows ----------------------------------------------------------------------------------------
-def is_dir(source: str) -> bool:
-    return Path(source).expanduser().is_dir()
-
-
-def is_single_file(source: str) -> bool:
-    """A local source that is one file (no splits: a test set is held out of it)."""
-    return is_local(source) and not is_dir(source)
-
-
-def _offline() -> bool:
-    flags = (os.environ.get(v, "").strip().lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if any(f in ("1", "true", "yes", "on") for f in flags):
-        return True
-    try:
-        from huggingface_hub.constants import is_offline_mode
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(is_offline_mode())
-
-
-def hub_rows(dataset_id: str, split: str, config: str | None = None) -> list[Row]:
-    """Rows of a hub dataset split (cached copies work offline); a clear error otherwise."""
-    what = dataset_id + (f" (config {config!r})" if config else "") + f", split {split!r}"
-    hint = (
-        f"Download it on a machine with hub access, e.g. datasets.load_dataset({dataset_id!r}"
-        f"{', ' + repr(config) if config else ''}, split={split!r}).to_json('{split}.jsonl'), and use the local "
-        "file, or a folder of split files such as train.jsonl and validation.jsonl, as the source instead."
-    )
-    try:
-        import datasets
-    except ImportError as exc:
-        raise SourceError(f"cannot load the hub dataset {what}: the 'datasets' package is missing. {hint}") from exc
-    try:
-        ds = datasets.load_dataset(dataset_id, config, split=split)
-    except Exception as exc:
-        reason = (
-            "the hub is unreachable in offline mode (HF_HUB_OFFLINE=1) and no cached copy exists"
-            if _offline()
-            else "it could not be downloaded (no network access, a wrong id, or a missing config/split)"
-        )
-        raise SourceError(
-            f"cannot load the hub dataset {what}: {reason} [{type(exc).__name__}: {str(exc)[:300]}]. {hint}"
-        ) from exc
-    return ds.to_list()
-
-
-def read_rows(source: str, *, split: str = "train", config: str | None = None) -> tuple[list[Row], str]:
-    """``(rows, origin)`` of ``split`` of a local file (read whole), a folder (its ``split*`` files)
-    or a hub dataset id."""
-    if is_local(source):
-        p = Path(source).expanduser()
-        if p.is_dir():
-            files = split_files(p, split)
-            if not files:
-                raise SourceError(f"{p}: no {split!r} data files (names starting with {split!r})")
-            rows: list[Row] = []
-            for f in files:
-                rows.extend(read_records(f))
-            return rows, f"{p} [{split}]"
-        return read_records(p), str(p)
-    return hub_rows(source, split, config), f"hub:{source}" + (f"/{config}" if config else "") + f" [{split}]"
-
-
-def rename_columns(rows: Sequence[Row], columns: Mapping[str, str], origin: str) -> list[Row]:
-    """Rows with ``columns`` (``{field: column}``) read into the field names the adapters expect."""
-    if not columns or not rows:
-        return list(rows)
-    missing = [f"{k} -> {v!r}" for k, v in columns.items() if v not in rows[0]]
-    if missing:
-        raise SourceError(f"{origin}: columns not found: {', '.join(missing)}; the rows have {sorted(rows[0])}")
-    return [{**row, **{k: row[v] for k, v in columns.items()}} for row in rows]
-
-
-def subsample(items: Sequence[Any], n: int, seed: int | str) -> list[Any]:
-    """A seeded subset of ``n`` items in their original order (all when ``n <= 0``)."""
-    if n <= 0 or n >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), n))
-    return [items[i] for i in keep]
-
-
-def holdout(
-    examples: Sequence[Row], n_test: int, seed: int | str, key: Callable[[Row], Hashable]
-) -> tuple[list[Row], list[Row]]:
-    """``(train, test)``: a seeded sample of ``n_test`` rows as test, the rest as train minus rows
-    whose ``key`` also occurs in test (both in source order)."""
-    if not 0 < n_test < len(examples):
-        raise SourceError(f"cannot hold out {n_test} test examples from {len(examples)} rows")
-    idx = set(random.Random(seed).sample(range(len(examples)), n_test))
-    test = [examples[i] for i in sorted(idx)]
-    seen = {key(ex) for ex in test}
-    train = [ex for i, ex in enumerate(examples) if i not in idx and key(ex) not in seen]
-    return train, test
-
-
-def drop_overlap(train: Sequence[Row], test: Sequence[Row], key: Callable[[Row], Hashable]) -> tuple[list[Row], int]:
-    """Train rows whose ``key`` is not in test, and how many were dropped."""
-    seen = {key(ex) for ex in test}
-    kept = [ex for ex in train if key(ex) not in seen]
-    return kept, len(train) - len(kept)
 
 
 # ---- tokens --------------------------------------------------------------------------------------
@@ -409,21 +298,14 @@ __all__ = [
     "completion_batch",
     "completion_logprobs",
     "completion_token_stats",
-    "drop_overlap",
     "eos_id",
     "fit_completion",
     "greedy_generate",
-    "holdout",
-    "hub_rows",
-    "is_single_file",
     "left_padded",
     "model_device",
     "pad_id",
     "parse_settings",
-    "read_rows",
-    "rename_columns",
     "shared_prompt_logprobs",
     "stop_ids",
-    "subsample",
     "text_ids",
 ]

@@ -90,24 +90,26 @@ from typing import Any, Literal
 import torch
 
 from fedlora import progress
-from fedlora.data.sources import SourceError
+from fedlora.data.sources import (
+    SourceError,
+    drop_overlap,
+    holdout,
+    is_single_file,
+    read_rows,
+    rename_columns,
+    subsample,
+)
 from fedlora.tasks.base import Example, TaskData
 from fedlora.tasks.common import (
     chat_prompt,
     completion_batch,
     completion_logprobs,
-    drop_overlap,
     eos_id,
     fit_completion,
     greedy_generate,
-    holdout,
-    is_single_file,
     pad_id,
     parse_settings,
-    read_rows,
-    rename_columns,
     shared_prompt_logprobs,
-    subsample,
     text_ids,
 )
 

@@ -55,21 +55,16 @@ from typing import Any
 
 import torch
 
-from fedlora.data.sources import SourceError
+from fedlora.data.sources import SourceError, drop_overlap, holdout, is_single_file, read_rows, subsample
 from fedlora.tasks.base import Example, TaskData
 from fedlora.tasks.common import (
     chat_prompt,
     completion_batch,
     completion_logprobs,
-    drop_overlap,
     eos_id,
     fit_completion,
-    holdout,
-    is_single_file,
     pad_id,
     parse_settings,
-    read_rows,
-    subsample,
     text_ids,
 )
 

@@ -5,7 +5,7 @@ Protocol
 Training data (:meth:`CodeTask.load`, ``train``):
 
 * ``source="generated"`` (default, offline): ``n_train`` rows of
-  :func:`fedlora.tasks.code_templates.generate_code` (16 template families of small functions:
+  :func:`fedlora.tasks.code.templates.generate_code` (16 template families of small functions:
   sum, extremes, reverse, count_chars, fizzbuzz, palindrome, factorial, fibonacci, primes,
   filter, dedupe, words, gcd, digits, frequency, sorting; stream ``seed``), optionally only
   ``families``;
@@ -62,7 +62,7 @@ Evaluation (:meth:`CodeTask.evaluate`):
   line is top-level), top-level imports/helpers are kept up to and including
   ``def <entry_point>(`` and it is cut at the next such line after that.
 * execution: ``prompt + completion + "\\n" + test + "\\ncheck(<entry_point>)"`` runs in
-  :func:`fedlora.tasks.sandbox.run_sandboxed` (``timeout`` s wall clock, ``memory_mb`` MB address
+  :func:`fedlora.tasks.code.sandbox.run_sandboxed` (``timeout`` s wall clock, ``memory_mb`` MB address
   space, fresh temporary directory, resource limits, no fork/network; see that module), with
   ``workers`` (at most 2) programs at a time. A sample passes when the program exits cleanly.
 * metric: ``pass@k`` for each ``k`` in ``k``, the mean over problems of the unbiased estimator
@@ -88,9 +88,10 @@ from typing import Any
 import torch
 
 from fedlora import progress
-from fedlora.data.sources import SourceError
+from fedlora.data.sources import SourceError, read_rows, subsample
 from fedlora.tasks.base import Example, TaskData
-from fedlora.tasks.code_templates import CATEGORIES, generate_code
+from fedlora.tasks.code.sandbox import STATUSES, SandboxResult, run_sandboxed, sandbox_capabilities
+from fedlora.tasks.code.templates import CATEGORIES, generate_code
 from fedlora.tasks.common import (
     IGNORE_INDEX,
     chat_prompt,
@@ -101,12 +102,9 @@ from fedlora.tasks.common import (
     model_device,
     pad_id,
     parse_settings,
-    read_rows,
     stop_ids,
-    subsample,
     text_ids,
 )
-from fedlora.tasks.sandbox import STATUSES, SandboxResult, run_sandboxed, sandbox_capabilities
 
 MAX_WORKERS = 2
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -710,7 +708,7 @@ class CodeTask:
             ),
             "execution": {
                 "program": 'prompt + completion + "\\n" + test + "\\ncheck(entry_point)"',
-                "sandbox": "fedlora.tasks.sandbox.run_sandboxed: separate process, python -I, fresh temp dir, "
+                "sandbox": "fedlora.tasks.code.sandbox.run_sandboxed: separate process, python -I, fresh temp dir, "
                 "process-group kill on timeout, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, no core), "
                 "guards against fork/exec/kill/network/writes outside the temp dir",
                 "timeout_s": s.timeout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.data.numbers import extract_final_number, normalize_number, numbers_equal
+from fedlora.tasks.math.numbers import extract_final_number, normalize_number, numbers_equal
 
 EXTRACT = [
     # GSM8K's marker wins, commas dropped, what follows the marker's number is ignored

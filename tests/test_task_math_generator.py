@@ -8,8 +8,8 @@ from fractions import Fraction
 
 import pytest
 
-from fedlora.data.math_generator import CATEGORIES, TEMPLATES, fmt, generate_math
-from fedlora.data.numbers import extract_final_number
+from fedlora.tasks.math.generator import CATEGORIES, TEMPLATES, fmt, generate_math
+from fedlora.tasks.math.numbers import extract_final_number
 
 F = Fraction
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.tasks.sandbox import (
+from fedlora.tasks.code.sandbox import (
     OUTPUT_KEEP,
     STATUSES,
     processes_in_group,

@@ -5,17 +5,17 @@ Protocol
 Data (:meth:`MathTask.load`), split into train and test *before* any client partition:
 
 * ``source="generated"`` (default, offline): ``n_train`` problems from
-  :func:`fedlora.data.math_generator.generate_math` (stream ``seed``, indices ``0..n_train-1``)
+  :func:`fedlora.tasks.math.generator.generate_math` (stream ``seed``, indices ``0..n_train-1``)
   and ``n_test`` test problems from a disjoint index range of the same stream (indices from
   ``TEST_START`` on), skipping any test question that also occurs in train (or earlier in test).
 * a hub dataset id or a folder with ``train*`` / ``test*`` files: the source's own ``train`` and
   ``test`` splits (``split_train`` / ``split_test``), each subsampled (seeded) to ``n_train`` /
   ``n_test`` (``0`` = all rows); train rows whose question is in test are dropped.
 * a single local file (``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet``): ``test_source`` if set,
-  else ``n_test`` rows held out by :func:`fedlora.data.sources.split_before_partition`.
+  else ``n_test`` rows held out by :func:`fedlora.tasks.math.gsm8k.split_before_partition`.
 
 Rows are read through ``columns`` (default GSM8K's ``question`` / ``answer``); see
-:mod:`fedlora.data.sources` for the ``final`` number and the ``category`` fallback.
+:mod:`fedlora.tasks.math.gsm8k` for the ``final`` number and the ``category`` fallback.
 
 Prompt and completion: the prompt is the question as the user message of the tokenizer's chat
 template with ``add_generation_prompt=True`` (``use_chat_template``; ``system_prompt`` adds a
@@ -34,7 +34,7 @@ Evaluation (:meth:`MathTask.evaluate`): greedy decoding (``do_sample=False``, at
 ``max_new_tokens`` new tokens, stopping at the EOS token or ``<|im_end|>`` / ``<|endoftext|>``
 when the vocabulary has them) in batches of ``eval_batch_size`` prompts sorted by length and
 LEFT-padded; only the new tokens are decoded (special tokens skipped). The prediction is
-:func:`fedlora.data.numbers.extract_final_number` of that text (first number after ``####``,
+:func:`fedlora.tasks.math.numbers.extract_final_number` of that text (first number after ``####``,
 else after the last "answer is", else the last number) and is correct when it equals the
 reference ``final`` numerically (``12 == 12.0``, commas ignored). Metrics: ``exact_match`` (the
 fraction correct), ``format_rate`` (fraction of outputs containing ``####``) and ``n``.
@@ -50,9 +50,7 @@ from typing import Any
 
 import torch
 
-from fedlora.data.math_generator import CATEGORIES, generate_math
-from fedlora.data.numbers import extract_final_number, normalize_number, numbers_equal
-from fedlora.data.sources import is_local, load_source, split_before_partition, subsample
+from fedlora.data.sources import is_single_file, subsample
 from fedlora.tasks.base import Example, TaskData
 from fedlora.tasks.common import (
     IGNORE_INDEX,
@@ -61,11 +59,13 @@ from fedlora.tasks.common import (
     eos_id,
     fit_completion,
     greedy_generate,
-    is_dir,
     pad_id,
     parse_settings,
     text_ids,
 )
+from fedlora.tasks.math.generator import CATEGORIES, generate_math
+from fedlora.tasks.math.gsm8k import load_source, split_before_partition
+from fedlora.tasks.math.numbers import extract_final_number, normalize_number, numbers_equal
 
 TEST_START = 1_000_000_000  # generated test problems come from indices >= this (train uses 0..n-1)
 PLAIN_PROMPT = "Question: {question}\nAnswer:\n"
@@ -149,8 +149,7 @@ class MathTask:
             info["test_duplicates_skipped"] = skipped
         else:
             common = {"config": s.hub_config, "columns": s.columns, "category_fallback": s.category_fallback}
-            single_file = is_local(s.source) and not is_dir(s.source)
-            if single_file and s.test_source is None:
+            if is_single_file(s.source) and s.test_source is None:
                 res = load_source(s.source, **common)
                 if not 0 < s.n_test < len(res.examples):
                     raise ValueError(
