@@ -12,13 +12,14 @@ import time
 import pytest
 
 from fedlora import atomic
+from fedlora.atomic import _umask
 
 
 def test_write_replaces_whole_keeps_the_mode_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "summary.json"
     atomic.write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
-    assert target.stat().st_mode & 0o777 == 0o644
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's private 0600
     os.chmod(target, 0o600)
     atomic.write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2} and target.stat().st_mode & 0o777 == 0o600
@@ -63,6 +64,7 @@ def test_folders_swap_whole_and_a_failed_fill_keeps_the_old_one(tmp_path):
     with atomic.atomic_folder(target) as tmp:
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's private 0700
     with pytest.raises(KeyboardInterrupt), atomic.atomic_folder(target) as tmp:
         (tmp / "c.txt").write_text("3")
         raise KeyboardInterrupt

@@ -69,6 +69,12 @@ def remove_stale(target: str | Path) -> None:
                 p.unlink()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _refuse_symlink(target: Path) -> None:
     if target.is_symlink():
         raise OSError(f"{target}: is a symbolic link; refusing to replace it (write to the real path)")
@@ -88,10 +94,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
-        if target.exists():
-            os.chmod(tmp, target.stat().st_mode & 0o777)
-        else:
-            os.chmod(tmp, 0o644)
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except BaseException:
@@ -167,6 +170,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make every run folder private
         yield tmp
         replace_folder(tmp, target)
     except BaseException:

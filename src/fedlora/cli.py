@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a federated fine-tuning experiment on one machine (default: the shipped default)",
         description="Run a federated fine-tuning experiment. With no CONFIG, runs the shipped preset "
-        "(--preset, default 'default': SmolLM2-135M, FedMomentum, generated math problems, ~10 min on 2 CPU cores).",
+        "(--preset, default 'default': SmolLM2-135M, FedMomentum, generated math problems; ~1,200 CPU-seconds, "
+        "at least 10 min on 2 cores).",
     )
     p.add_argument("config", nargs="?", help="YAML config file (see docs/config.md)")
     p.add_argument(
