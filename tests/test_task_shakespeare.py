@@ -407,9 +407,9 @@ def test_one_federated_round_on_three_roles(tmp_path):
     personal = rnd["personal"]
     assert personal["clients"] == 3
     assert all(m["n"] == 3 and math.isfinite(m["perplexity"]) for m in personal["per_client"].values())
-    from fedlora.sim.report import _metric_keys
+    from fedlora.sim.report import metric_keys
 
-    assert _metric_keys(records) == ["perplexity", "loss", "next_token_accuracy"]  # counts are not plotted
+    assert metric_keys(records) == ["perplexity", "loss", "next_token_accuracy"]  # counts are not plotted
     partition = json.loads((run / "partition.json").read_text())
     assert json.dumps(partition).count("macbeth::") >= 3
     protocol = json.loads((run / "protocol.json").read_text())

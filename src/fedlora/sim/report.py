@@ -3,6 +3,9 @@
 * :func:`write_plots` draws one run's ``curves.png`` (the runner calls it at the end of a run).
 * :func:`load_run` reads a run folder (``metrics.jsonl`` + ``summary.json`` + ``config.yaml``).
 * :func:`compare_runs` prints one table row per run and optionally draws all runs on shared axes.
+* The record readers (:func:`train_records`, :func:`eval_series`, :func:`primary_metric`, ...) and
+  figure helpers (:func:`new_figure`, :data:`STYLE`, ...) are public: ``fedlora.study.report``
+  builds its tables and plots of many runs on them.
 
 The headline number of a run is its FINAL metric: the value at the last evaluated round. The best
 round's value is shown next to it (with the round it occurred in) for reference only: reporting
@@ -33,7 +36,7 @@ _LOWER_WORDS = ("loss", "perplexity", "error", "distance")
 _LOWER_TOKENS = frozenset({"ppl", "mse", "mae", "rmse", "wer", "cer", "nll"})
 _STACK = (("train", "local training"), ("aggregate", "aggregation"), ("eval", "evaluation"))
 _STACK_COLORS = ("#4c72b0", "#dd8452", "#55a868")
-_STYLE = {
+STYLE = {
     "axes.grid": True,
     "grid.alpha": 0.3,
     "axes.spines.top": False,
@@ -131,19 +134,19 @@ def _finite(v: Any) -> bool:
     return _is_num(v) and math.isfinite(v)
 
 
-def _metrics_of(ev: Any) -> dict[str, float]:
+def metrics_of(ev: Any) -> dict[str, float]:
     """The numeric metrics of one eval dict, in order, without counts (``n``, ``n_tokens``, ``n_passed``...)."""
     if not isinstance(ev, dict):
         return {}
     return {k: float(v) for k, v in ev.items() if k != "n" and not k.startswith("n_") and _is_num(v)}
 
 
-def _baseline(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+def baseline_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     base = next((r for r in records if r.get("phase") == "baseline"), None)
-    return _metrics_of(base.get("eval")) if base else {}
+    return metrics_of(base.get("eval")) if base else {}
 
 
-def _train_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def train_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Round records (phase "train", or no phase and round >= 1); a round recorded twice keeps its last line."""
     by_round: dict[int, dict[str, Any]] = {}
     for r in records:
@@ -155,21 +158,21 @@ def _train_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_round[k] for k in sorted(by_round)]
 
 
-def _metric_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+def metric_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     """Every metric name in the eval dicts (first-seen order; baseline first, as in the file)."""
     keys: dict[str, None] = {}
     for r in records:
-        for k in _metrics_of(r.get("eval")):
+        for k in metrics_of(r.get("eval")):
             keys.setdefault(k, None)
     return list(keys)
 
 
-def _primary(records: Sequence[dict[str, Any]], summary: dict[str, Any] | None = None) -> str | None:
-    keys = _metric_keys(records)
+def primary_metric(records: Sequence[dict[str, Any]], summary: dict[str, Any] | None = None) -> str | None:
+    keys = metric_keys(records)
     if keys:
         return keys[0]
     for key in ("final", "baseline"):
-        m = _metrics_of((summary or {}).get(key))
+        m = metrics_of((summary or {}).get(key))
         if m:
             return next(iter(m))
     return None
@@ -181,11 +184,11 @@ def lower_is_better(metric: str) -> bool:
     return any(w in m for w in _LOWER_WORDS) or not _LOWER_TOKENS.isdisjoint(re.split(r"[^a-z0-9]+", m))
 
 
-def _evals(train: Sequence[dict[str, Any]], metric: str) -> list[tuple[int, float, float]]:
+def eval_series(train: Sequence[dict[str, Any]], metric: str) -> list[tuple[int, float, float]]:
     """(round, cumulative MB, value) of every evaluated round that has ``metric``."""
     out = []
     for r in train:
-        v = _metrics_of(r.get("eval")).get(metric)
+        v = metrics_of(r.get("eval")).get(metric)
         if v is not None:
             out.append((int(r["round"]), float(r.get("bytes_total") or 0) / MB, v))
     return out
@@ -199,7 +202,7 @@ def _personal_evals(train: Sequence[dict[str, Any]], metric: str, which: str) ->
     ``weighted`` or ``unweighted``) in every round that evaluated them."""
     out = []
     for r in train:
-        v = _metrics_of((r.get("personal") or {}).get(which)).get(metric)
+        v = metrics_of((r.get("personal") or {}).get(which)).get(metric)
         if v is not None:
             out.append((int(r["round"]), float(r.get("bytes_total") or 0) / MB, v))
     return out
@@ -209,7 +212,7 @@ def _final_and_best(
     train: Sequence[dict[str, Any]], metric: str
 ) -> tuple[tuple[int, float] | None, tuple[int, float] | None]:
     """(round, value) at the last evaluated round, and at the best one (earliest on ties); NaN never wins."""
-    ev = _evals(train, metric)
+    ev = eval_series(train, metric)
     if not ev:
         return None, None
     final = (ev[-1][0], ev[-1][2])
@@ -222,7 +225,7 @@ def _final_and_best(
 
 
 # ---- one run's curves ---------------------------------------------------------------------------
-def _pyplot_free_agg() -> None:
+def use_agg_backend() -> None:
     """Make Agg the backend for headless runs, without switching one a process has already set up.
 
     The figures here are ``matplotlib.figure.Figure`` objects rendered by Agg, never pyplot
@@ -235,7 +238,7 @@ def _pyplot_free_agg() -> None:
         matplotlib.use("Agg")
 
 
-def _new_figure(nrows: int, ncols: int, size: tuple[float, float]):
+def new_figure(nrows: int, ncols: int, size: tuple[float, float]):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, dpi=110, layout="constrained")
@@ -243,7 +246,7 @@ def _new_figure(nrows: int, ncols: int, size: tuple[float, float]):
     return fig, axes
 
 
-def _int_ticks(ax) -> None:
+def int_ticks(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -253,7 +256,7 @@ def _note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.45", fontsize=10)
 
 
-def _fmt(v: float | None, digits: int = 4) -> str:
+def fmt_value(v: float | None, digits: int = 4) -> str:
     if v is None:
         return "-"
     if not math.isfinite(v):
@@ -288,7 +291,7 @@ def _metric_panel(ax, train, base, metrics, colors, *, x: str, skipped: list[int
     """Panel (a) (x="round") or (b) (x="mb"): every metric over the run, baseline dashed."""
     from matplotlib.lines import Line2D
 
-    values = {m: [v for *_, v in _evals(train, m)] + ([base[m]] if m in base else []) for m in metrics}
+    values = {m: [v for *_, v in eval_series(train, m)] + ([base[m]] if m in base else []) for m in metrics}
     left, right = _split_axes(metrics, values)
     twin = ax.twinx() if right else None
     if twin is not None:
@@ -300,14 +303,14 @@ def _metric_panel(ax, train, base, metrics, colors, *, x: str, skipped: list[int
     for m in metrics:
         target = twin if m in right else ax
         color = colors[m]
-        ev = _evals(train, m)
+        ev = eval_series(train, m)
         xs = [r for r, _, _ in ev] if x == "round" else [mb for _, mb, _ in ev]
         ys = [v for *_, v in ev]
         if ev:
             label = m + (" (right axis)" if m in right else "")
             target.plot(xs, ys, marker="o", ms=4.5, lw=1.8, color=color, label=label, zorder=3)
             target.annotate(
-                f"final {_fmt(ys[-1], 3)}",
+                f"final {fmt_value(ys[-1], 3)}",
                 (xs[-1], ys[-1]),
                 textcoords="offset points",
                 xytext=(-5, 7),
@@ -339,11 +342,11 @@ def _metric_panel(ax, train, base, metrics, colors, *, x: str, skipped: list[int
         ax.set_xlabel("round (0 = untuned base model)" if base else "round")
         hi = max((int(r["round"]) for r in train), default=1)
         ax.set_xlim(-0.4 if base else 0.5, hi + 0.5)
-        _int_ticks(ax)
+        int_ticks(ax)
     else:
         ax.set_xlabel("cumulative communication (MB, up + down)")
         mb_hi = max((float(r.get("bytes_total") or 0) / MB for r in train), default=0.0)
-        if base or not any(_evals(train, m) for m in metrics):
+        if base or not any(eval_series(train, m) for m in metrics):
             ax.set_xlim(-0.03 * (mb_hi or 1.0), 1.04 * (mb_hi or 1.0))
     ax.set_ylabel(", ".join(left) if left else "metric")
     if twin is not None:
@@ -393,7 +396,7 @@ def _loss_panel(ax, train, skipped: list[int]) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("local training loss")
     ax.set_xlim(0.5, max((int(r["round"]) for r in train), default=1) + 0.5)
-    _int_ticks(ax)
+    int_ticks(ax)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best")
 
@@ -427,29 +430,29 @@ def _time_panel(ax, records, train) -> None:
         ax.set_title(f"(d) wall time per round (total {sum(bottom):,.1f} s)")
     ax.set_xlabel("round (0 = untuned-base evaluation)" if base is not None else "round")
     ax.set_ylabel("seconds")
-    _int_ticks(ax)
+    int_ticks(ax)
 
 
 def _headline(records: Sequence[dict[str, Any]]) -> str:
     """One line under the title: rounds, final (vs base and best) of the primary metric, MB."""
-    train = _train_records(records)
+    train = train_records(records)
     parts = [f"{len(train)} round{'s' if len(train) != 1 else ''}"]
     skipped = sum(1 for r in train if r.get("skipped"))
     if skipped:
         parts.append(f"{skipped} skipped")
-    metric = _primary(records)
+    metric = primary_metric(records)
     if metric:
-        base = _baseline(records).get(metric)
+        base = baseline_metrics(records).get(metric)
         final, best = _final_and_best(train, metric)
         if final:
-            s = f"final {metric} {_fmt(final[1])} (round {final[0]})"
+            s = f"final {metric} {fmt_value(final[1])} (round {final[0]})"
             if base is not None:
-                s += f", untuned base {_fmt(base)}"
+                s += f", untuned base {fmt_value(base)}"
             if best and best[0] != final[0]:
-                s += f"; best round {best[0]}: {_fmt(best[1])} (not the headline)"
+                s += f"; best round {best[0]}: {fmt_value(best[1])} (not the headline)"
             parts.append(s)
         elif base is not None:
-            parts.append(f"untuned base {metric} {_fmt(base)}, no evaluation after training")
+            parts.append(f"untuned base {metric} {fmt_value(base)}, no evaluation after training")
     mb = max((float(r.get("bytes_total") or 0) for r in train), default=0.0) / MB
     parts.append(f"{mb:,.2f} MB communicated")
     return "  ·  ".join(parts)
@@ -465,20 +468,20 @@ def write_plots(records: list[dict], run_dir: Path, title: str) -> list[Path]:
     round stacked by phase. Skipped rounds are shaded grey. Copes with no evaluations, one round
     and skipped rounds.
     """
-    _pyplot_free_agg()
+    use_agg_backend()
     import matplotlib
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    train = _train_records(records)
-    base = _baseline(records)
-    metrics = _metric_keys(records)
+    train = train_records(records)
+    base = baseline_metrics(records)
+    metrics = metric_keys(records)
     palette = matplotlib.colormaps["tab10"]
     colors = {m: palette(i % 10) for i, m in enumerate(metrics)}
     skipped = [int(r["round"]) for r in train if r.get("skipped")]
     out = run_dir / "curves.png"
-    with matplotlib.rc_context(_STYLE):
-        fig, axes = _new_figure(2, 2, (13, 9))
+    with matplotlib.rc_context(STYLE):
+        fig, axes = new_figure(2, 2, (13, 9))
         (a, b), (c, d) = axes
         _metric_panel(a, train, base, metrics, colors, x="round", skipped=skipped)
         a.set_title("(a) evaluation metric by round")
@@ -536,18 +539,18 @@ def _run_skipped(run: RunData, train: list[dict[str, Any]]) -> int:
 
 
 def _metric_cells(row: _Row, metric: str) -> list[str]:
-    base = _baseline(row.run.records).get(metric)
+    base = baseline_metrics(row.run.records).get(metric)
     if base is None:
-        base = _metrics_of(row.run.summary.get("baseline")).get(metric)
+        base = metrics_of(row.run.summary.get("baseline")).get(metric)
     final, best = _final_and_best(row.train, metric)
     if final is None:  # no evaluated round in the records; the summary may still have one
-        v = _metrics_of(row.run.summary.get("final")).get(metric)
+        v = metrics_of(row.run.summary.get("final")).get(metric)
         if v is not None:
             final = (_run_rounds(row.run, row.train), v)
     return [
-        _fmt(base),
-        _fmt(final[1]) if final else "-",
-        _fmt(best[1]) if best else "-",
+        fmt_value(base),
+        fmt_value(final[1]) if final else "-",
+        fmt_value(best[1]) if best else "-",
         str(best[0]) if best else "-",
     ]
 
@@ -672,7 +675,7 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
     naming the differences come first.
     """
     runs = [load_run(d) for d in run_dirs]
-    rows = [_Row(r, _train_records(r.records), _primary(r.records, r.summary)) for r in runs]
+    rows = [_Row(r, train_records(r.records), primary_metric(r.records, r.summary)) for r in runs]
     metrics = list(dict.fromkeys(r.primary for r in rows if r.primary))
     personal = {m for m in metrics for r in rows if _personal_evals(r.train, m, "weighted")}
     header = ["run", "method", "rounds"]
@@ -689,7 +692,8 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
         for m in metrics:
             cells += _metric_cells(row, m)
             if m in personal:
-                cells += [_fmt(ev[-1][2]) if ev else "-" for ev in (_personal_evals(train, m, w) for w in PERSONAL)]
+                series = (_personal_evals(train, m, w) for w in PERSONAL)
+                cells += [fmt_value(ev[-1][2]) if ev else "-" for ev in series]
         cells += [
             f"{_run_mb(run, train):,.2f}",
             f"{_run_seconds(run, train):,.1f}",
@@ -724,15 +728,15 @@ def compare_runs(run_dirs: list[Path], out: Path | None = None) -> str:
 
 
 def _compare_plot(rows: list[_Row], out: Path) -> None:
-    _pyplot_free_agg()
+    use_agg_backend()
     import matplotlib
     from matplotlib.lines import Line2D
 
     palette = matplotlib.colormaps["tab10"]
     metrics = list(dict.fromkeys(r.primary for r in rows if r.primary))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with matplotlib.rc_context(_STYLE):
-        fig, axes = _new_figure(1, 3, (18, 5.8))
+    with matplotlib.rc_context(STYLE):
+        fig, axes = new_figure(1, 3, (18, 5.8))
         a, b, c = axes[0]
         any_eval = any_loss = any_base = False
         max_round = 1
@@ -742,10 +746,10 @@ def _compare_plot(rows: list[_Row], out: Path) -> None:
             label = f"{row.run.name} ({row.run.method})" + (f" [{m}]" if len(metrics) > 1 and m else "")
             max_round = max(max_round, *(int(t["round"]) for t in row.train), 1)
             if m:
-                ev = _evals(row.train, m)
-                base = _baseline(row.run.records).get(m)
+                ev = eval_series(row.train, m)
+                base = baseline_metrics(row.run.records).get(m)
                 if base is None:
-                    base = _metrics_of(row.run.summary.get("baseline")).get(m)
+                    base = metrics_of(row.run.summary.get("baseline")).get(m)
                 if ev:
                     any_eval = True
                     a.plot([r for r, _, _ in ev], [v for *_, v in ev], marker="o", ms=4, lw=1.8, color=color)
@@ -769,11 +773,11 @@ def _compare_plot(rows: list[_Row], out: Path) -> None:
         a.set(title="evaluation metric by round", ylabel=ylabel)
         a.set_xlabel("round (0 = untuned base)" if any_base else "round")
         a.set_xlim(-0.3 if any_base else 0.5, max_round + 0.5)
-        _int_ticks(a)
+        int_ticks(a)
         b.set(title="evaluation metric by communication", xlabel="cumulative communication (MB)", ylabel=ylabel)
         c.set(title="mean local training loss", xlabel="round", ylabel="local training loss")
         c.set_xlim(0.5, max_round + 0.5)
-        _int_ticks(c)
+        int_ticks(c)
         if not any_eval and not any_base:
             _note(a, "no evaluation recorded")
             _note(b, "no evaluation recorded")
@@ -786,11 +790,23 @@ def _compare_plot(rows: list[_Row], out: Path) -> None:
 
 
 __all__ = [
+    "MB",
+    "STYLE",
     "RunData",
+    "baseline_metrics",
     "compare_runs",
+    "eval_series",
     "evaluation_set_of",
     "evaluation_set_warnings",
+    "fmt_value",
+    "int_ticks",
     "load_run",
     "lower_is_better",
+    "metric_keys",
+    "metrics_of",
+    "new_figure",
+    "primary_metric",
+    "train_records",
+    "use_agg_backend",
     "write_plots",
 ]

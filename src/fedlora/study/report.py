@@ -41,19 +41,19 @@ from typing import Any
 
 from fedlora import atomic
 from fedlora.sim.report import (
-    _STYLE,
     MB,
-    _baseline,
-    _evals,
-    _fmt,
-    _int_ticks,
-    _metrics_of,
-    _new_figure,
-    _primary,
-    _pyplot_free_agg,
-    _train_records,
+    STYLE,
+    baseline_metrics,
+    eval_series,
+    fmt_value,
+    int_ticks,
     load_run,
     lower_is_better,
+    metrics_of,
+    new_figure,
+    primary_metric,
+    train_records,
+    use_agg_backend,
 )
 from fedlora.study.run import ERROR_FILE, cell_state
 from fedlora.study.spec import Cell, StudySpec, cell_name
@@ -130,12 +130,12 @@ def _personal(record: dict[str, Any], metric: str | None) -> dict[str, float]:
     sub-dict (``weighted``, ``unweighted``; not ``per_client``) holding ``metric``, named
     ``<section>.<sub>.<metric>``.
     """
-    out = {k: v for k, v in _metrics_of(record.get("eval")).items() if "personal" in k}
+    out = {k: v for k, v in metrics_of(record.get("eval")).items() if "personal" in k}
     for key, value in record.items():
         if "personal" not in key or not isinstance(value, dict):
             continue
         for sub, inner in value.items():
-            nums = _metrics_of(inner) if sub != "per_client" else {}
+            nums = metrics_of(inner) if sub != "per_client" else {}
             if metric in nums:
                 out[f"{key}.{sub}.{metric}"] = nums[metric]
     return out
@@ -151,13 +151,13 @@ def read_cell(cell: Cell, metric: str | None) -> tuple[CellResult, str | None]:
     if not (run_dir / "metrics.jsonl").is_file():
         return res, metric
     run = load_run(run_dir)
-    metric = metric or _primary(run.records, run.summary)
+    metric = metric or primary_metric(run.records, run.summary)
     if res.status != "failed":
         res.status = "finished" if cell_state(cell) == "finished" else "partial"
-    train = _train_records(run.records)
+    train = train_records(run.records)
     if metric:
-        res.baseline = _baseline(run.records).get(metric)
-        res.curve = [(r, mb, v) for r, mb, v in _evals(train, metric)]
+        res.baseline = baseline_metrics(run.records).get(metric)
+        res.curve = [(r, mb, v) for r, mb, v in eval_series(train, metric)]
         if res.curve:
             res.final_round, _, res.final = res.curve[-1]
     res.mb_total = max((float(r.get("bytes_total") or 0) for r in train), default=0.0) / MB
@@ -169,7 +169,7 @@ def read_cell(cell: Cell, metric: str | None) -> tuple[CellResult, str | None]:
             res.personal = p
     reported: dict[str, list[float]] = {}
     for r in train:
-        for k, v in _metrics_of(r.get("client_report")).items():
+        for k, v in metrics_of(r.get("client_report")).items():
             reported.setdefault(k, []).append(v)
     res.client_report = {k: sum(v) / len(v) for k, v in reported.items()}
     return res, metric
@@ -448,13 +448,13 @@ class StudyReport:
                 if g is None:
                     continue
                 row = [m, fmt_mean_std(g.final_mean, g.final_std), str(g.n), fmt_mean_std(g.auc_mean, g.auc_std)]
-                row.append(_fmt(g.rough_mean, 3))
+                row.append(fmt_value(g.rough_mean, 3))
                 if spec.target is not None:
                     if g.reached:
                         row += [f"{g.rounds_to_target:.1f} ({g.reached}/{g.n})", f"{g.mb_to_target:,.1f}"]
                     else:
                         row += [f"not reached (0/{g.n})", "-"]
-                row += [f"{g.mb_total:,.1f}" if g.mb_total is not None else "-", _fmt(g.seconds_mean, 0)]
+                row += [f"{g.mb_total:,.1f}" if g.mb_total is not None else "-", fmt_value(g.seconds_mean, 0)]
                 for k in personal:
                     pm, ps, pn = g.personal.get(k, (None, None, 0))
                     row.append(f"{fmt_mean_std(pm, ps)} (n={pn})" if pn else "-")
@@ -555,15 +555,15 @@ def _mean_curve(cells: Sequence[CellResult]) -> list[tuple[int, float, float, fl
 
 def plot_slice(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
     """``out``: metric vs round and vs cumulative MB for one slice, a line (mean) + band (±std) per method."""
-    _pyplot_free_agg()
+    use_agg_backend()
     import matplotlib
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     palette = matplotlib.colormaps["tab10"]
     key = slice_name(s)
     metric = report.metric or "metric"
-    with matplotlib.rc_context(_STYLE):
-        fig, axes = _new_figure(1, 2, (12, 5.0))
+    with matplotlib.rc_context(STYLE):
+        fig, axes = new_figure(1, 2, (12, 5.0))
         a, b = axes[0]
         bases = []
         for i, m in enumerate(report.methods):
@@ -593,7 +593,7 @@ def plot_slice(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
             for ax in (a, b):
                 ax.axhline(base, ls="--", lw=1.1, color="0.4", label="untuned base" if ax is a else None)
         a.set(title=f"{metric} by round", xlabel="round (0 = untuned base)", ylabel=metric)
-        _int_ticks(a)
+        int_ticks(a)
         b.set(title=f"{metric} by communication", xlabel="cumulative MB, up + down (log scale)", ylabel=metric)
         b.set_xscale("log")
         b.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
