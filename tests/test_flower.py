@@ -26,18 +26,17 @@ import pytest
 import torch
 
 from conftest import make_state, make_uploads, module_shapes
+from fedlora import trees
 from fedlora.flower.config import resolve
 from fedlora.flower.records import (
     diff_content,
     diff_from_content,
     factors_from_record,
     factors_record,
-    pack_tree,
     payload_bytes,
     to_record,
     train_metrics,
     train_stats_from_metrics,
-    unpack_tree,
 )
 from fedlora.flower.sync import (
     FULL,
@@ -187,8 +186,8 @@ def test_records_round_trip_and_count_bytes_is_payload_plus_npy_headers_and_keys
     p.grad = torch.ones_like(p)
     opt.step()
     store: dict = {}
-    tree = json.loads(json.dumps(pack_tree({"cursor": 5, "optimizer": opt.state_dict()}, store)))
-    restored = unpack_tree(tree, {k: v.clone() for k, v in store.items()})
+    tree = json.loads(json.dumps(trees.pack({"cursor": 5, "optimizer": opt.state_dict()}, store)))
+    restored = trees.unpack(tree, {k: v.clone() for k, v in store.items()})
     opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-3)
     opt2.load_state_dict(restored["optimizer"])
     assert restored["cursor"] == 5

@@ -48,14 +48,13 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
+from fedlora import trees
 from fedlora.atomic import write_tensors, write_text
 from fedlora.flower.records import (
     diff_from_content,
     factors_record,
-    pack_tree,
     to_record,
     train_metrics,
-    unpack_tree,
 )
 from fedlora.flower.sync import (
     NodeStore,
@@ -242,13 +241,13 @@ class RecordStore:
         r = older[-1]
         meta = json.loads((self.dir / f"{r:06d}.json").read_text())
         tensors = load_file(str(self.dir / meta["tensors"]))
-        obj = unpack_tree(meta["tree"], tensors)
+        obj = trees.unpack(meta["tree"], tensors)
         return r, ClientRecord(cursor=int(obj["cursor"]), memory=obj["memory"], optimizer=obj["optimizer"])
 
     def save(self, round_: int, record: ClientRecord, base: int | None) -> None:
         """Write the record after round ``round_`` atomically; keep only it and ``base``."""
         tensors: dict[str, torch.Tensor] = {}
-        tree = pack_tree({"cursor": record.cursor, "memory": record.memory, "optimizer": record.optimizer}, tensors)
+        tree = trees.pack({"cursor": record.cursor, "memory": record.memory, "optimizer": record.optimizer}, tensors)
         name = f"{round_:06d}-{uuid.uuid4().hex[:8]}.safetensors"
         write_tensors(self.dir / name, {k: v.detach().cpu().clone() for k, v in tensors.items()})
         write_text(self.dir / f"{round_:06d}.json", json.dumps({"round": round_, "tensors": name, "tree": tree}))

@@ -147,34 +147,3 @@ def train_stats_from_metrics(metrics: MetricRecord) -> dict[str, Any]:
 
 
 # ---- what a client keeps between rounds (its record on the node's disk) -----------------------------
-def pack_tree(obj: Any, tensors: dict[str, Tensor], path: str = "t") -> Any:
-    """A JSON-able copy of ``obj`` with each tensor replaced by a reference into ``tensors``
-    (dicts with non-string keys and tuples are tagged so :func:`unpack_tree` restores them)."""
-    if isinstance(obj, Tensor):
-        tensors[path] = obj
-        return {"__tensor__": path, "dtype": str(obj.dtype).removeprefix("torch.")}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {"__dict__": {k: pack_tree(v, tensors, f"{path}/{k}") for k, v in obj.items()}}
-        return {"__items__": [[k, pack_tree(v, tensors, f"{path}/{i}")] for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, (list, tuple)):
-        items = [pack_tree(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
-        return {"__tuple__": items} if isinstance(obj, tuple) else items
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot keep a {type(obj).__name__} in the client state")
-
-
-def unpack_tree(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [unpack_tree(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]].to(getattr(torch, obj["dtype"]))
-        if "__dict__" in obj:
-            return {k: unpack_tree(v, tensors) for k, v in obj["__dict__"].items()}
-        if "__items__" in obj:
-            return {k: unpack_tree(v, tensors) for k, v in obj["__items__"]}
-        if "__tuple__" in obj:
-            return tuple(unpack_tree(v, tensors) for v in obj["__tuple__"])
-    return obj

@@ -1,10 +1,10 @@
 """Atomic checkpoints of nested state: tensors to safetensors, everything else to JSON.
 
-``flatten`` turns nested dicts/lists holding tensors and JSON values into a flat tensor dict
-plus a JSON skeleton whose tensor leaves read ``{"__tensor__": key}``; ``unflatten`` inverts it.
-A checkpoint folder is written under a temporary name and renamed into place, so a process
-killed at any moment leaves either the previous checkpoint or the new one, never a mix; the
-temporary folder such a kill leaves behind (``.checkpoint.*``) is removed by the next save or load.
+The nested state becomes a flat tensor dict plus a JSON skeleton with :mod:`fedlora.trees` (the
+one tree serializer; it also reads checkpoints written before it). A checkpoint folder is
+written under a temporary name and renamed into place, so a process killed at any moment leaves
+either the previous checkpoint or the new one, never a mix; the temporary folder such a kill
+leaves behind (``.checkpoint.*``) is removed by the next save or load.
 """
 
 from __future__ import annotations
@@ -17,37 +17,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedlora import trees
 from fedlora.atomic import atomic_folder, recover_folder
 
 TENSORS = "state.safetensors"
 META = "state.json"
-
-
-def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s") -> Any:
-    if isinstance(obj, torch.Tensor):
-        key = f"{prefix}"
-        tensors[key] = obj.detach().to("cpu").clone().contiguous()  # no shared storage in safetensors
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if not all(isinstance(k, (str, int)) for k in obj):
-            raise TypeError(f"{prefix}: dict keys must be str or int")
-        return {"__dict__": [[k, flatten(v, tensors, f"{prefix}.{i}")] for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, (list, tuple)):
-        return {"__list__": [flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"{prefix}: cannot checkpoint a {type(obj).__name__}")
-
-
-def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(skeleton, dict):
-        if "__tensor__" in skeleton:
-            return tensors[skeleton["__tensor__"]]
-        if "__dict__" in skeleton:
-            return {k: unflatten(v, tensors) for k, v in skeleton["__dict__"]}
-        if "__list__" in skeleton:
-            return [unflatten(v, tensors) for v in skeleton["__list__"]]
-    return skeleton
 
 
 def stale_folders(folder: str | Path) -> list[Path]:
@@ -70,7 +44,9 @@ def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``folder`` atomically (:func:`fedlora.atomic.atomic_folder`, replacing an
     older checkpoint); temporary folders of earlier saves killed midway are removed."""
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = flatten(state, tensors)  # the slow copy, before any folder exists to be left behind
+    skeleton = trees.pack(state, tensors, "s")
+    # the slow copy (CPU, no shared storage in safetensors), before any folder exists to be left behind
+    tensors = {k: t.detach().to("cpu").clone().contiguous() for k, t in tensors.items()}
     remove_stale(folder)
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / TENSORS))
@@ -88,6 +64,6 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any]:
     if not (target / META).is_file():
         raise FileNotFoundError(f"{folder}: no checkpoint")
     tensors = load_file(str(target / TENSORS))
-    state = unflatten(json.loads((target / META).read_text()), tensors)
+    state = trees.unpack(json.loads((target / META).read_text()), tensors)
     remove_stale(folder)
     return state
