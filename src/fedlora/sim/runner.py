@@ -199,7 +199,6 @@ class Simulation:
     def __init__(self, cfg: Config, *, progress: bool = True) -> None:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.progress = progress
         self.progress_mode = "auto" if progress else "off"
         self.method: Method = build_method(cfg.method.name, cfg.method.settings)
         self.personal = personal_enabled(cfg.rounds.personal_eval, self.method)
