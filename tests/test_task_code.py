@@ -342,8 +342,8 @@ def test_real_model_evaluation_on_two_humaneval_problems(tokenizer):
 def test_one_federated_round_through_the_runner(tmp_path, tokenizer):
     """The code task as a plug-in of the runtime: train on generated pairs, score HumanEval."""
     from fedlora.configs import preset_path
-    from fedlora.sim.config import load_config
-    from fedlora.sim.runner import run_experiment
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import run_experiment
 
     cfg = load_config(
         preset_path("ci"),

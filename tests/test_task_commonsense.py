@@ -322,8 +322,8 @@ def test_generate_scoring_parses_answers(smollm):
 @needs_smollm
 def test_one_federated_round_through_the_runner(tmp_path):
     from fedlora.configs import preset_path
-    from fedlora.sim.config import load_config
-    from fedlora.sim.runner import run_experiment
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import run_experiment
 
     cfg = load_config(
         preset_path("ci"),

@@ -372,8 +372,8 @@ def test_perplexity_and_accuracy_equal_transformers_loss_on_the_same_tokens(tmp_
 @needs_texts
 def test_one_federated_round_on_three_roles(tmp_path):
     from fedlora.configs import preset_path
-    from fedlora.sim.config import load_config
-    from fedlora.sim.runner import Simulation
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import local_run
 
     model_dir = tmp_path / "tiny-llama"
     _tiny_lm(model_dir)
@@ -394,7 +394,7 @@ def test_one_federated_round_on_three_roles(tmp_path):
             "train.max_steps": "1",
         },
     )
-    sim = Simulation(cfg, progress=False)
+    sim = local_run(cfg, progress=False)
     summary = sim.run()
     run = tmp_path / "shk"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -407,7 +407,7 @@ def test_one_federated_round_on_three_roles(tmp_path):
     personal = rnd["personal"]
     assert personal["clients"] == 3
     assert all(m["n"] == 3 and math.isfinite(m["perplexity"]) for m in personal["per_client"].values())
-    from fedlora.sim.report import metric_keys
+    from fedlora.runs.report import metric_keys
 
     assert metric_keys(records) == ["perplexity", "loss", "next_token_accuracy"]  # counts are not plotted
     partition = json.loads((run / "partition.json").read_text())

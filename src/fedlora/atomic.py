@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -51,12 +52,19 @@ def _temp_prefix(target: Path) -> str:
 
 
 def stale_temporaries(target: str | Path) -> list[Path]:
-    """Temporary files or folders that killed writes of ``target`` left beside it."""
+    """Temporary files or folders that killed writes of ``target`` left beside it: ``.<name>.tmp-*``,
+    and the untagged ``.<name>.<8 random characters>`` folders of checkpoints saved before this
+    module (never ``.<name>.old``, the previous version a swap keeps until it is done)."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
     prefix = _temp_prefix(target)
-    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
+    legacy = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}")
+    return sorted(
+        p
+        for p in target.parent.iterdir()
+        if p.name.startswith(prefix) or (legacy.fullmatch(p.name) is not None and p.is_dir() and not p.is_symlink())
+    )
 
 
 def remove_stale(target: str | Path) -> None:

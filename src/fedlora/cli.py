@@ -62,8 +62,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pathlib import Path
 
-    from fedlora.sim.config import load_config
-    from fedlora.sim.runner import run_experiment
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import run_experiment
 
     overrides = parse_assignments(args.set)
     if args.resume:
@@ -105,7 +105,7 @@ def _print_summary(summary: dict, run_dir) -> None:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fedlora.sim.report import compare_runs
+    from fedlora.runs.report import compare_runs
 
     print(compare_runs([Path(r) for r in args.runs], Path(args.plot) if args.plot else None))
     return 0
@@ -115,7 +115,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from fedlora.sim.config import _parse_scalar
+    from fedlora.engine.config import _parse_scalar
     from fedlora.study import load_spec, run_study, write_report
     from fedlora.study.spec import cell_filter
 
@@ -136,8 +136,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fedlora.engine.config import load_config
     from fedlora.model.export import export_merged
-    from fedlora.sim.config import load_config
 
     run = Path(args.run)
     cfg = load_config(run / "config.yaml")
@@ -152,8 +152,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pathlib import Path
 
+    from fedlora.engine.evaluate import evaluate_run, evaluate_saved, is_adapter_dir
     from fedlora.model.adapter_io import CONFIG_NAME, WEIGHTS_NAME
-    from fedlora.sim.evaluate import evaluate_run, evaluate_saved, is_adapter_dir
 
     overrides = parse_assignments(args.set)
     path = Path(args.path) if args.path else None

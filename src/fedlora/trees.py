@@ -1,6 +1,6 @@
 """Nested state <-> (JSON skeleton, flat tensor dict): how a tree of tensors crosses a file or a wire.
 
-Checkpoints (``sim/checkpoint.py``) and the Flower nodes' client records (``flower/client_app.py``)
+Checkpoints (``engine/checkpoint.py``) and the Flower nodes' client records (``flower/client_app.py``)
 both store nested dicts/lists/tuples of tensors and JSON scalars as one safetensors file plus a
 JSON skeleton. :func:`pack` writes the skeleton, each tensor leaf a reference
 ``{"__tensor__": key, "dtype": ...}`` into the flat dict (keys are positions, so they never

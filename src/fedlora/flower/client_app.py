@@ -1,4 +1,4 @@
-"""The Flower ClientApp: one fedlora client per SuperNode, ``fedlora.sim.client.client_round`` inside.
+"""The Flower ClientApp: one fedlora client per SuperNode, ``fedlora.engine.client.client_round`` inside.
 
 A node is client ``node_config["partition-id"]`` of ``num-partitions``. Per process it loads the
 base model once (module-level cache keyed by model name; rebuilt if the seed or LoRA settings
@@ -10,7 +10,7 @@ differ) and the task data and partition once. Per ``train`` message it
    method draws from its seed (FLoRA's fresh LoRA) are rebuilt here, not received;
 2. replays onto the cached base model the ledger entries it has not applied yet (factor pairs,
    applied in order: the same float operations as the server's, bit-identical weights);
-3. runs ``client_round`` with its own :class:`~fedlora.sim.client.ClientRecord` (data cursor,
+3. runs ``client_round`` with its own :class:`~fedlora.engine.client.ClientRecord` (data cursor,
    the method's client memory such as FedSA-LoRA's local B, a carried optimizer state), read
    from and written back to the node's disk (:class:`RecordStore`), so a restarted SuperNode
    goes on where it stopped;
@@ -50,6 +50,9 @@ from safetensors.torch import load_file
 
 from fedlora import trees
 from fedlora.atomic import write_tensors, write_text
+from fedlora.engine.client import ClientRecord, client_round
+from fedlora.engine.config import Config, config_from_dict
+from fedlora.engine.setup import RunData, build_binding, client_rank, device_for, local_data, prepare_data
 from fedlora.flower.records import (
     diff_from_content,
     factors_record,
@@ -64,9 +67,6 @@ from fedlora.flower.sync import (
     unflatten_state,
 )
 from fedlora.methods import GlobalState, Method, build_method
-from fedlora.sim.client import ClientRecord, client_round
-from fedlora.sim.config import Config, config_from_dict
-from fedlora.sim.runner import RunData, build_binding, client_rank, device_for, local_data, prepare_data
 
 CACHE_ENV = "FEDLORA_NODE_CACHE"
 ERROR_CODE = 2  # flwr's ErrorCode.CLIENT_APP_RAISED_EXCEPTION

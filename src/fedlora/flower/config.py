@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from fedlora.sim.config import Config, ConfigError, load_config
+from fedlora.engine.config import Config, ConfigError, load_config
 
 RESERVED = ("fedlora-config", "fedlora-set", "output-dir", "round-timeout", "node-wait-timeout", "resume", "overwrite")
 

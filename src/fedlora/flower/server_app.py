@@ -1,10 +1,10 @@
 """The Flower ServerApp: fedlora's rounds over ``grid.send_and_receive``, not Flower's FedAvg.
 
-The server is the simulation runtime with local training replaced by messages:
-:class:`FlowerServer` subclasses :class:`~fedlora.sim.runner.Simulation` and overrides only
-``_train_clients``. Sampling (``sample_clients``), upload screening, ``method.aggregate``, the
-backbone ledger, evaluation of the global model (the server holds the model too), the
-``metrics.jsonl`` lines, ``summary.json`` and ``final/`` are the simulation's own code, so a
+The server is the round engine (:class:`~fedlora.engine.rounds.RoundEngine`) with a
+:class:`FlowerTrainer` as its client trainer (the public seam of :mod:`fedlora.engine.trainer`):
+local training is replaced by messages. Sampling (``sample_clients``), upload screening,
+``method.aggregate``, the backbone ledger, evaluation of the global model (the server holds the
+model too), the ``metrics.jsonl`` lines, ``summary.json`` and ``final/`` are the engine's, so a
 Flower run of a config reproduces ``fedlora run`` of it (same sampled clients, losses and
 evaluation, up to float rounding in the clients' processes).
 
@@ -16,7 +16,7 @@ One round:
    (:mod:`fedlora.flower.sync`: changed state tensors, missing backbone-delta factor pairs);
 3. turn replies into :class:`~fedlora.methods.ClientUpload` s in sampled order; an error reply
    or a missing one (``round-timeout``) is a failed client, as a crash is in the simulation;
-4. the rest is ``Simulation._round``.
+4. the rest is the engine's round.
 
 Each metrics line gains ``wire``: the bytes put in ArrayRecords this round
 (``count_bytes()``: ``down``, ``up``), their raw tensor bytes of factors, method state and
@@ -27,7 +27,7 @@ classifier head (``down_extras``, ``up_extras``; not in the methods' accounting)
 round t's result to the k clients of the next round) when each sampled node held the previous
 version; see README "Flower deployment" for the exact differences.
 
-Nothing on the server is lost: after every round it writes the simulation's atomic checkpoint
+Nothing on the server is lost: after every round it writes the engine's atomic checkpoint
 (``<run>/checkpoint``) plus its run key (which names the nodes' folders) and the sync
 bookkeeping (:meth:`~fedlora.flower.sync.StateSync.bookkeeping`); ``resume=true`` in the run
 config continues the run from it (same run config; the nodes' mirrors and client records are on
@@ -49,7 +49,10 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import atomic
+from fedlora.engine.config import Config
+from fedlora.engine.rounds import RoundEngine
+from fedlora.engine.setup import client_rank
+from fedlora.engine.trainer import ClientTrainer, TrainedClients
 from fedlora.flower.config import FlowerOptions, resolve
 from fedlora.flower.records import (
     diff_content,
@@ -61,8 +64,6 @@ from fedlora.flower.records import (
 from fedlora.flower.sync import EXTRA_PREFIX, NodeVersion, StateSync, flatten_state, seeded_state
 from fedlora.methods import ClientUpload
 from fedlora.progress import Progress
-from fedlora.sim.config import Config
-from fedlora.sim.runner import Simulation, TrainedClients, client_rank
 
 log = logging.getLogger("fedlora")
 WIRE_KEYS = ("down", "up", "down_payload", "up_payload", "down_extras", "up_extras")
@@ -122,27 +123,28 @@ def reply_node(reply: Message, sent: list[Message]) -> int:
     return reply.metadata.src_node_id
 
 
-class FlowerServer(Simulation):
-    """A fedlora run whose clients are Flower SuperNodes."""
+class FlowerTrainer(ClientTrainer):
+    """Trains a round's clients on Flower SuperNodes through ``grid`` (see the module docstring)."""
 
-    def __init__(self, cfg: Config, grid: Grid, opts: FlowerOptions | None = None) -> None:
-        super().__init__(cfg, progress=False)
-        if cfg.rounds.personal_eval == "on":
-            raise ValueError(
-                "rounds.personal_eval=on: the Flower runtime does not evaluate personal models "
-                "(clients' memories stay on their nodes); use auto or off"
-            )
-        self.personal = False
+    name = "flower"
+    holds_client_records = False  # each node keeps its client's record on its own disk
+
+    def __init__(self, grid: Grid, opts: FlowerOptions | None = None, run_key: str = "run") -> None:
         self.grid = grid
         self.opts = opts or FlowerOptions()
-        self.run_key = new_run_key(cfg.name)
+        self.run_key = run_key
         self.sync = StateSync()
         self._seeded_cache: tuple[int, dict[str, torch.Tensor]] | None = None
         self.node_of: dict[str, int] = {}
         self.known_nodes: set[int] = set()
-        self.config_text = config_yaml(cfg)
+        self.config_text = ""
         self.wire_total = dict.fromkeys(WIRE_KEYS, 0)
-        self._wire: dict[str, int] = {}
+
+    def bind(self, engine: RoundEngine) -> None:
+        super().bind(engine)
+        self.cfg = engine.cfg
+        self.client_ids = engine.client_ids
+        self.config_text = config_yaml(engine.cfg)
 
     # ---- nodes --------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -212,24 +214,22 @@ class FlowerServer(Simulation):
     def _seeded(self, round_: int) -> dict[str, torch.Tensor]:
         """The tensors of round ``round_``'s state the nodes rebuild from the method's seed."""
         if self._seeded_cache is None or self._seeded_cache[0] != round_:
-            self._seeded_cache = (round_, seeded_state(self.method, round_, self.state.shapes(), self.state.spec))
+            state = self.engine.state
+            self._seeded_cache = (round_, seeded_state(self.engine.method, round_, state.shapes(), state.spec))
         return self._seeded_cache[1]
 
     def _observe(self) -> None:
-        t = self.state.round
-        self.sync.observe(t, flatten_state(self.state, self.global_extras), self.ledger, self._seeded(t))
+        e = self.engine
+        t = e.state.round
+        self.sync.observe(t, flatten_state(e.state, e.global_extras), e.ledger, self._seeded(t))
 
     # ---- one round's local training, remotely ---------------------------------------------------
-    def _train_clients(self, sampled: list[str], bar: Progress) -> TrainedClients:
-        t = self.state.round
+    def train(self, clients: list[str], progress: Progress) -> TrainedClients:
+        sampled, t = clients, self.engine.state.round
         self._observe()
         self._refresh_nodes()
         wire = dict.fromkeys((*WIRE_KEYS, "messages"), 0)
-        uploads: list[ClientUpload] = []
-        train_stats: dict[str, dict[str, Any]] = {}
-        failures: list[dict[str, str]] = []
-        extras: list[dict[str, Any]] = []
-        ranks: dict[str, int] = {}
+        out = TrainedClients()
         msgs, sent = [], {}
         base = {"server-round": t + 1, "round": t, "fedlora-config": self.config_text, "run-key": self.run_key}
         for cid in sampled:
@@ -254,7 +254,7 @@ class FlowerServer(Simulation):
             reason = self._reply_problem(cid, replies.get(cid))
             if reason is not None:
                 log.error("round %d: client %s failed: %s", t + 1, cid, reason)
-                failures.append({"client": cid, "reason": reason})
+                out.fail(cid, reason)
                 self.sync.forget(cid)  # its version is unknown now: asked again next round
                 continue
             content = replies[cid].content
@@ -263,15 +263,13 @@ class FlowerServer(Simulation):
             wire["up_payload"] += payload_bytes(up)
             wire["up_extras"] += payload_bytes(ex)
             metrics = content.metric_records["metrics"]
-            uploads.append(ClientUpload(cid, factors_from_record(up), num_examples=int(metrics["num-examples"])))
-            train_stats[cid] = train_stats_from_metrics(metrics)
-            extras.append(from_record(ex))
-            ranks[cid] = client_rank(self.cfg, cid)
+            upload = ClientUpload(cid, factors_from_record(up), num_examples=int(metrics["num-examples"]))
+            out.add(upload, train_stats_from_metrics(metrics), from_record(ex), client_rank(self.cfg, cid))
             self.sync.acknowledge(cid)
-        self._wire = wire
         for k in self.wire_total:
             self.wire_total[k] += wire[k]
-        return uploads, train_stats, failures, extras, ranks
+        out.record["wire"] = wire
+        return out
 
     def _reply_problem(self, cid: str, reply: Message | None) -> str | None:
         if cid not in self.node_of:
@@ -284,17 +282,9 @@ class FlowerServer(Simulation):
             return "reply without upload/metrics"
         return None
 
-    def _round(self, k: int, bar: Progress) -> dict[str, Any]:
-        record = super()._round(k, bar)
-        record["wire"] = dict(self._wire)
-        return record
-
     # ---- checkpoint and resume -------------------------------------------------------------------
-    def _checkpoint(self, metrics_lines: int) -> None:
+    def checkpoint_state(self) -> dict[str, Any]:
         self._observe()  # the bookkeeping saved is that of the state saved (the next round's)
-        super()._checkpoint(metrics_lines)
-
-    def _runtime_state(self) -> dict[str, Any]:
         return {
             "name": "flower",
             "run_key": self.run_key,
@@ -302,25 +292,27 @@ class FlowerServer(Simulation):
             "sync": self.sync.bookkeeping(),
         }
 
-    def _restore_runtime(self, saved: dict[str, Any]) -> None:
+    def restore(self, saved: dict[str, Any]) -> None:
+        e = self.engine
         if saved.get("name") != "flower":
             raise ValueError(
-                f"{self.run_dir}/checkpoint was not written by the Flower runtime (clients' records are in it): "
-                f"continue it with fedlora run --resume {self.run_dir}"
+                f"{e.run_dir}/checkpoint was not written by the Flower runtime (clients' records are in it): "
+                f"continue it with fedlora run --resume {e.run_dir}"
             )
         self.run_key = str(saved["run_key"])
         self.wire_total = {k: int(saved["wire_total"].get(k, 0)) for k in WIRE_KEYS}
-        flat = flatten_state(self.state, self.global_extras)
-        self.sync = StateSync.restore(saved["sync"], flat, self.ledger, self._seeded(self.state.round))
-        log.info("resuming run key %s at round %d", self.run_key, self.state.round + 1)
+        flat = flatten_state(e.state, e.global_extras)
+        self.sync = StateSync.restore(saved["sync"], flat, e.ledger, self._seeded(e.state.round))
+        log.info("resuming run key %s at round %d", self.run_key, e.state.round + 1)
 
-    def _finish(self, metrics_path):  # type: ignore[override]
-        summary = super()._finish(metrics_path)
-        summary["runtime"] = "flower"
-        summary["run_key"] = self.run_key
-        summary["wire"] = dict(self.wire_total)
-        atomic.write_json(self.run_dir / "summary.json", summary)
-        return summary
+    def summary(self) -> dict[str, Any]:
+        return {"runtime": "flower", "run_key": self.run_key, "wire": dict(self.wire_total)}
+
+
+def flower_run(cfg: Config, grid: Grid, opts: FlowerOptions | None = None) -> RoundEngine:
+    """The run ``cfg`` with its clients on the SuperNodes of ``grid`` (call ``.run()`` on it);
+    a fresh run key names the nodes' folders (a resume restores the run's own)."""
+    return RoundEngine(cfg, FlowerTrainer(grid, opts, new_run_key(cfg.name)), progress=False)
 
 
 def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
@@ -333,7 +325,7 @@ def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         run_config = {**(defaults or {}), **dict(context.run_config)}
         cfg, opts = resolve(run_config)
         check_run_dir(cfg, opts)
-        FlowerServer(cfg, grid, opts).run(resume=opts.resume)
+        flower_run(cfg, grid, opts).run(resume=opts.resume)
 
     return app
 

@@ -25,7 +25,7 @@ folder, when present, always wins.
 
 Plots (one PNG per slice): metric vs round and metric vs cumulative MB, one line per method (the
 mean over seeds) with a ±1 std band, the untuned base model at round 0. Reading runs and the
-plotting style are :mod:`fedlora.sim.report`'s; nothing here needs torch.
+plotting style are :mod:`fedlora.runs.report`'s; nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import atomic
-from fedlora.sim.report import (
+from fedlora.runs.report import (
     MB,
     STYLE,
     baseline_metrics,

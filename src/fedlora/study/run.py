@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from fedlora import atomic
-from fedlora.sim.config import config_from_dict
+from fedlora.engine.config import config_from_dict
 from fedlora.study.spec import Cell, StudySpec
 
 log = logging.getLogger("fedlora.study")
@@ -72,7 +72,7 @@ def cell_state(cell: Cell) -> str:
 
 def run_cell(cell: Cell, *, progress: bool = False) -> str:
     """Run (or resume) one cell; returns ``ran`` or ``resumed``. Exceptions propagate."""
-    from fedlora.sim.runner import run_experiment
+    from fedlora.engine.local import run_experiment
 
     state = cell_state(cell)
     resume = state == "partial"

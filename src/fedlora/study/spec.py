@@ -27,7 +27,7 @@ Cells are built as: base config -> ``overrides`` -> the cell's grid values -> th
 overrides -> (command-line ``--set``) -> ``output_dir``/``name``. When a cell's ``method.name``
 differs from the base config's, ``method.settings`` is reset to ``{}`` first (settings of one
 method are errors for another) unless the method's overrides set it. Every cell is validated
-with :func:`fedlora.sim.config.config_from_dict`; a malformed spec raises :class:`StudySpecError`
+with :func:`fedlora.engine.config.config_from_dict`; a malformed spec raises :class:`StudySpecError`
 naming the key.
 """
 
@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from fedlora.sim.config import Config, ConfigError, config_from_dict
+from fedlora.engine.config import Config, ConfigError, config_from_dict
 
 SPEC_KEYS = ("name", "base", "output_dir", "report_dir", "overrides", "grid", "methods", "report", "description")
 REPORT_KEYS = ("metric", "target", "slices", "pairs")

@@ -10,7 +10,6 @@ leaves behind (``.checkpoint.*``) is removed by the next save or load.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedlora import trees
-from fedlora.atomic import atomic_folder, recover_folder
+from fedlora.atomic import atomic_folder, recover_folder, remove_stale
 
 TENSORS = "state.safetensors"
 META = "state.json"
-
-
-def stale_folders(folder: str | Path) -> list[Path]:
-    """Temporary folders of ``folder``'s saves that a killed process left behind: ``.<name>.tmp-*``
-    (and the untagged ``.<name>.<random>`` of older versions), never ``.<name>.old``."""
-    target = Path(folder)
-    prefix, old = f".{target.name}.", f".{target.name}.old"
-    if not target.parent.is_dir():
-        return []
-    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and p.name != old)
-
-
-def remove_stale(folder: str | Path) -> None:
-    """Delete :func:`stale_folders` (best effort: a read-only folder is left as it is)."""
-    for p in stale_folders(folder):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> None:
@@ -47,7 +30,6 @@ def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> None:
     skeleton = trees.pack(state, tensors, "s")
     # the slow copy (CPU, no shared storage in safetensors), before any folder exists to be left behind
     tensors = {k: t.detach().to("cpu").clone().contiguous() for k, t in tensors.items()}
-    remove_stale(folder)
     with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         (tmp / META).write_text(json.dumps(skeleton))

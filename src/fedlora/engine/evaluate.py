@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from fedlora import atomic
+from fedlora.engine.config import Config, load_config
 from fedlora.model.adapter_io import CONFIG_NAME, DELTA_NAME, WEIGHTS_NAME, load_deltas
 from fedlora.model.binding import quiet_checkpointing_deprecation
 from fedlora.progress import Progress, tracking
-from fedlora.sim.config import Config, load_config
 
 EVAL_NAME = "eval.json"
 

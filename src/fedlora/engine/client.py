@@ -13,11 +13,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from fedlora.engine.config import TrainConfig
+from fedlora.engine.train import example_stream, steps_for, train_local
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientContext, ClientUpload, GlobalState, Method
 from fedlora.model.binding import LoRABinding
-from fedlora.sim.config import TrainConfig
-from fedlora.sim.train import example_stream, steps_for, train_local
 
 
 def causal_or_cls_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:

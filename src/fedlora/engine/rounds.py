@@ -1,208 +1,82 @@
-"""The one-machine simulation runtime: rounds of sampled clients training one shared base model.
+"""The round engine: rounds of sampled clients, one global state, one base model on the server.
 
 One round, as data::
 
-    server state --method.client_start--> per-client start (factors, trainable, local shift)
-      -> load factors into the single PEFT model, train locally, read factors back
-      -> method.client_finish -> upload (+ client memory) -> screen_uploads (bad ones rejected)
+    server state --(trainer: each sampled client)--> method.client_start -> local training
+      -> method.client_finish -> upload (+ the client's record: memory, optimizer, cursor)
+      -> screen_uploads (bad ones rejected by client and module)
       -> method.aggregate -> new global state + backbone delta (applied once, kept in a ledger)
       -> evaluation (the global model; also each client's own model for methods with
-         client-local parts, see ``sim/personal.py``) -> metrics.jsonl line -> atomic checkpoint
+         client-local parts, see ``engine/personal.py``) -> metrics.jsonl line -> atomic checkpoint
 
-The runtime holds no method-specific code: what differs between methods lives in
-``fedlora.methods``. Everything needed to continue is checkpointed after every round (global
-factors, method state, the ledger of backbone deltas, client memories and optimizer states,
-data cursors, RNG state), so ``--resume`` after a kill at any moment finishes with the same
-metrics as an uninterrupted run.
+Who trains the clients is the runtime's one decision, behind the public seam of
+:mod:`fedlora.engine.trainer` (:class:`~fedlora.engine.local.LocalTrainer` in this process,
+:class:`~fedlora.flower.server_app.FlowerTrainer` on Flower SuperNodes); everything else above is
+this module's, the same for every runtime. The engine holds no method-specific code: what differs
+between methods lives in ``fedlora.methods``. Everything needed to continue is checkpointed after
+every round (global factors, method state, the ledger of backbone deltas, client records, data
+cursors, RNG state, the trainer's own state), so ``--resume`` after a kill at any moment finishes
+with the same metrics as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedlora import atomic
+from fedlora.engine import faults
+from fedlora.engine.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.engine.client import ClientRecord
+from fedlora.engine.config import Config
+from fedlora.engine.personal import evaluate_personal, personal_enabled
+from fedlora.engine.setup import (
+    build_binding,
+    clients_per_round,
+    device_for,
+    personal_test_sets,
+    prepare_data,
+    sample_clients,
+)
+from fedlora.engine.trainer import ClientTrainer
 from fedlora.lowrank import FactoredDelta, svd_device
-from fedlora.methods import ClientUpload, GlobalState, Method, ModuleFactors, build_method
-from fedlora.methods.base import Factors
-from fedlora.methods.validation import InvalidUpdate, screen_uploads
-from fedlora.model.binding import LoRABinding, LoRASettings
+from fedlora.methods import GlobalState, Method, ModuleFactors, build_method
+from fedlora.methods.validation import screen_uploads
 from fedlora.progress import Progress, quiet_library_bars, terminal_width, tracking
-from fedlora.sim.checkpoint import load_checkpoint, save_checkpoint
-from fedlora.sim.client import ClientRecord, LocalData, client_round
-from fedlora.sim.config import Config
-from fedlora.sim.personal import evaluate_personal, personal_enabled
 
 log = logging.getLogger("fedlora")
-FAULT_ENV = "FEDLORA_FAULT"
 
 
-def device_for(name: str) -> torch.device:
-    """``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+class RoundEngine:
+    """A federated fine-tuning run: rounds of the config's method, local training by ``trainer``
+    (see the module docstring; the public attributes a trainer reads are listed in
+    :mod:`fedlora.engine.trainer`)."""
 
-
-def _fault(event: str, round_: int, client_index: int | None = None) -> None:
-    """Testing hook: ``FEDLORA_FAULT=event:round[:client_index]`` SIGKILLs this process there."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] != event or int(parts[1]) != round_:
-        return
-    if len(parts) > 2 and client_index is not None and int(parts[2]) != client_index:
-        return
-    if len(parts) > 2 and client_index is None:
-        return
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---- what every runtime must decide the same way (simulation and Flower) ----------------------
-TrainedClients = tuple[
-    list[ClientUpload], dict[str, dict[str, Any]], list[dict[str, str]], list[dict[str, torch.Tensor]], dict[str, int]
-]
-"""``(uploads, train_stats, failures, extras, ranks)`` of one round's local training, in sampled order."""
-
-
-@dataclass
-class RunData:
-    """The task, its train/test split and the partition of the train examples over clients."""
-
-    task: Any
-    train: Any
-    test: Any
-    groups: list[str]
-    parts: list[list[int]]
-    test_groups: list[str] = field(default_factory=list)
-
-    @property
-    def client_ids(self) -> list[str]:
-        return [str(i) for i in range(len(self.parts))]
-
-
-def prepare_data(cfg: Config) -> RunData:
-    """Build the task, load its data and partition the train examples (all seeded by ``cfg.seed``)."""
-    from fedlora.tasks import build_task
-
-    task = build_task(cfg.task.name, cfg.task.settings, seed=cfg.seed)
-    check_task_fits_model(cfg, task)
-    data = task.load()
-    groups = [str(ex.get(data.group_key, "")) for ex in data.train]
-    test_groups = [str(ex.get(data.group_key, "")) for ex in data.test]
-    return RunData(task, data.train, data.test, groups, partition_clients(cfg, groups), test_groups)
-
-
-def check_task_fits_model(cfg: Config, task: Any) -> None:
-    """Fail before any model is loaded or client trained when the task needs another head:
-    ``model.kind`` must be the task's kind and ``model.num_labels`` its number of outputs."""
-    kind = getattr(task, "kind", None)
-    if kind is not None and kind != cfg.model.kind:
-        raise ValueError(f"task {cfg.task.name!r} trains a {kind} model but model.kind is {cfg.model.kind!r}")
-    needed = getattr(task, "num_labels", None)
-    if cfg.model.kind == "seq_cls" and needed is not None and int(needed) != cfg.model.num_labels:
-        raise ValueError(
-            f"task {cfg.task.name!r} ({cfg.task.settings.get('dataset', cfg.task.name)}) needs a head with {needed} "
-            f"output(s) but model.num_labels is {cfg.model.num_labels}: set model.num_labels: {needed}"
-        )
-
-
-def personal_test_sets(cfg: Config, data: RunData) -> dict[str, list[int]]:
-    """Each client's test set for personalised evaluation (its own group mix; seeded)."""
-    from fedlora.data.partition import matched_test_sets
-
-    size = cfg.rounds.personal_test_size or len(data.test)
-    sets = matched_test_sets(data.groups, data.parts, data.test_groups, max(size, 1), cfg.seed)
-    return dict(zip(data.client_ids, sets))
-
-
-def partition_clients(cfg: Config, groups: list[str]) -> list[list[int]]:
-    from fedlora.data import partition as P
-
-    p = cfg.partition
-    if p.scheme == "iid":
-        return P.iid(len(groups), p.num_clients, cfg.seed)
-    if p.scheme == "dirichlet":
-        return P.dirichlet(groups, p.num_clients, p.alpha, cfg.seed, min_size=p.min_size)
-    if p.scheme == "k_classes":
-        return P.k_classes(groups, p.num_clients, p.k, cfg.seed)
-    return P.natural(groups)
-
-
-def build_binding(cfg: Config, device: torch.device) -> tuple[Any, LoRABinding]:
-    """The tokenizer and the PEFT-wrapped base model with its LoRA initialised from ``cfg.seed``:
-    every runtime that builds them this way starts from the same global factors."""
-    from fedlora.model.loading import load_model, load_tokenizer
-
-    dtype = getattr(torch, cfg.model.dtype)
-    tokenizer = load_tokenizer(cfg.model.name)
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model.name, cfg.model.kind, dtype=dtype, num_labels=cfg.model.num_labels, device=str(device))
-    lora = LoRASettings(
-        rank=cfg.lora.rank,
-        alpha=cfg.lora.alpha,
-        targets=tuple(cfg.lora.targets),
-        dropout=cfg.lora.dropout,
-        rslora=cfg.lora.rslora,
-        modules_to_save=("classifier", "score") if cfg.model.kind == "seq_cls" else (),
-        init=cfg.lora.init,
-    )
-    binding = LoRABinding(model, lora, "SEQ_CLS" if cfg.model.kind == "seq_cls" else "CAUSAL_LM", cfg.model.name)
-    return tokenizer, binding
-
-
-def client_rank(cfg: Config, cid: str) -> int:
-    return int(cfg.lora.client_ranks.get(cid, cfg.lora.rank))
-
-
-def local_data(
-    cfg: Config, cid: str, examples: Any, parts: list[list[int]], task: Any, tokenizer: Any, device: torch.device
-) -> LocalData:
-    """Client ``cid``'s training data (its partition of ``examples``) and batching."""
-    return LocalData(
-        client_id=cid,
-        examples=examples,
-        indices=parts[int(cid)],
-        task=task,
-        tokenizer=tokenizer,
-        device=device,
-        seed=cfg.seed,
-        batch_size=cfg.train.batch_size,
-    )
-
-
-def clients_per_round(cfg: Config, num_clients: int) -> int:
-    c = cfg.rounds.clients_per_round
-    return min(num_clients, int(c)) if c >= 1 else max(1, round(c * num_clients))
-
-
-def sample_clients(seed: int, round_: int, client_ids: list[str], k: int) -> list[str]:
-    """The ``k`` clients of round ``round_`` (0-based), sorted by id: a pure function of the seed."""
-    return sorted(random.Random(f"{seed}:sample:{round_}").sample(client_ids, k), key=int)
-
-
-class Simulation:
-    """A federated fine-tuning run on one machine (see the module docstring)."""
-
-    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
+    def __init__(self, cfg: Config, trainer: ClientTrainer, *, progress: bool = True) -> None:
         self.cfg = cfg
+        self.trainer = trainer
         self.run_dir = cfg.run_dir
         self.progress_mode = "auto" if progress else "off"
         self.method: Method = build_method(cfg.method.name, cfg.method.settings)
-        self.personal = personal_enabled(cfg.rounds.personal_eval, self.method)
+        if cfg.rounds.personal_eval == "on" and not trainer.holds_client_records:
+            raise ValueError(
+                f"rounds.personal_eval=on: the {trainer.name} runtime does not evaluate personal models "
+                "(clients' memories stay with the clients); use auto or off"
+            )
+        self.personal = personal_enabled(cfg.rounds.personal_eval, self.method) and trainer.holds_client_records
         self.device = device_for(cfg.model.device)
+        # the run's state, set by run(): fresh or restored from the checkpoint
+        self.state: GlobalState
+        self.ledger: list[dict[str, FactoredDelta]] = []
+        self.clients: dict[str, ClientRecord] = {}
+        self.global_extras: dict[str, torch.Tensor] = {}
+        self.bytes_total = 0
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -238,12 +112,6 @@ class Simulation:
             len(self.binding.layers),
         )
 
-    def _client_rank(self, cid: str) -> int:
-        return client_rank(self.cfg, cid)
-
-    def _local_data(self, cid: str) -> LocalData:
-        return local_data(self.cfg, cid, self.train_examples, self.parts, self.task, self.tokenizer, self.device)
-
     # ---- state --------------------------------------------------------------------------------
     def _initial_state(self) -> GlobalState:
         return GlobalState(round=0, factors=self.binding.get_factors(), spec=self.binding.spec)
@@ -266,20 +134,9 @@ class Simulation:
                 "metrics_lines": metrics_lines,
                 "torch_rng": torch.get_rng_state(),
                 "elapsed": self.elapsed + (time.perf_counter() - self.t0),
-                "runtime": self._runtime_state(),
+                "runtime": self.trainer.checkpoint_state(),
             },
         )
-
-    def _runtime_state(self) -> dict[str, Any]:
-        """What a runtime built on this class adds to the checkpoint (the Flower server: its
-        run key and sync bookkeeping); the simulation adds nothing."""
-        return {}
-
-    def _restore_runtime(self, saved: dict[str, Any]) -> None:
-        """Restore what :meth:`_runtime_state` saved; the simulation refuses another runtime's
-        checkpoint (its clients' records are not in it)."""
-        if saved:
-            raise ValueError(f"{self.run_dir}: a {saved.get('name', 'other')} runtime's checkpoint; resume it there")
 
     def _restore(self) -> int:
         ck = load_checkpoint(self.run_dir / "checkpoint")
@@ -304,7 +161,7 @@ class Simulation:
         self.bytes_total = ck["bytes_total"]
         self.elapsed = ck["elapsed"]
         torch.set_rng_state(ck["torch_rng"])
-        self._restore_runtime(ck.get("runtime") or {})
+        self.trainer.restore(ck.get("runtime") or {})
         return int(ck["metrics_lines"])
 
     # ---- evaluation ---------------------------------------------------------------------------
@@ -321,7 +178,7 @@ class Simulation:
             return self.task.evaluate(self.binding.model, self.tokenizer, self.test_examples)
 
     def _evaluate_personal(self) -> dict[str, Any]:
-        """Each trained client's own model on its matched test set (see ``sim/personal.py``)."""
+        """Each trained client's own model on its matched test set (see ``engine/personal.py``)."""
         with tracking(self._eval_progress(f"round {self.state.round}: clients' own models")):
             return evaluate_personal(
                 self.binding,
@@ -365,6 +222,7 @@ class Simulation:
         metrics_path = self.run_dir / "metrics.jsonl"
         atomic.write_text(self.run_dir / "config.yaml", _yaml(cfg.to_dict()))
         self._setup()
+        self.trainer.bind(self)
         self.t0 = time.perf_counter()
         self.elapsed = 0.0
         if resume:
@@ -373,8 +231,8 @@ class Simulation:
             log.info("resumed %s at round %d", self.run_dir, self.state.round)
         else:
             self.state = self._initial_state()
-            self.ledger: list[dict[str, FactoredDelta]] = []
-            self.clients: dict[str, ClientRecord] = {}
+            self.ledger = []
+            self.clients = {}
             self.bytes_total = 0
             atomic.write_text(metrics_path, "")
             if cfg.rounds.eval_baseline:
@@ -405,7 +263,7 @@ class Simulation:
                 _append(metrics_path, record)
                 bar.set_description(f"round {self.state.round}/{cfg.rounds.num_rounds}: writing the checkpoint")
                 self._checkpoint(_count_lines(metrics_path))
-                _fault("after_checkpoint", self.state.round)
+                faults.fault("after_checkpoint", self.state.round)
             bar.set_description(f"{cfg.rounds.num_rounds} rounds done")
         finally:
             bar.close()
@@ -418,11 +276,13 @@ class Simulation:
         cfg, t = self.cfg, self.state.round
         sampled = sample_clients(cfg.seed, t, self.client_ids, k)
         t_train = time.perf_counter()
-        uploads, train_stats, failures, extras, ranks = self._train_clients(sampled, bar)
+        trained = self.trainer.train(sampled, bar)
+        uploads, train_stats, extras = trained.uploads, trained.stats, trained.extras
         train_seconds = time.perf_counter() - t_train
 
-        screening = screen_uploads(uploads, self.state, self.method, ranks if self.method.heterogeneous_ranks else None)
-        rejected = failures + [
+        ranks = trained.ranks if self.method.heterogeneous_ranks else None
+        screening = screen_uploads(uploads, self.state, self.method, ranks)
+        rejected = trained.failures + [
             {"client": e.client_id, "module": e.module, "reason": e.problem} for e in screening.rejected
         ]
         for e in screening.rejected:
@@ -497,54 +357,11 @@ class Simulation:
                     )
             eval_seconds = time.perf_counter() - t_eval
         record["seconds"] = {"train": train_seconds, "aggregate": agg_seconds, "eval": eval_seconds}
+        record.update(trained.record)
         return record
 
-    def _train_clients(self, sampled: list[str], bar: Progress) -> TrainedClients:
-        """Local training of the sampled clients, in order; a client that raises is a failure."""
-        cfg, t, k = self.cfg, self.state.round, len(sampled)
-        uploads, train_stats, failures, extras = [], {}, [], []
-        ranks = {}
-        for pos, cid in enumerate(sampled):
-            bar.set_description(f"round {t + 1}/{cfg.rounds.num_rounds} client {cid} ({pos + 1}/{k})")
-            try:
-                upload, stats, client_extras = self._train_client(cid, bar)
-            except Exception as exc:  # one client's failure (OOM included) must not stop the run
-                log.error(
-                    "round %d: client %s failed during local training: %s: %s", t + 1, cid, type(exc).__name__, exc
-                )
-                failures.append({"client": cid, "reason": f"{type(exc).__name__}: {exc}"})
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            uploads.append(upload)
-            train_stats[cid] = stats
-            extras.append(client_extras)
-            ranks[cid] = self._client_rank(cid)
-            _fault("after_client", t, pos)
-
-        return uploads, train_stats, failures, extras, ranks
-
-    def _train_client(self, cid: str, bar: Progress) -> tuple[ClientUpload, dict[str, Any], dict[str, torch.Tensor]]:
-        def on_step(step: int, loss: float) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-
-        out = client_round(
-            self.binding,
-            self.method,
-            self.state,
-            self.clients.setdefault(cid, ClientRecord()),
-            self._local_data(cid),
-            self.cfg.train,
-            rank=self._client_rank(cid),
-            num_rounds=self.cfg.rounds.num_rounds,
-            global_extras=self.global_extras,
-            on_step=on_step,
-        )
-        return out.upload, out.stats, out.extras
-
     def _finish(self, metrics_path: Path) -> dict[str, Any]:
-        from fedlora.sim.report import write_plots
+        from fedlora.runs.report import write_plots
 
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         final_dir = self.run_dir / "final"
@@ -573,6 +390,7 @@ class Simulation:
             "rejected": sum(len(r.get("rejected", [])) for r in records),
             "skipped_rounds": sum(1 for r in records if r.get("skipped")),
             "protocol": self._protocol(),
+            **self.trainer.summary(),
         }
         atomic.write_json(self.run_dir / "summary.json", summary)
         try:
@@ -650,11 +468,3 @@ def _setup_logging(run_dir: Path) -> None:
     log.addHandler(fh)
     log.addHandler(sh)
     log.propagate = False
-
-
-def run_experiment(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the experiment ``cfg`` and return its summary."""
-    return Simulation(cfg, progress=progress).run(resume=resume)
-
-
-__all__ = ["Factors", "InvalidUpdate", "Simulation", "run_experiment"]

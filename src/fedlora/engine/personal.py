@@ -23,9 +23,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
+from fedlora.engine.client import ClientRecord
 from fedlora.methods import GlobalState, Method
 from fedlora.model.binding import LoRABinding
-from fedlora.sim.client import ClientRecord
 
 
 def has_personal_models(method: Method) -> bool:

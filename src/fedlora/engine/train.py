@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fedlora.sim.config import TrainConfig
+from fedlora.engine.config import TrainConfig
 
 
 @dataclass
