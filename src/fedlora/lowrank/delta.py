@@ -81,19 +81,26 @@ class FactoredDelta:
         Keeps components with ``s_j > rtol * s_max`` (``rtol = 0`` drops only exact zeros and
         rounding-level components below ``eps * s_max * q``), at most ``max_rank`` of them.
         """
+        return self.compress_reporting(rtol=rtol, max_rank=max_rank)[0]
+
+    def compress_reporting(self, *, rtol: float = 0.0, max_rank: int | None = None) -> tuple[FactoredDelta, float]:
+        """:meth:`compress`, and the fraction of ``||Delta||_F^2`` the kept components leave out
+        (``sum_{j>keep} s_j^2 / sum_j s_j^2``; 0 when nothing but rounding-level parts is dropped)."""
         if self.is_empty:
-            return FactoredDelta(self.d_out, self.d_in)
+            return FactoredDelta(self.d_out, self.d_in), 0.0
         up, down = self.factors()
         svd = lowrank_svd(up, down)
         s = svd.S
         if s.numel() == 0 or float(s[0]) == 0.0:
-            return FactoredDelta(self.d_out, self.d_in)
+            return FactoredDelta(self.d_out, self.d_in), 0.0
         floor = max(rtol, torch.finfo(s.dtype).eps * s.numel()) * float(s[0])
         keep = int((s > floor).sum())
         if max_rank is not None:
             keep = min(keep, max_rank)
+        energy = s.double().square()
+        dropped = float(energy[keep:].sum() / energy.sum())
         B, A = split_factors(svd.truncate(keep), "balanced")
-        return FactoredDelta.from_factors(B.to(up.dtype), A.to(up.dtype))
+        return FactoredDelta.from_factors(B.to(up.dtype), A.to(up.dtype)), dropped
 
     def energy(self) -> float:
         """``||Delta||_F^2 = <up^T up, down down^T>`` from the r x r Gram matrices (float64)."""

@@ -22,8 +22,9 @@ from torch import nn
 
 from fedlora.lowrank import FactoredDelta, lora_scale
 from fedlora.methods.base import AB, Factors, LoRASpec, ModuleFactors
+from fedlora.model import side as side_path
 from fedlora.model.adapter_io import save_deltas, write_adapter
-from fedlora.model.backbone import apply_backbone_delta
+from fedlora.model.backbone import apply_backbone_delta, mergeable, resolve_mode
 
 ADAPTER = "default"
 INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
@@ -54,6 +55,9 @@ class LoRASettings:
     rslora: bool = False
     modules_to_save: tuple[str, ...] = field(default_factory=tuple)
     init: str = "default"  # PEFT's init_lora_weights: default (True), gaussian, pissa
+    backbone_delta: str = "auto"  # how backbone deltas reach the base: auto, merge, side (model/backbone.py)
+    side_rtol: float = 0.0  # side path: drop components below side_rtol * s_max (0: rounding-level only)
+    side_max_rank: int = 0  # side path: keep at most this many components per layer (0: no cap)
 
     def peft_init(self) -> bool | str:
         if self.init not in INITS:
@@ -98,6 +102,10 @@ class LoRABinding:
             raise ValueError(f"no module of the model matches the LoRA targets {list(lora.targets)}")
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.backbone_mode = resolve_mode(lora.backbone_delta, self.model, self.layers)
+        """``merge`` or ``side``: how :meth:`apply_delta` changes the backbone (``auto`` resolved)."""
+        self.side_dropped: dict[str, float] = {}
+        """Per module, the fraction of energy the side path's cap dropped at the last :meth:`apply_delta`."""
         self.init_delta = self._init_shift()
 
     def _init_shift(self) -> dict[str, FactoredDelta]:
@@ -192,12 +200,28 @@ class LoRABinding:
 
     # ---- backbone -----------------------------------------------------------------------
     def apply_delta(self, deltas: Mapping[str, FactoredDelta], alpha: float = 1.0) -> None:
-        """``W += alpha * delta`` on the base weights (float32 accumulation, stored in their dtype)."""
-        apply_backbone_delta(self.model, deltas, alpha)
+        """``W += alpha * delta`` on the backbone: merged into the base weights (float32
+        accumulation, stored in their dtype) or onto the float32 side path (:attr:`backbone_mode`)."""
+        self.side_dropped = apply_backbone_delta(
+            self.model,
+            deltas,
+            alpha,
+            mode=self.backbone_mode,
+            rtol=self.lora.side_rtol,
+            max_rank=self.lora.side_max_rank,
+        )
+
+    def backbone_report(self) -> dict[str, float]:
+        """The side path's size and what its cap dropped (``{}`` when deltas are merged)."""
+        return side_path.side_report(self.model)
 
     @contextlib.contextmanager
     def shifted(self, deltas: Mapping[str, FactoredDelta]) -> Iterator[None]:
-        """Temporarily ``W += delta`` (a client-only shift); the exact weights come back after."""
+        """Temporarily ``W += delta`` (a client-only shift); the exact backbone comes back after."""
+        if self.backbone_mode == "side":
+            with self._side_shifted(deltas):
+                yield
+            return
         saved = {}
         try:
             for name, d in deltas.items():
@@ -212,11 +236,35 @@ class LoRABinding:
                 for name, w in saved.items():
                     self.layers[name].get_base_layer().weight.copy_(w)
 
+    @contextlib.contextmanager
+    def _side_shifted(self, deltas: Mapping[str, FactoredDelta]) -> Iterator[None]:
+        bases = {n: self.layers[n].get_base_layer() for n, d in deltas.items() if not d.is_empty}
+        saved = {}
+        for n, base in bases.items():
+            side = side_path.side_of(base)
+            saved[n] = (side.delta, side.dropped) if side is not None else None
+        try:
+            self.apply_delta({n: deltas[n] for n in bases})
+            yield
+        finally:
+            for n, base in bases.items():
+                side = side_path.side_of(base)
+                if saved[n] is None:
+                    side_path.detach(base)
+                elif side is not None:
+                    side.delta, side.dropped = saved[n]
+
     def full_weight_gradients(
         self, batches: Iterable[dict[str, torch.Tensor]], loss_fn: Callable[[nn.Module, dict], torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Mean gradient of the loss w.r.t. every adapted module's base weight (LoRA disabled),
-        over ``batches``; in ``nn.Linear`` orientation, float32, on the CPU."""
+        over ``batches``; in ``nn.Linear`` orientation, float32, on the CPU.
+
+        Float32 weights get it from autograd on the weight; other bases (bf16, 4-bit, 8-bit:
+        no float32 or no gradient at all on the stored weight) from the layer's input and output
+        gradient, ``sum_tokens grad_y^T x`` in float32 (the same quantity)."""
+        if not all(mergeable(layer.get_base_layer().weight) for layer in self.layers.values()):
+            return self._gradients_from_activations(batches, loss_fn)
         weights = {n: layer.get_base_layer().weight for n, layer in self.layers.items()}
         flags = {n: w.requires_grad for n, w in weights.items()}
         lora_flags = [p.requires_grad for p in self.model.parameters()]
@@ -247,6 +295,54 @@ class LoRABinding:
             for p, flag in zip(self.model.parameters(), lora_flags):
                 p.requires_grad_(flag)
         return sums
+
+    def _gradients_from_activations(
+        self, batches: Iterable[dict[str, torch.Tensor]], loss_fn: Callable[[nn.Module, dict], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        bases = {n: layer.get_base_layer() for n, layer in self.layers.items()}
+        sums = {
+            n: torch.zeros(layer.out_features, layer.in_features, device=self.device)
+            for n, layer in self.layers.items()
+        }
+        flags = [p.requires_grad for p in self.model.parameters()]
+
+        def capture(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+                if not output.requires_grad:
+                    return
+                x = inputs[0].detach()
+
+                def on_grad(g: torch.Tensor) -> None:
+                    gy = g.reshape(-1, g.shape[-1]).float()
+                    sums[name].add_(gy.mT @ x.reshape(-1, x.shape[-1]).float())
+
+                output.register_hook(on_grad)
+
+            return hook
+
+        handles = [base.register_forward_hook(capture(n)) for n, base in bases.items()]
+        inner = self.model.get_base_model()
+        count, enabled_here = 0, False
+        try:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            enabled_here = not hasattr(inner, "_require_grads_hook")
+            if enabled_here:  # frozen weights: the graph starts at the embeddings' output
+                inner.enable_input_require_grads()
+            with self.model.disable_adapter():
+                for batch in batches:
+                    loss_fn(self.model, batch).backward()
+                    count += 1
+            if count == 0:
+                raise ValueError("no batches to estimate the gradient from")
+        finally:
+            for h in handles:
+                h.remove()
+            if enabled_here:
+                inner.disable_input_require_grads()
+            for p, flag in zip(self.model.parameters(), flags):
+                p.requires_grad_(flag)
+        return {n: (g / count).cpu() for n, g in sums.items()}
 
     # ---- export -------------------------------------------------------------------------
     def save_adapter(
