@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from conftest import F64, gen, make_state, module_shapes, randn
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientContext, ClientUpload, ModuleFactors, available_methods, build_method, method_class
 from fedlora.methods.base import AB
 from fedlora.methods.validation import check_upload
+from helpers import F64, gen, make_state, module_shapes, randn
 
 RANK = 2
 SHAPES = module_shapes(13, 7)

@@ -13,7 +13,12 @@ import math
 import pytest
 import torch
 
-from conftest import (
+from fedlora.lowrank import FactoredDelta
+from fedlora.methods import ClientContext, ModuleFactors, build_method
+from fedlora.methods.base import AB, ClientUpload, GlobalState, LoRASpec
+from fedlora.methods.fedsmooth_lora import zeta_at
+from fedlora.methods.flora import fresh_lora
+from helpers import (
     CLIENTS,
     F64,
     RANKS,
@@ -33,11 +38,6 @@ from conftest import (
     svd_truncate,
     weights_for,
 )
-from fedlora.lowrank import FactoredDelta
-from fedlora.methods import ClientContext, ModuleFactors, build_method
-from fedlora.methods.base import AB, ClientUpload, GlobalState, LoRASpec
-from fedlora.methods.fedsmooth_lora import zeta_at
-from fedlora.methods.flora import fresh_lora
 
 CASES = [
     pytest.param(shape, r, n, w, id=f"{shape[0]}x{shape[1]}-r{r}-n{n}-{w}")
