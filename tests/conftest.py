@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-SMALL_MATRIX_TESTS = ("test_lowrank_", "test_methods_", "test_validation", "test_registry")
+SMALL_MATRIX_TESTS = ("test_lowrank_", "test_method_", "test_methods_", "test_validation", "test_registry")
 
 
 @pytest.fixture(autouse=True)

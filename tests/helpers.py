@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -155,3 +156,27 @@ def function_of(result, state_scale: float, module: str) -> Tensor:
     if d is not None:
         out = out + d.dense(F64)
     return out
+
+
+# ---- the cases of the per-method reference tests (test_method_<name>.py) ----------------------
+# Factors are random, non-square and non-symmetric; shapes, ranks, client counts and (unequal)
+# weights vary. "Function" means the global update of a module after the round: the backbone
+# delta plus ``s B A`` with the new global factors (``function_of``).
+CASES = [
+    pytest.param(shape, r, n, w, id=f"{shape[0]}x{shape[1]}-r{r}-n{n}-{w}")
+    for shape in SHAPES
+    for r in RANKS
+    for n in CLIENTS
+    for w in ("samples", "explicit")
+]
+ALPHA = 3.0  # != r for every rank used: s != 1
+
+
+def build(shape, r, n, wmode, *, round_=1, ranks=None, only=None, rslora=False, alpha=ALPHA):
+    """``(state, uploads, weights argument, normalised p)`` for one case, seeded by the case."""
+    seed = shape[0] * 1000 + r * 100 + n * 10 + (wmode == "explicit") + 7 * round_
+    shapes = module_shapes(*shape)
+    state = make_state(shapes, r, alpha=alpha, use_rslora=rslora, round_=round_, seed=seed)
+    uploads = make_uploads(shapes, ranks if ranks is not None else [r] * n, seed=seed + 1, only=only)
+    wargs, p = weights_for(uploads, wmode, seed=seed + 2)
+    return state, uploads, wargs, p
