@@ -5,13 +5,16 @@ float64 references computed independently of the code under test. Test files imp
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import pytest
 import torch
 from torch import Tensor
 
-from fedlora.methods.base import ClientUpload, GlobalState, LoRASpec, ModuleFactors
+from fedlora.methods import method_class
+from fedlora.methods.base import ClientUpload, GlobalState, LoRASpec, Method, ModuleFactors
 
 F64 = torch.float64
 
@@ -180,3 +183,10 @@ def build(shape, r, n, wmode, *, round_=1, ranks=None, only=None, rslora=False, 
     uploads = make_uploads(shapes, ranks if ranks is not None else [r] * n, seed=seed + 1, only=only)
     wargs, p = weights_for(uploads, wmode, seed=seed + 2)
     return state, uploads, wargs, p
+
+
+def declared_flags(name: str) -> set[str]:
+    """The boolean capabilities of :class:`Method` (``changes_backbone``, ``needs_gradient``, ...)
+    that method ``name`` sets: what the conformance suite expects of it."""
+    flags = [k for k, hint in typing.get_type_hints(Method).items() if hint == ClassVar[bool]]
+    return {k for k in flags if getattr(method_class(name), k)}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedlora.methods import build_method
-from helpers import ALPHA, CASES, assert_close, build, dense_mean, dense_sum, function_of, scale
+from helpers import ALPHA, CASES, assert_close, build, declared_flags, dense_mean, dense_sum, function_of, scale
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -37,3 +37,8 @@ def test_fedex_lora(shape, r, n, wmode, rslora):
         assert delta.rank == true_rank
         assert res.report[m]["residual_rank"] == true_rank
     assert res.bytes_down <= raw.bytes_down
+
+
+def test_fedex_lora_declared_flags():
+    """The capabilities FedEx-LoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("fedex_lora") == {"changes_backbone"}

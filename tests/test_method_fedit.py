@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 
 from fedlora.methods import build_method
-from helpers import ALPHA, CASES, assert_close, build, dense_mean, dense_sum, function_of, rel_err, scale
+from helpers import (
+    ALPHA,
+    CASES,
+    assert_close,
+    build,
+    declared_flags,
+    dense_mean,
+    dense_sum,
+    function_of,
+    rel_err,
+    scale,
+)
 
 
 @pytest.mark.parametrize(("shape", "r", "n", "wmode"), CASES)
@@ -22,3 +33,8 @@ def test_fedit(shape, r, n, wmode):
         assert_close(function_of(res, s, m), s * f.B @ f.A, 1e-15)
         if n > 1:  # FedIT is inexact: the product of means is not the mean of products
             assert rel_err(f.B @ f.A, dense_sum(uploads, m, p)) > 1e-3
+
+
+def test_fedit_declared_flags():
+    """The capabilities FedIT declares, which the conformance suite checks it against."""
+    assert declared_flags("fedit") == set()

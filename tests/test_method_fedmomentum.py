@@ -14,6 +14,7 @@ from helpers import (
     F64,
     assert_close,
     build,
+    declared_flags,
     dense_sum,
     function_of,
     make_state,
@@ -159,3 +160,8 @@ def test_fedmomentum_merge_every_zero_flushes_at_finalize():
         assert_close(flushed[m].dense(), accumulated[m], 1e-9)
     _, again = method.finalize(final_state)
     assert again == {}
+
+
+def test_fedmomentum_declared_flags():
+    """The capabilities FedMomentum declares, which the conformance suite checks it against."""
+    assert declared_flags("fedmomentum") == {"changes_backbone"}

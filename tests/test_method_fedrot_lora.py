@@ -9,7 +9,19 @@ import torch
 
 from fedlora.methods import ModuleFactors, build_method
 from fedlora.methods.base import ClientUpload, GlobalState
-from helpers import CASES, F64, assert_close, build, dense_mean, gen, make_state, randn, random_rotation, rel_err
+from helpers import (
+    CASES,
+    F64,
+    assert_close,
+    build,
+    declared_flags,
+    dense_mean,
+    gen,
+    make_state,
+    randn,
+    random_rotation,
+    rel_err,
+)
 
 
 def kabsch(cross: torch.Tensor) -> torch.Tensor:
@@ -127,3 +139,8 @@ def test_fedrot_needs_global():
     assert not m.needs_global(0) and m.needs_global(1) and m.needs_global(2)
     assert build_method("fedrot_lora", {"skip_first": False}).needs_global(0)
     assert not build_method("fedit").needs_global(1)
+
+
+def test_fedrot_lora_declared_flags():
+    """The capabilities FedRot-LoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("fedrot_lora") == set()

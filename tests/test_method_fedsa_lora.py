@@ -7,7 +7,7 @@ import torch
 
 from fedlora.methods import ClientContext, ModuleFactors, build_method
 from fedlora.methods.base import AB, ClientUpload
-from helpers import CASES, F64, assert_close, build, dense_mean, gen, make_state, module_shapes, randn
+from helpers import CASES, F64, assert_close, build, declared_flags, dense_mean, gen, make_state, module_shapes, randn
 
 
 @pytest.mark.parametrize(("shape", "r", "n", "wmode"), CASES)
@@ -50,3 +50,8 @@ def test_fedsa_lora_client_memory_round_trip():
         assert torch.equal(start1.factors[m].B, memory[f"{m}.B"])
         assert torch.equal(start1.factors[m].A, res.state.factors[m].A)
         assert torch.equal(res.state.factors[m].A, upload[m].A.to(F64))  # one client: mean = itself
+
+
+def test_fedsa_lora_declared_flags():
+    """The capabilities FedSA-LoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("fedsa_lora") == set()

@@ -17,6 +17,7 @@ from helpers import (
     CASES,
     F64,
     assert_close,
+    declared_flags,
     dense_sum,
     gen,
     make_state,
@@ -218,3 +219,8 @@ def test_fedsmooth_lora_errors_and_lowrank_gradient_svd():
     B_ref, A_ref = ga_reference(G, 2, 64.0)
     assert_equal_up_to_column_signs(start.factors["m"].B, B_ref, 1e-8)
     assert_equal_up_to_column_signs(start.factors["m"].A.mT, A_ref.mT, 1e-8)
+
+
+def test_fedsmooth_lora_declared_flags():
+    """The capabilities FedSmoothLoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("fedsmooth_lora") == {"changes_backbone", "needs_gradient"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedlora.methods import ClientContext, build_method
-from helpers import ALPHA, CASES, assert_close, build, dense_mean, function_of, scale
+from helpers import ALPHA, CASES, assert_close, build, declared_flags, dense_mean, function_of, scale
 
 
 @pytest.mark.parametrize(("shape", "r", "n", "wmode"), CASES)
@@ -30,3 +30,8 @@ def test_ffa_lora(shape, r, n, wmode):
     for m, gf in state.factors.items():
         assert torch.equal(start.factors[m].A, gf.A) and torch.equal(start.factors[m].B, gf.B)
         assert start.factors[m].A.data_ptr() != gf.A.data_ptr()  # a copy: training cannot alias
+
+
+def test_ffa_lora_declared_flags():
+    """The capabilities FFA-LoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("ffa_lora") == set()

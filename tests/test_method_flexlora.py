@@ -6,7 +6,19 @@ import pytest
 import torch
 
 from fedlora.methods import ClientContext, build_method
-from helpers import ALPHA, CASES, F64, assert_close, build, dense_sum, make_state, module_shapes, scale, svd_truncate
+from helpers import (
+    ALPHA,
+    CASES,
+    F64,
+    assert_close,
+    build,
+    declared_flags,
+    dense_sum,
+    make_state,
+    module_shapes,
+    scale,
+    svd_truncate,
+)
 
 
 def het_ranks(r: int, n: int) -> list[int]:
@@ -56,3 +68,8 @@ def test_flexlora_round0_and_rank_above_global():
         assert torch.equal(start.factors[m].B, gf.B[:, :2]) and torch.equal(start.factors[m].A, gf.A[:2])
     with pytest.raises(ValueError, match="above the global rank"):
         method.client_start(state, ClientContext("big", 0, 5))
+
+
+def test_flexlora_declared_flags():
+    """The capabilities FlexLoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("flexlora") == {"heterogeneous_ranks"}

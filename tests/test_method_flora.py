@@ -9,7 +9,18 @@ import torch
 
 from fedlora.methods import ClientContext, build_method
 from fedlora.methods.flora import fresh_lora
-from helpers import ALPHA, CASES, assert_close, build, dense_sum, function_of, make_state, module_shapes, scale
+from helpers import (
+    ALPHA,
+    CASES,
+    assert_close,
+    build,
+    declared_flags,
+    dense_sum,
+    function_of,
+    make_state,
+    module_shapes,
+    scale,
+)
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -60,3 +71,8 @@ def test_flora_fresh_lora_differs_by_round():
     a, b = fresh_lora(shapes, 2, 0, 1), fresh_lora(shapes, 2, 0, 2)
     assert not torch.equal(a["layer0.q"].A, b["layer0.q"].A)
     assert not torch.equal(a["layer0.q"].A, a["layer1.q"].A)  # modules of one shape differ too
+
+
+def test_flora_declared_flags():
+    """The capabilities FLoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("flora") == {"heterogeneous_ranks", "ranks_above_global", "changes_backbone"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.methods import build_method
-from helpers import ALPHA, CASES, F64, assert_close, build, dense_mean, function_of, make_state, scale
+from helpers import ALPHA, CASES, F64, assert_close, build, declared_flags, dense_mean, function_of, make_state, scale
 
 
 @pytest.mark.parametrize("zero_b", [False, True])
@@ -31,3 +31,8 @@ def test_frlora(shape, r, n, wmode, zero_b):
             assert_close(function_of(res, s, m), s * Bbar @ Abar, 1e-10, "function")
             assert delta.rank == (min(r, d_out, d_in) if zero_b else min(2 * r, d_out, d_in))
         assert res.bytes_down == sum(d.nbytes() for d in res.backbone_delta.values())
+
+
+def test_frlora_declared_flags():
+    """The capabilities FRLoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("frlora") == {"changes_backbone"}

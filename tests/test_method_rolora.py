@@ -11,6 +11,7 @@ from helpers import (
     CASES,
     assert_close,
     build,
+    declared_flags,
     dense_mean,
     function_of,
     make_state,
@@ -60,3 +61,8 @@ def test_rolora_alternates_over_rounds():
         uploads = make_uploads(shapes, [2, 2], seed=t, only=frozenset({active}))
         state = method.aggregate(state, uploads).state
     assert seen == ["B", "A", "B", "A"]
+
+
+def test_rolora_declared_flags():
+    """The capabilities RoLoRA declares, which the conformance suite checks it against."""
+    assert declared_flags("rolora") == set()
