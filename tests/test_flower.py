@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_state, make_uploads, module_shapes
 from fedlora import trees
 from fedlora.engine.config import ConfigError
 from fedlora.flower.config import resolve
@@ -52,6 +51,7 @@ from fedlora.flower.sync import (
 )
 from fedlora.methods import available_methods, build_method
 from fedlora.methods.base import ModuleFactors, factors_nbytes
+from helpers import make_state, make_uploads, module_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 F32 = torch.float32

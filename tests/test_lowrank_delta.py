@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import F64, assert_close, gen, randn
 from fedlora.lowrank import FactoredDelta
+from helpers import F64, assert_close, gen, randn
 
 
 def terms(d_out, d_in, ranks, seed=0, dtype=F64):

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import F64, assert_close, gen, randn, random_rotation
 from fedlora.lowrank import alignment_rotation, polar, procrustes, rotate, soft_rotation
+from helpers import F64, assert_close, gen, randn, random_rotation
 
 HYP = settings(max_examples=40, deadline=None)
 

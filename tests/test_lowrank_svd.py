@@ -11,7 +11,6 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import F64, assert_close, gen, randn
 from fedlora.lowrank import (
     SPLITS,
     LowRankSVD,
@@ -30,6 +29,7 @@ from fedlora.lowrank import (
     truncated_factors,
     truncated_svd_many,
 )
+from helpers import F64, assert_close, gen, randn
 
 HYP = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

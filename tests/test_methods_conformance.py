@@ -1,17 +1,25 @@
-"""The method contract, checked for every registered method over a few simulated rounds."""
+"""The method contract over a few simulated rounds, for every registered method; every method registered and tested."""
 
 from __future__ import annotations
 
 import copy
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import F64, gen, make_state, module_shapes, randn
+import fedlora
+import fedlora.methods
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientContext, ClientUpload, ModuleFactors, available_methods, build_method, method_class
-from fedlora.methods.base import AB
+from fedlora.methods.base import AB, Method
 from fedlora.methods.validation import check_upload
+from helpers import F64, gen, make_state, module_shapes, randn
 
 RANK = 2
 SHAPES = module_shapes(13, 7)
@@ -182,33 +190,38 @@ def test_untrained_round_trip(name):
             assert torch.equal(f.get(x), start.factors[m].get(x))
 
 
-def test_every_registered_method_is_covered():
-    names = available_methods()
-    assert names == sorted(
-        [
-            "fedex_lora",
-            "fedit",
-            "fedmomentum",
-            "fedrot_lora",
-            "fedsa_lora",
-            "fedsmooth_lora",
-            "ffa_lora",
-            "flexlora",
-            "flora",
-            "frlora",
-            "rolora",
-        ]
-    )
-    for n in names:
-        cls = method_class(n)
-        assert cls.name == n and cls.summary
-        assert copy.copy(build_method(n).settings) == cls.Settings()
-    assert {n for n in names if method_class(n).needs_gradient} == {"fedsmooth_lora"}
-    assert {n for n in names if method_class(n).changes_backbone} == {
-        "fedex_lora",
-        "fedmomentum",
-        "fedsmooth_lora",
-        "flora",
-        "frlora",
-    }
-    assert {n for n in names if method_class(n).heterogeneous_ranks} == {"flexlora", "flora"}
+@pytest.mark.parametrize("name", available_methods())
+def test_registered_method_declares_itself(name):
+    cls = method_class(name)
+    assert cls.name == name and cls.summary
+    assert copy.copy(build_method(name).settings) == cls.Settings()
+
+
+def test_every_method_module_is_registered():
+    """Every method class defined in a module of ``fedlora/methods/`` is registered by ``import
+    fedlora.methods`` alone (asked in a fresh interpreter: imports done by the tests could
+    register it here)."""
+    defined = {}
+    for info in pkgutil.iter_modules(fedlora.methods.__path__):
+        module = importlib.import_module(f"{fedlora.methods.__name__}.{info.name}")
+        for obj in vars(module).values():
+            ours = isinstance(obj, type) and issubclass(obj, Method) and obj.__module__ == module.__name__
+            if ours and "name" in vars(obj):  # a method, not an abstract helper base
+                defined[obj.name] = info.name
+    assert defined, "no method modules found"
+    src = str(Path(fedlora.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    code = "import fedlora.methods as m; print(m.__file__); print(' '.join(m.available_methods()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    package_file, names = out.stdout.splitlines()
+    assert Path(package_file) == Path(fedlora.methods.__file__), "the fresh interpreter imported another fedlora"
+    missing = {name: module for name, module in defined.items() if name not in names.split()}
+    assert not missing, f"method modules not registered by `import fedlora.methods`: {missing}"
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_method_has_its_reference_test(name):
+    """Adding a method means adding ``tests/test_method_<name>.py`` with its reference tests."""
+    path = Path(__file__).with_name(f"test_method_{name}.py")
+    assert path.is_file(), f"method {name!r} has no reference test file {path.name}"
+    assert f'"{name}"' in path.read_text(), f"{path.name} never builds {name!r}"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import F64, make_state, make_uploads, module_shapes
 from fedlora.methods import ClientUpload, ModuleFactors, build_method
 from fedlora.methods.validation import InvalidUpdate, check_upload, screen_uploads
+from helpers import F64, make_state, make_uploads, module_shapes
 
 SHAPES = module_shapes(13, 7)
 R = 2
