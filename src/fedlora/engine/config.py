@@ -34,6 +34,20 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype the base weights are stored in")
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     num_labels: int = _f(2, "classes, for seq_cls", min=1)
+    quantization: Literal["none", "nf4", "fp4", "int8"] = _f(
+        "none",
+        "bitsandbytes base weights: nf4/fp4 (4-bit, double-quantized scales, computing in model.dtype) or int8 "
+        "(LLM.int8()); only LoRA trains, backbone deltas go to the side path",
+    )
+    backbone_delta: Literal["auto", "merge", "side"] = _f(
+        "auto",
+        "how merging methods' backbone deltas reach the base: merge (W += delta, exact for float32 weights only), "
+        "side (float32 low-rank path beside each layer, exact on any base), auto (merge iff the weights are float32)",
+    )
+    side_max_rank: int = _f(0, "side path: at most this many components per layer (0: no cap, exact)", min=0)
+    side_rtol: float = _f(
+        0.0, "side path: drop components below side_rtol * largest (0: only rounding-level ones)", min=0.0, max=1.0
+    )
 
 
 @dataclass
@@ -112,6 +126,9 @@ class TrainConfig:
         "auto", "autocast dtype (auto: bf16 on GPU, fp32 on CPU)"
     )
     grad_batches: int = _f(4, "batches for full-weight gradient estimates (fedsmooth_lora)", min=1)
+    gradient_checkpointing: bool = _f(
+        False, "recompute activations in the backward pass (transformers' non-reentrant checkpointing): less memory"
+    )
 
 
 @dataclass
@@ -266,6 +283,16 @@ def _check(cfg: Config) -> None:
         )
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(f"name={cfg.name!r} must be a plain folder name")
+    if cfg.model.quantization != "none" and cfg.model.backbone_delta == "merge":
+        raise ConfigError(
+            f"model.backbone_delta=merge cannot add deltas to {cfg.model.quantization} weights: use side or auto"
+        )
+    if cfg.lora.init == "pissa" and (cfg.model.quantization != "none" or cfg.model.dtype != "float32"):
+        raise ConfigError(
+            "lora.init=pissa moves each weight's top-r part out of the base weights, which only float32 weights "
+            f"hold exactly (model.dtype={cfg.model.dtype}, model.quantization={cfg.model.quantization}): "
+            "use lora.init=default, or a float32 base"
+        )
 
 
 def describe_config(cls: type = Config, prefix: str = "") -> list[str]:

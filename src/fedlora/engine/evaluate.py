@@ -31,17 +31,12 @@ import torch
 
 from fedlora import atomic
 from fedlora.engine.config import Config, load_config
+from fedlora.engine.setup import device_for
 from fedlora.model.adapter_io import CONFIG_NAME, DELTA_NAME, WEIGHTS_NAME, load_deltas
 from fedlora.model.binding import quiet_checkpointing_deprecation
 from fedlora.progress import Progress, tracking
 
 EVAL_NAME = "eval.json"
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -53,16 +48,22 @@ def load_model_for_eval(cfg: Config, adapter_dir: str | Path | None = None) -> t
     """``(model, tokenizer, loaded)``: the base model of ``cfg`` (+ backbone delta + adapter)."""
     from fedlora.model.backbone import apply_backbone_delta
     from fedlora.model.loading import load_model, load_tokenizer
+    from fedlora.model.quantization import check_quantization
 
+    device = device_for(cfg.model.device)
+    check_quantization(cfg.model.quantization, device, getattr(torch, cfg.model.dtype))
     tokenizer = load_tokenizer(cfg.model.name)
     model = load_model(
         cfg.model.name,
         cfg.model.kind,
         dtype=getattr(torch, cfg.model.dtype),
         num_labels=cfg.model.num_labels,
-        device=_device(cfg.model.device),
+        device=str(device),
+        quantization=cfg.model.quantization,
     )
     loaded: dict[str, Any] = {"model": cfg.model.name, "kind": cfg.model.kind, "adapter": None, "backbone_delta": False}
+    if cfg.model.quantization != "none":
+        loaded["quantization"] = cfg.model.quantization
     if cfg.model.kind == "seq_cls":
         loaded["num_labels"] = cfg.model.num_labels
     if adapter_dir is not None:
@@ -75,7 +76,7 @@ def load_model_for_eval(cfg: Config, adapter_dir: str | Path | None = None) -> t
         with quiet_checkpointing_deprecation():  # PEFT reads a name transformers deprecated
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         if delta_file.exists():
-            apply_backbone_delta(model, load_deltas(delta_file))
+            apply_backbone_delta(model, load_deltas(delta_file), mode=cfg.model.backbone_delta)
             loaded["backbone_delta"] = True
         loaded["adapter"] = str(adapter_dir)
     model.eval()

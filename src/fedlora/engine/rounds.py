@@ -105,11 +105,13 @@ class RoundEngine:
         self.global_extras = self.binding.extras()
         base = sum(p.numel() for p in self.binding.model.parameters())
         log.info(
-            "model ready in %.0f s: %.0fM parameters, LoRA rank %d on %d modules",
+            "model ready in %.0f s: %.0fM parameters%s, LoRA rank %d on %d modules, backbone deltas: %s",
             time.perf_counter() - t,
             base / 1e6,
+            f" ({cfg.model.quantization})" if cfg.model.quantization != "none" else "",
             cfg.lora.rank,
             len(self.binding.layers),
+            self.binding.backbone_mode,
         )
 
     # ---- state --------------------------------------------------------------------------------
@@ -329,6 +331,9 @@ class RoundEngine:
                 backbone_delta_rank=sum(d.rank for d in deltas.values()),
                 report=_summarise(result.report),
             )
+            side = self.binding.backbone_report()
+            if side:  # the side path's size, and what its rank cap dropped (model/side.py)
+                record["backbone"] = side
         agg_seconds = time.perf_counter() - t_agg
         losses = [s["loss"] for s in train_stats.values()]
         record["train_loss"] = sum(losses) / len(losses) if losses else None

@@ -94,11 +94,22 @@ def build_binding(cfg: Config, device: torch.device) -> tuple[Any, LoRABinding]:
     """The tokenizer and the PEFT-wrapped base model with its LoRA initialised from ``cfg.seed``:
     every runtime that builds them this way starts from the same global factors."""
     from fedlora.model.loading import load_model, load_tokenizer
+    from fedlora.model.quantization import check_quantization
 
     dtype = getattr(torch, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.name)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model.name, cfg.model.kind, dtype=dtype, num_labels=cfg.model.num_labels, device=str(device))
+    check_quantization(cfg.model.quantization, device, dtype)
+    model = load_model(
+        cfg.model.name,
+        cfg.model.kind,
+        dtype=dtype,
+        num_labels=cfg.model.num_labels,
+        device=str(device),
+        quantization=cfg.model.quantization,
+    )
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoRASettings(
         rank=cfg.lora.rank,
         alpha=cfg.lora.alpha,
@@ -107,6 +118,9 @@ def build_binding(cfg: Config, device: torch.device) -> tuple[Any, LoRABinding]:
         rslora=cfg.lora.rslora,
         modules_to_save=("classifier", "score") if cfg.model.kind == "seq_cls" else (),
         init=cfg.lora.init,
+        backbone_delta=cfg.model.backbone_delta,
+        side_rtol=cfg.model.side_rtol,
+        side_max_rank=cfg.model.side_max_rank,
     )
     task_type = "SEQ_CLS" if cfg.model.kind == "seq_cls" else "CAUSAL_LM"
     binding = LoRABinding(model, lora, task_type=task_type, base_name=cfg.model.name)

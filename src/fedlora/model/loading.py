@@ -160,18 +160,34 @@ def load_tokenizer(name: str):
 
 
 def load_model(
-    name: str, kind: Kind = "causal_lm", *, dtype: torch.dtype = torch.float32, num_labels: int = 2, device: str = "cpu"
+    name: str,
+    kind: Kind = "causal_lm",
+    *,
+    dtype: torch.dtype = torch.float32,
+    num_labels: int = 2,
+    device: str = "cpu",
+    quantization: str = "none",
 ):
-    """The base model (no adapter) in ``dtype`` on ``device``."""
+    """The base model (no adapter) in ``dtype`` on ``device``; with ``quantization`` (nf4, fp4,
+    int8) its linear layers are bitsandbytes layers computing in ``dtype``
+    (:mod:`fedlora.model.quantization`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from fedlora.model.quantization import bnb_config, prepare_quantized
+
     folder = model_folder(name)
+    extra: dict[str, Any] = {}
+    quant = bnb_config(quantization, dtype)
+    if quant is not None:
+        extra = {"quantization_config": quant, "device_map": {"": device}}
     if kind == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     elif kind == "seq_cls":
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype, num_labels=num_labels, **extra)
     else:
         raise ValueError(f"unknown model kind {kind!r}; allowed: causal_lm, seq_cls")
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if quant is not None:
+        return prepare_quantized(model)
     return model.to(device)
