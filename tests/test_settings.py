@@ -178,3 +178,36 @@ def test_describe_flattens_nested_dataclasses():
     assert docs["mode"].kind == "fast|slow" and docs["names"].default == []
     assert docs["inner.depth"].line() == "inner.depth (int, default 1): how deep"
     assert type_name(int | None) == "int | None"
+
+
+# ---- the experiment config -------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["train.lr", "lora.alpha", "rounds.clients_per_round", "partition.alpha"])
+@pytest.mark.parametrize("text", ["nan", ".nan", ".inf", "-.inf", "inf"])
+def test_config_floats_refuse_non_finite_values(key, text):
+    from fedlora.engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=-?(nan|inf) is not a finite number$"):
+        load_config(None, {key: text})
+
+
+def test_config_yaml_nan_is_refused(tmp_path):
+    from fedlora.engine.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  alpha: .nan\n")
+    with pytest.raises(SettingsError, match=r"lora\.alpha=nan is not a finite number"):
+        load_config(path)
+
+
+def test_config_values_parse_as_before():
+    from fedlora.engine.config import Config, config_from_dict, load_config
+
+    cfg = load_config(None, {"train.lr": "5e-4", "lora.targets": "q_proj,v_proj", "lora.client_ranks": "{0: 4}"})
+    assert cfg.train.lr == 5e-4 and cfg.lora.targets == ["q_proj", "v_proj"] and cfg.lora.client_ranks == {"0": 4}
+    assert load_config(None, {"lora.alpha": "32"}).lora.alpha == 32.0
+    assert isinstance(load_config(None, {"lora.alpha": "32"}).lora.alpha, float)
+    assert config_from_dict(Config().to_dict()) == Config()
+    with pytest.raises(SettingsError, match=r"lora\.client_ranks\.0=0 is below the minimum 1"):
+        load_config(None, {"lora.client_ranks": "{0: 0}"})
+    with pytest.raises(SettingsError, match=r"unknown key 'train\.lrr'; allowed: optimizer, lr"):
+        load_config(None, {"train.lrr": "1"})
