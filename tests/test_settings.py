@@ -211,3 +211,33 @@ def test_config_values_parse_as_before():
         load_config(None, {"lora.client_ranks": "{0: 0}"})
     with pytest.raises(SettingsError, match=r"unknown key 'train\.lrr'; allowed: optimizer, lr"):
         load_config(None, {"train.lrr": "1"})
+
+
+# ---- method settings (text mode) -------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", math.nan, math.inf])
+def test_method_floats_refuse_non_finite_values(value):
+    from fedlora.methods import build_method
+
+    with pytest.raises(SettingsError, match=r"^fedmomentum: tau=-?(nan|inf) is not a finite number$"):
+        build_method("fedmomentum", {"tau": value})
+    with pytest.raises(SettingsError, match=r"fedrot_lora: lam=-?(nan|inf) is not a finite number"):
+        build_method("fedrot_lora", {"lam": value})
+
+
+def test_method_settings_through_the_config():
+    from fedlora.engine.config import load_config
+
+    assert load_config(None, {"method.name": "fedex_lora", "method.settings.compress": "1"}).method.settings == {
+        "compress": 1
+    }
+    with pytest.raises(SettingsError, match=r"^method: fedmomentum: tau=nan is not a finite number$"):
+        load_config(None, {"method.settings.tau": ".nan"})
+
+
+def test_registry_lookups():
+    from fedlora.methods import available_methods, method_class
+    from fedlora.methods.registry import METHODS
+
+    assert METHODS.names() == available_methods() and "fedit" in METHODS
+    with pytest.raises(SettingsError, match="unknown method 'fedavg'; available: fedex_lora, fedit"):
+        method_class("fedavg")
