@@ -241,3 +241,42 @@ def test_registry_lookups():
     assert METHODS.names() == available_methods() and "fedit" in METHODS
     with pytest.raises(SettingsError, match="unknown method 'fedavg'; available: fedex_lora, fedit"):
         method_class("fedavg")
+
+
+# ---- task settings -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf", math.nan, -math.inf])
+def test_task_floats_refuse_non_finite_values(value):
+    from fedlora.tasks import build_task
+
+    with pytest.raises(SettingsError, match=r"^code task: temperature=-?(nan|inf) is not a finite number$"):
+        build_task("code", {"temperature": value})
+    with pytest.raises(SettingsError, match=r"^shakespeare task: test_fraction=-?(nan|inf) is not a finite number$"):
+        build_task("shakespeare", {"test_fraction": value})
+
+
+def test_task_settings_are_parsed_into_the_task_settings_class():
+    from fedlora.tasks import TASKS, build_task
+
+    task = build_task("code", {"temperature": 1, "n_samples": 5, "k": [1, 5], "seed": None}, seed=4)
+    assert task.settings.temperature == 1.0 and isinstance(task.settings.temperature, float)
+    assert type(task.settings) is TASKS.get("code").Settings and task.seed == 4
+    assert build_task("math", {}).settings == TASKS.get("math").Settings()
+    with pytest.raises(SettingsError, match=r"^math task: unknown key 'bogus'; allowed: source, n_train"):
+        build_task("math", {"bogus": 1})
+    with pytest.raises(SettingsError, match=r"^commonsense task: scoring='vote' is not allowed; choose one of"):
+        build_task("commonsense", {"scoring": "vote"})
+    with pytest.raises(SettingsError, match=r"^math task: use_chat_template must be a bool \(true or false\), got 1$"):
+        build_task("math", {"use_chat_template": 1})
+    with pytest.raises(SettingsError, match=r"^unknown task 'nope'; available: classification, code, commonsense"):
+        build_task("nope")
+
+
+def test_every_task_is_registered_with_a_settings_dataclass():
+    import dataclasses
+
+    from fedlora.tasks import TASKS
+
+    assert TASKS.names() == ["classification", "code", "commonsense", "instruction", "math", "shakespeare"]
+    for name in TASKS.names():
+        cls = TASKS.get(name)
+        assert cls.name == name and dataclasses.is_dataclass(cls.Settings)
