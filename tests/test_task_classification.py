@@ -96,7 +96,7 @@ def test_glue_specs_and_metric_sets():
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="'bogus'"):
         build_task("classification", {"bogus": 1})
-    with pytest.raises(ValueError, match="'n_train'"):
+    with pytest.raises(ValueError, match="n_train must be an integer, got 'many'"):
         build_task("classification", {"n_train": "many"})
     with pytest.raises(ValueError, match="dataset must be sst2"):
         build_task("classification", {"dataset": "mnli"})

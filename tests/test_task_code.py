@@ -130,7 +130,7 @@ def test_program_runs_prompt_completion_and_check():
 def test_settings_are_validated_and_named():
     with pytest.raises(ValueError, match="'bogus'"):
         build_task("code", {"bogus": 1})
-    with pytest.raises(ValueError, match="'n_eval'"):
+    with pytest.raises(ValueError, match="n_eval must be an integer, got 'all'"):
         build_task("code", {"n_eval": "all"})
     with pytest.raises(ValueError, match="temperature > 0"):
         build_task("code", {"n_samples": 4})

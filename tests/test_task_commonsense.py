@@ -123,7 +123,7 @@ def test_settings_are_checked():
         build_task("commonsense", {"bogus": 1})
     with pytest.raises(ValueError, match="unknown commonsense datasets"):
         build_task("commonsense", {"datasets": ["csqa"]})
-    with pytest.raises(ValueError, match="'scoring'"):
+    with pytest.raises(ValueError, match="scoring='vote' is not allowed; choose one of loglik, generate"):
         build_task("commonsense", {"scoring": "vote"})
     with pytest.raises(ValueError, match="not in datasets"):
         build_task("commonsense", {"sources": {"piqa": "x.jsonl"}})

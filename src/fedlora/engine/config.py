@@ -1,24 +1,25 @@
 """The experiment configuration: one YAML file, validated on load, overridable with ``--set``.
 
-Every section is a dataclass whose fields document themselves (``metadata["help"]``); an
-unknown key or a bad value raises :class:`ConfigError` naming the dotted key and what is
-allowed. ``fedlora run --set train.lr=1e-3 --set method.settings.tau=0.9`` overrides any key.
+Every section is a dataclass whose fields document themselves (``metadata["help"]``; ``min`` /
+``max`` bound numbers), parsed by :func:`fedlora.settings.parse`: an unknown key or a bad value
+(NaN and +-Inf included) raises :class:`ConfigError` (that module's ``SettingsError``) naming the
+dotted key and what is allowed. ``fedlora run --set train.lr=1e-3 --set method.settings.tau=0.9``
+overrides any key; ``--set`` values are read as YAML scalars first. Cross-field rules (the method
+and its settings, positive Dirichlet alpha, ...) are checked after parsing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
 
+from fedlora.settings import SettingsError, describe, parse
 
-class ConfigError(ValueError):
-    """A configuration key that does not exist or whose value is not allowed."""
+ConfigError = SettingsError  # the one settings error, under the name the config's callers know
 
 
 def _f(default: Any, help_text: str, **kw: Any) -> Any:
@@ -63,7 +64,7 @@ class LoRAConfig:
         "singular components of each weight, removed from it; FRLoRA's official init); pissa's shift of "
         "the backbone is part of the exported backbone delta",
     )
-    client_ranks: dict[str, int] = _f({}, "per-client rank overrides {client_id: rank} (flexlora, flora)")
+    client_ranks: dict[str, int] = _f({}, "per-client rank overrides {client_id: rank} (flexlora, flora)", min=1)
 
 
 @dataclass
@@ -153,70 +154,6 @@ class Config:
 
 
 # ---- parsing ----------------------------------------------------------------------------------
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown key {dotted!r}; allowed: {', '.join(fields)}")
-        kwargs[key] = _value(hints[key], value, dotted, fields[key])
-    return cls(**kwargs)
-
-
-def _value(ann: Any, value: Any, dotted: str, f: dataclasses.Field) -> Any:
-    if dataclasses.is_dataclass(ann):
-        return _build(ann, value, f"{dotted}.")
-    origin = typing.get_origin(ann)
-    if origin is Literal:
-        allowed = typing.get_args(ann)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{dotted} must be a list of strings, got {value!r}")
-        return list(value)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
-        key_t, val_t = typing.get_args(ann)
-        if val_t is int:
-            for k, v in value.items():
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise ConfigError(f"{dotted}.{k} must be a positive integer, got {v!r}")
-        return {str(k): v for k, v in value.items()}
-    if ann is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{dotted} must be true or false, got {value!r}")
-        return value
-    if ann is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{dotted} must be an integer, got {value!r}")
-    elif ann is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{dotted} must be a number, got {value!r}")
-        value = float(value)
-    elif ann is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{dotted} must be a string, got {value!r}")
-        return value
-    lo, hi = f.metadata.get("min"), f.metadata.get("max")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{dotted}={value!r} is below the minimum {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{dotted}={value!r} is above the maximum {hi}")
-    return value
-
-
 def _parse_scalar(text: str) -> Any:
     """A ``--set`` value as YAML would read it (numbers, booleans, lists), else the string."""
     try:
@@ -259,7 +196,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, str] | N
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Validate a nested dict (a parsed YAML file, or ``Config.to_dict()``) into a :class:`Config`."""
-    cfg = _build(Config, data, "")
+    cfg = parse(Config, data)
     _check(cfg)
     return cfg
 
@@ -295,33 +232,16 @@ def _check(cfg: Config) -> None:
         )
 
 
-def describe_config(cls: type = Config, prefix: str = "") -> list[str]:
+def describe_config(cls: type = Config) -> list[str]:
     """``key (type, default): help`` lines for the whole schema (docs and ``--help``)."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        ann = hints[f.name]
-        if dataclasses.is_dataclass(ann):
-            lines.extend(describe_config(ann, f"{prefix}{f.name}."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kind = (
-            "|".join(map(str, typing.get_args(ann)))
-            if typing.get_origin(ann) is Literal
-            else getattr(ann, "__name__", str(ann))
-        )
-        lines.append(f"{prefix}{f.name} ({kind}, default {default!r}): {f.metadata.get('help', '')}")
-    return lines
+    return [doc.line() for doc in describe(cls)]
 
 
 def schema_markdown() -> str:
     """``docs/config.md``: the whole schema as a Markdown table (kept in sync by a test)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for line in describe_config():
-        key, rest = line.split(" (", 1)
-        kind, rest = rest.split(", default ", 1)
-        default, help_text = rest.split("): ", 1)
-        rows.append(f"| `{key}` | {kind.replace('|', ' / ')} | `{default}` | {help_text} |")
+    for doc in describe(Config):
+        rows.append(f"| `{doc.key}` | {doc.kind.replace('|', ' / ')} | `{doc.default!r}` | {doc.help} |")
     head = (
         "# Experiment configuration\n\n"
         "`fedlora run CONFIG.yaml` reads one YAML file with the sections below (every key optional; "

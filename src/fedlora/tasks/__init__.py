@@ -1,29 +1,31 @@
-"""Task plug-ins: each turns a data source into batches and metrics with a stated protocol."""
+"""Task plug-ins: each turns a data source into batches and metrics with a stated protocol.
+
+Importing this package imports every task module, which registers its task class in
+:data:`~fedlora.tasks.base.TASKS` (``@register``, like the methods); :func:`build_task` parses a
+task's settings into its ``Settings`` dataclass with :func:`fedlora.settings.parse`.
+"""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Mapping
 
-from fedlora.tasks.base import Example, Task, TaskData
-
-# name -> "module:factory"; a factory takes (settings: Mapping, seed: int) and returns a Task.
-TASKS: dict[str, str] = {
-    "math": "fedlora.tasks.math.task:build",
-    "code": "fedlora.tasks.code.task:build",
-    "classification": "fedlora.tasks.classification:build",
-    "commonsense": "fedlora.tasks.commonsense:build",
-    "instruction": "fedlora.tasks.instruction:build",
-    "shakespeare": "fedlora.tasks.shakespeare.task:build",
-}
+from fedlora.settings import parse
+from fedlora.tasks import (  # noqa: F401  (importing registers each task)
+    classification,
+    code,
+    commonsense,
+    instruction,
+    math,
+    shakespeare,
+)
+from fedlora.tasks.base import TASKS, Example, Task, TaskData
 
 
 def build_task(name: str, settings: Mapping[str, Any] | None = None, *, seed: int = 0) -> Task:
-    """The task ``name`` with ``settings`` (unknown settings raise ``ValueError`` naming them)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
-    module, factory = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), factory)(dict(settings or {}), seed)
+    """The task ``name`` with ``settings``: unknown names, unknown settings and mistyped values raise
+    :class:`~fedlora.settings.SettingsError` naming them; the ``Settings`` class's own checks raise theirs."""
+    cls = TASKS.get(name)
+    return cls(parse(cls.Settings, settings or {}, owner=f"{name} task"), seed=seed)
 
 
 __all__ = ["TASKS", "Example", "Task", "TaskData", "build_task"]

@@ -3,14 +3,21 @@
 A task turns examples (plain dicts) into training batches whose ``labels`` mask the prompt
 (``-100``) so the loss is on the completion only, and evaluates a model on held-out examples
 with a stated protocol (written into every run's results).
+
+A task is a class with a ``name``, a ``kind`` and a ``Settings`` dataclass (its ``task.settings``),
+constructed as ``cls(settings, seed=seed)`` and registered with ``@register`` in :data:`TASKS`
+(a :class:`fedlora.registry.Registry`); :func:`fedlora.tasks.build_task` parses the settings.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
+
+from fedlora.registry import Registry
+from fedlora.settings import SettingsError
 
 Example = dict[str, Any]
 
@@ -29,6 +36,7 @@ class TaskData:
 class Task(Protocol):
     name: str
     kind: str  # "causal_lm" or "seq_cls"
+    Settings: ClassVar[type]  # a dataclass: the task's settings (``task.settings`` of a run's config)
 
     def load(self) -> TaskData:
         """Train/test examples (deterministic for the task's settings and seed)."""
@@ -45,3 +53,7 @@ class Task(Protocol):
     def protocol(self) -> dict[str, Any]:
         """How evaluation is done (decoding, extraction, metric), for the run's records."""
         ...
+
+
+TASKS: Registry[type] = Registry("task", error=SettingsError)
+register = TASKS.register

@@ -67,7 +67,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,10 +84,9 @@ from fedlora.data.sources import (
     rename_columns,
     subsample,
 )
-from fedlora.tasks.base import Example, TaskData
+from fedlora.tasks.base import Example, TaskData, register
 from fedlora.tasks.common import (
     model_device,
-    parse_settings,
 )
 
 
@@ -381,20 +380,18 @@ class ClassificationSettings:
     def spec(self) -> GlueSpec:
         return glue_spec(self.dataset)
 
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> ClassificationSettings:
-        return parse_settings(cls, settings, "classification")
-
 
 def _key(ex: Example) -> tuple[str, str | None]:
     return ex["text"], ex.get("text_pair")
 
 
+@register
 class ClassificationTask:
     """GLUE-style classification (see the module docstring for the full protocol)."""
 
     name = "classification"
     kind = "seq_cls"
+    Settings = ClassificationSettings
 
     def __init__(self, settings: ClassificationSettings | None = None, seed: int = 0) -> None:
         self.settings = settings or ClassificationSettings()
@@ -599,11 +596,6 @@ _METRIC_DOC = {
 }
 
 
-def build(settings: Mapping[str, Any], seed: int) -> ClassificationTask:
-    """The factory ``fedlora.tasks.build_task("classification", settings, seed=...)`` calls."""
-    return ClassificationTask(ClassificationSettings.from_mapping(settings), seed)
-
-
 __all__ = [
     "GLUE",
     "ClassificationSettings",
@@ -611,7 +603,6 @@ __all__ = [
     "GlueSpec",
     "accuracy",
     "average_ranks",
-    "build",
     "f1_binary",
     "generate_sentiment",
     "glue_metrics",

@@ -1,8 +1,6 @@
 """Model-side helpers shared by the task plug-ins (math, classification, commonsense, instruction, code,
 shakespeare); reading rows of a data source is :mod:`fedlora.data.sources`.
 
-* :func:`parse_settings`: a settings dataclass from a config mapping (unknown keys and mistyped
-  values raise ``ValueError`` naming the key).
 * :func:`fit_completion`, :func:`completion_batch`: completion-only training batches (prompt and
   padding labels ``-100``), the math task's truncation rule.
 * :func:`completion_logprobs`: the summed log-probability of each completion's tokens given its
@@ -15,10 +13,7 @@ shakespeare); reading rows of a data source is :mod:`fedlora.data.sources`.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,41 +22,6 @@ from fedlora import progress
 
 IGNORE_INDEX = -100
 _EXTRA_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
-
-
-# ---- settings ----------------------------------------------------------------------------------
-def parse_settings(cls: type, settings: Mapping[str, Any], task: str) -> Any:
-    """``cls(**settings)`` after checking names and types (ints are accepted for floats)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(settings) - set(names))
-    if unknown:
-        raise ValueError(f"unknown {task} task settings {unknown}; allowed: {', '.join(names)}")
-    hints = typing.get_type_hints(cls)
-    values = {key: _checked(task, key, value, hints[key]) for key, value in settings.items()}
-    return cls(**values)
-
-
-def _checked(task: str, key: str, value: Any, ann: Any) -> Any:
-    union = typing.get_origin(ann) in (typing.Union, types.UnionType)
-    args = typing.get_args(ann) if union else (ann,)
-    if value is None and type(None) in args:
-        return None
-    for t in args:
-        o = typing.get_origin(t) or t
-        if o is type(None):
-            continue
-        if o is bool and isinstance(value, bool):
-            return value
-        if o is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if o is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if o is typing.Literal and value in typing.get_args(t):
-            return value
-        if o in (str, list, dict) and isinstance(value, o):
-            return value
-    allowed = ", ".join(map(repr, typing.get_args(ann))) if typing.get_origin(ann) is typing.Literal else str(ann)
-    raise ValueError(f"{task} task setting {key!r}: expected {allowed}, got {type(value).__name__} {value!r}")
 
 
 # ---- tokens --------------------------------------------------------------------------------------
@@ -304,7 +264,6 @@ __all__ = [
     "left_padded",
     "model_device",
     "pad_id",
-    "parse_settings",
     "shared_prompt_logprobs",
     "stop_ids",
     "text_ids",

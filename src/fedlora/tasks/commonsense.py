@@ -99,7 +99,7 @@ from fedlora.data.sources import (
     rename_columns,
     subsample,
 )
-from fedlora.tasks.base import Example, TaskData
+from fedlora.tasks.base import Example, TaskData, register
 from fedlora.tasks.common import (
     chat_prompt,
     completion_batch,
@@ -108,7 +108,6 @@ from fedlora.tasks.common import (
     fit_completion,
     greedy_generate,
     pad_id,
-    parse_settings,
     shared_prompt_logprobs,
     text_ids,
 )
@@ -462,16 +461,14 @@ class CommonsenseSettings:
         if self.max_length < 8 or self.max_new_tokens < 1 or self.eval_batch_size < 1:
             raise ValueError("max_length must be >= 8, max_new_tokens and eval_batch_size >= 1")
 
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> CommonsenseSettings:
-        return parse_settings(cls, settings, "commonsense")
 
-
+@register
 class CommonsenseTask:
     """Multiple-choice commonsense QA (see the module docstring for the full protocol)."""
 
     name = "commonsense"
     kind = "causal_lm"
+    Settings = CommonsenseSettings
 
     def __init__(self, settings: CommonsenseSettings | None = None, seed: int = 0) -> None:
         self.settings = settings or CommonsenseSettings()
@@ -679,11 +676,6 @@ class CommonsenseTask:
         }
 
 
-def build(settings: Mapping[str, Any], seed: int) -> CommonsenseTask:
-    """The factory ``fedlora.tasks.build_task("commonsense", settings, seed=...)`` calls."""
-    return CommonsenseTask(CommonsenseSettings.from_mapping(settings), seed)
-
-
 __all__ = [
     "ADAPTERS",
     "DATASETS",
@@ -691,7 +683,6 @@ __all__ = [
     "HUB",
     "CommonsenseSettings",
     "CommonsenseTask",
-    "build",
     "generate_mc",
     "normalize_rows",
     "parse_choice",

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from fedlora.data.sources import SourceError, drop_overlap, holdout, is_single_file, read_rows, subsample
-from fedlora.tasks.base import Example, TaskData
+from fedlora.tasks.base import Example, TaskData, register
 from fedlora.tasks.common import (
     chat_prompt,
     completion_batch,
@@ -64,7 +64,6 @@ from fedlora.tasks.common import (
     eos_id,
     fit_completion,
     pad_id,
-    parse_settings,
     text_ids,
 )
 
@@ -289,16 +288,14 @@ class InstructionSettings:
         if self.categories is not None and not self.categories:
             raise ValueError("categories must name at least one category (or be null)")
 
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> InstructionSettings:
-        return parse_settings(cls, settings, "instruction")
 
-
+@register
 class InstructionTask:
     """Alpaca/Dolly-style SFT (see the module docstring for the full protocol)."""
 
     name = "instruction"
     kind = "causal_lm"
+    Settings = InstructionSettings
 
     def __init__(self, settings: InstructionSettings | None = None, seed: int = 0) -> None:
         self.settings = settings or InstructionSettings()
@@ -409,17 +406,11 @@ class InstructionTask:
         }
 
 
-def build(settings: Mapping[str, Any], seed: int) -> InstructionTask:
-    """The factory ``fedlora.tasks.build_task("instruction", settings, seed=...)`` calls."""
-    return InstructionTask(InstructionSettings.from_mapping(settings), seed)
-
-
 __all__ = [
     "FIELDS",
     "GENERATED_CATEGORIES",
     "InstructionSettings",
     "InstructionTask",
-    "build",
     "fallback_category",
     "generate_instructions",
     "normalize_rows",

@@ -89,7 +89,7 @@ import torch
 
 from fedlora import progress
 from fedlora.data.sources import SourceError, read_rows, subsample
-from fedlora.tasks.base import Example, TaskData
+from fedlora.tasks.base import Example, TaskData, register
 from fedlora.tasks.code.sandbox import STATUSES, SandboxResult, run_sandboxed, sandbox_capabilities
 from fedlora.tasks.code.templates import CATEGORIES, generate_code
 from fedlora.tasks.common import (
@@ -101,7 +101,6 @@ from fedlora.tasks.common import (
     left_padded,
     model_device,
     pad_id,
-    parse_settings,
     stop_ids,
     text_ids,
 )
@@ -471,18 +470,15 @@ class CodeSettings:
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers must be in 1..{MAX_WORKERS}, got {self.workers}")
 
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> CodeSettings:
-        """Settings from a plain mapping; unknown keys and mistyped values raise ``ValueError`` naming them."""
-        return parse_settings(cls, settings, "code")
-
 
 # ---- the task ----------------------------------------------------------------------------------------
+@register
 class CodeTask:
     """Python code generation for causal LMs (see the module docstring for the full protocol)."""
 
     name = "code"
     kind = "causal_lm"
+    Settings = CodeSettings
 
     def __init__(self, settings: CodeSettings | None = None, seed: int = 0) -> None:
         self.settings = settings or CodeSettings()
@@ -739,18 +735,12 @@ class _CompletionStop:
         return done
 
 
-def build(settings: Mapping[str, Any], seed: int) -> CodeTask:
-    """The factory ``fedlora.tasks.build_task("code", settings, seed=...)`` calls."""
-    return CodeTask(CodeSettings.from_mapping(settings), seed)
-
-
 __all__ = [
     "CATEGORY_FALLBACKS",
     "IGNORE_INDEX",
     "STOP_PREFIXES",
     "CodeSettings",
     "CodeTask",
-    "build",
     "build_program",
     "extract_completion",
     "humaneval_path",

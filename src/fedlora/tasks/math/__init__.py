@@ -13,7 +13,6 @@ from fedlora.tasks.math.task import (
     TEST_START,
     MathSettings,
     MathTask,
-    build,
     extract_final_number,
     numbers_equal,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "TEST_START",
     "MathSettings",
     "MathTask",
-    "build",
     "extract_final_number",
     "numbers_equal",
 ]

@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedlora.data.sources import is_single_file, subsample
-from fedlora.tasks.base import Example, TaskData
+from fedlora.tasks.base import Example, TaskData, register
 from fedlora.tasks.common import (
     IGNORE_INDEX,
     chat_prompt,
@@ -60,7 +60,6 @@ from fedlora.tasks.common import (
     fit_completion,
     greedy_generate,
     pad_id,
-    parse_settings,
     text_ids,
 )
 from fedlora.tasks.math.generator import CATEGORIES, generate_math
@@ -108,17 +107,14 @@ class MathSettings:
         if self.max_new_tokens < 1 or self.eval_batch_size < 1:
             raise ValueError("max_new_tokens and eval_batch_size must be >= 1")
 
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> MathSettings:
-        """Settings from a plain mapping; unknown keys and mistyped values raise ``ValueError``."""
-        return parse_settings(cls, settings, "math")
 
-
+@register
 class MathTask:
     """Math word problems for causal LMs (see the module docstring for the full protocol)."""
 
     name = "math"
     kind = "causal_lm"
+    Settings = MathSettings
 
     def __init__(self, settings: MathSettings | None = None, seed: int = 0) -> None:
         self.settings = settings or MathSettings()
@@ -279,17 +275,11 @@ class MathTask:
         }
 
 
-def build(settings: Mapping[str, Any], seed: int) -> MathTask:
-    """The factory ``fedlora.tasks.build_task("math", settings, seed=...)`` calls."""
-    return MathTask(MathSettings.from_mapping(settings), seed)
-
-
 __all__ = [
     "IGNORE_INDEX",
     "TEST_START",
     "MathSettings",
     "MathTask",
-    "build",
     "extract_final_number",
     "numbers_equal",
 ]

@@ -23,14 +23,13 @@ from fedlora.tasks.shakespeare.plays import (
     read_plays,
     role_key,
 )
-from fedlora.tasks.shakespeare.task import ShakespeareSettings, ShakespeareTask, build, split_role
+from fedlora.tasks.shakespeare.task import ShakespeareSettings, ShakespeareTask, split_role
 
 __all__ = [
     "Play",
     "ShakespeareSettings",
     "ShakespeareTask",
     "Speech",
-    "build",
     "corpus_report",
     "normalize_name",
     "package_texts",

@@ -47,14 +47,13 @@ from typing import Any
 import torch
 
 from fedlora.data.sources import SourceError
-from fedlora.tasks.base import Example, TaskData
+from fedlora.tasks.base import Example, TaskData, register
 from fedlora.tasks.common import (
     completion_batch,
     completion_token_stats,
     eos_id,
     fit_completion,
     pad_id,
-    parse_settings,
     text_ids,
 )
 from fedlora.tasks.shakespeare.plays import ROLE_SEP, Play, Speech, corpus_report, read_plays, role_key
@@ -94,10 +93,6 @@ class ShakespeareSettings:
         if self.roles is not None and (not self.roles or any(ROLE_SEP not in r for r in self.roles)):
             raise ValueError(f"shakespeare task setting 'roles' must list 'PLAY{ROLE_SEP}NAME' keys, got {self.roles}")
 
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> ShakespeareSettings:
-        return parse_settings(cls, settings, "shakespeare")
-
 
 def split_role(n: int, test_fraction: float) -> int:
     """How many of a role's ``n`` speeches (the last ones) are held out: ``max(1, round(f n))``,
@@ -105,11 +100,13 @@ def split_role(n: int, test_fraction: float) -> int:
     return min(n - 1, max(1, round(test_fraction * n)))
 
 
+@register
 class ShakespeareTask:
     """LEAF-style Shakespeare (the protocol: this module's docstring and :mod:`~fedlora.tasks.shakespeare.plays`)."""
 
     name = "shakespeare"
     kind = "causal_lm"
+    Settings = ShakespeareSettings
 
     def __init__(self, settings: ShakespeareSettings | None = None, seed: int = 0) -> None:
         self.settings = settings or ShakespeareSettings()
@@ -285,14 +282,8 @@ class ShakespeareTask:
         }
 
 
-def build(settings: Mapping[str, Any], seed: int) -> ShakespeareTask:
-    """The factory ``fedlora.tasks.build_task("shakespeare", settings, seed=...)`` calls."""
-    return ShakespeareTask(ShakespeareSettings.from_mapping(settings), seed)
-
-
 __all__ = [
     "ShakespeareSettings",
     "ShakespeareTask",
-    "build",
     "split_role",
 ]
