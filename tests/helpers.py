@@ -190,3 +190,45 @@ def declared_flags(name: str) -> set[str]:
     that method ``name`` sets: what the conformance suite expects of it."""
     flags = [k for k, hint in typing.get_type_hints(Method).items() if hint == ClassVar[bool]]
     return {k for k in flags if getattr(method_class(name), k)}
+
+
+# ---- a tiny causal LM on disk (model-level tests without the hub) -----------------------------
+TINY_TEXT = (
+    "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\n"
+    "Answer: 3 + 4 = 7. The answer is 7.\n0123456789 +-*/=() abcdefghijklmnopqrstuvwxyz\n"
+)
+
+
+def tiny_llama(folder, *, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0):
+    """Save a random tiny LLaMA and a byte-level BPE tokenizer (any text encodes) to ``folder``;
+    return the folder (a ``model.name`` any fedlora config accepts)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([TINY_TEXT], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
