@@ -936,3 +936,39 @@ def test_flwr_run_flower_app_in_simulation_mode(tmp_path):
     assert lines[1]["wire"]["down_payload"] == lines[0]["bytes_down"]
     assert (out / "flower" / "final" / "adapter_model.safetensors").exists()
     assert not _pids_on_ports([http, control])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_a_4bit_base_with_side_path_deltas_trains_the_same_on_nodes_as_in_one_process(tmp_path, monkeypatch):
+    """FLoRA (a backbone delta every round) on an nf4 tiny LLaMA: the nodes rebuild the server's
+    side path from the synchronised ledger, so round 3's clients train on base + both earlier
+    deltas exactly as in ``fedlora run`` (same losses and evaluations, record for record)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from helpers import tiny_llama
+
+    from fedlora.engine.local import run_experiment
+    from fedlora.flower import client_app
+    from fedlora.flower.server_app import flower_run
+
+    monkeypatch.setenv("FEDLORA_NODE_CACHE", str(tmp_path / "nodes"))
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
+    model = tiny_llama(tmp_path / "tiny-llama")
+    sets = (
+        f"model.name={model}; model.dtype=bfloat16; model.quantization=nf4; method.name=flora; "
+        "task.settings={n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}; rounds.num_rounds=3; "
+        "rounds.eval_baseline=false; train.lr=5e-3"
+    )
+
+    def config(name: str):
+        return resolve({"fedlora-config": "ci", "fedlora-set": sets, "output-dir": str(tmp_path), "name": name})
+
+    cfg, opts = config("nodes")
+    engine = flower_run(cfg, LoopbackGrid(client_app.app, 3), opts)
+    engine.run()
+    assert engine.binding.backbone_mode == "side" and engine.binding.backbone_report()["side_rank_max"] > 0
+    run_experiment(config("local")[0], progress=False)
+    nodes, local = _records(tmp_path / "nodes" / "metrics.jsonl"), _records(tmp_path / "local" / "metrics.jsonl")
+    assert [r["round"] for r in nodes] == [1, 2, 3] and not any(r["rejected"] for r in nodes)
+    for a, b in zip(nodes, local, strict=True):
+        assert _comparable(a) == _comparable(b)

@@ -97,8 +97,9 @@ def _fingerprint(cfg: Config, *sections: str) -> str:
 
 
 def model_for(cfg: Config) -> LoadedModel:
-    """The process's base model for ``cfg.model.name`` (built once; rebuilt if seed/LoRA differ)."""
-    fp = _fingerprint(cfg, "model", "lora")
+    """The process's base model for ``cfg.model.name`` (built once; rebuilt if the seed, the model
+    section (dtype, quantization, backbone-delta mode), the LoRA or checkpointing differ)."""
+    fp = _fingerprint(cfg, "model", "lora") + f"|checkpointing={cfg.train.gradient_checkpointing}"
     entry = _MODELS.get(cfg.model.name)
     if entry is None or entry.fingerprint != fp:
         _MODELS.pop(cfg.model.name, None)
