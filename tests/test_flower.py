@@ -944,11 +944,11 @@ def test_a_4bit_base_with_side_path_deltas_trains_the_same_on_nodes_as_in_one_pr
     side path from the synchronised ledger, so round 3's clients train on base + both earlier
     deltas exactly as in ``fedlora run`` (same losses and evaluations, record for record)."""
     from flwr.supercore.task_identity import TaskIdentity
-    from helpers import tiny_llama
 
     from fedlora.engine.local import run_experiment
     from fedlora.flower import client_app
     from fedlora.flower.server_app import flower_run
+    from helpers import tiny_llama
 
     monkeypatch.setenv("FEDLORA_NODE_CACHE", str(tmp_path / "nodes"))
     for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
