@@ -66,16 +66,22 @@ except ImportError:
     implicit_svd_many = None
 
 HIDDEN, INTERMEDIATE = 4096, 11008
+
+
+def projections(hidden: int, intermediate: int) -> tuple[tuple[str, int, int], ...]:
+    """One LLaMA decoder layer's adapted projections: ``(name, d_out, d_in)``."""
+    return (
+        ("self_attn.q_proj", hidden, hidden),
+        ("self_attn.k_proj", hidden, hidden),
+        ("self_attn.v_proj", hidden, hidden),
+        ("self_attn.o_proj", hidden, hidden),
+        ("mlp.gate_proj", intermediate, hidden),
+        ("mlp.up_proj", intermediate, hidden),
+        ("mlp.down_proj", hidden, intermediate),
+    )
+
 # (name, d_out, d_in) of the adapted projections of one LLaMA-2-7B decoder layer.
-PROJECTIONS = (
-    ("self_attn.q_proj", HIDDEN, HIDDEN),
-    ("self_attn.k_proj", HIDDEN, HIDDEN),
-    ("self_attn.v_proj", HIDDEN, HIDDEN),
-    ("self_attn.o_proj", HIDDEN, HIDDEN),
-    ("mlp.gate_proj", INTERMEDIATE, HIDDEN),
-    ("mlp.up_proj", INTERMEDIATE, HIDDEN),
-    ("mlp.down_proj", HIDDEN, INTERMEDIATE),
-)
+PROJECTIONS = projections(HIDDEN, INTERMEDIATE)
 
 TARGET_REL_ERR = 1e-5
 TARGET_CPU_S = 5.0
@@ -350,9 +356,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="also time aggregate with tau=1 (every singular vector formed)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden size (default: LLaMA-2-7B's)")
+    ap.add_argument("--intermediate", type=int, default=INTERMEDIATE, help="MLP width (default: LLaMA-2-7B's)")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler breakdown of one aggregate")
     ap.add_argument("--json", metavar="OUT", help="write machine-readable results here")
     args = ap.parse_args(argv)
+    global PROJECTIONS
+    PROJECTIONS = projections(args.hidden, args.intermediate)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

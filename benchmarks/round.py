@@ -54,51 +54,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aggregation import _status_kib, machine_info, sync
+from memory import SHAPES, random_llama
 
-SHAPES: dict[str, dict[str, Any]] = {
-    # a CPU-sized LLaMA (27M parameters without the embedding)
-    "tiny": dict(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=8192,
-    ),
-    # Llama-3.2-1B
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-    ),
-    # Llama-2-7B
-    "7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    ),
-}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
 # ---- the random model and data ------------------------------------------------------------------
-def random_llama(shape: str, dtype: torch.dtype, device: str, seq: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 128))
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    return model.to(dtype)
-
-
 def base_params(model: torch.nn.Module) -> int:
     """Parameters of the base model without the input embedding (an lm_head tied to it counts once)."""
     emb = model.get_input_embeddings().weight
@@ -198,8 +160,8 @@ def federated(args: argparse.Namespace) -> dict[str, Any]:
     n_examples = args.clients * args.steps * args.batch * (args.rounds + 1)
     built: dict[str, Any] = {}
 
-    def fake_load_model(name, kind, *, dtype, num_labels=2, device="cpu", **_):
-        model = random_llama(args.shape, dtype, device, args.seq)
+    def fake_load_model(name, kind, *, dtype, num_labels=2, device="cpu", quantization="none", **_):
+        model = random_llama(args.shape, dtype, device, args.seq, quantization)
         built["params"] = base_params(model)
         built["after_model_mib"] = current_mib(torch.device(device))
         return model
@@ -275,6 +237,7 @@ def federated(args: argparse.Namespace) -> dict[str, Any]:
                     "kind": "causal_lm",
                     "dtype": args.dtype,
                     "device": args.device,
+                    "quantization": args.quantization,
                 },
                 "lora": {"rank": args.rank, "alpha": 2 * args.rank, "targets": TARGETS},
                 "method": {"name": args.method},
@@ -294,6 +257,7 @@ def federated(args: argparse.Namespace) -> dict[str, Any]:
                     "max_steps": args.steps,
                     "clip": 1.0,
                     "precision": args.precision,
+                    "gradient_checkpointing": args.gradient_checkpointing,
                 },
             }
         )
@@ -326,8 +290,10 @@ def plain(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    model = random_llama(args.shape, dtype, args.device, args.seq)
+    model = random_llama(args.shape, dtype, args.device, args.seq, args.quantization)
     params = base_params(model)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     after_model = current_mib(device)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -435,8 +401,10 @@ def child(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         out = fh.name
     argv = [sys.executable, __file__, "--mode", mode, "--out", out]
     for key, value in vars(args).items():
-        if key not in ("mode", "out", "json") and value is not None:
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+        if key in ("mode", "out", "json") or value is None or value is False:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        argv += [flag] if value is True else [flag, str(value)]
     subprocess.run(argv, check=True)
     data = json.loads(Path(out).read_text())
     Path(out).unlink()
@@ -449,6 +417,8 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--dtype", default=None, help="base weights (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--precision", default="auto", help="train.precision (auto: bf16 autocast on GPU)")
+    p.add_argument("--quantization", choices=["none", "nf4", "fp4", "int8"], default="none", help="model.quantization")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing")
     p.add_argument("--method", default="fedmomentum")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--steps", type=int, default=4, help="local steps per client per round")

@@ -239,7 +239,7 @@ def test_unreadable_inputs_and_settings(clients, tmp_path, capsys):
         (["--method", "fedmomentum", str(empty)], "adapter_config.json is missing"),
         (["--method", "nope", str(dirs[0])], "unknown method"),
         (["--method", "fedmomentum", "--set", "tau=2", str(dirs[0])], "tau"),
-        (["--method", "fedmomentum", "--set", "bogus=1", str(dirs[0])], "unknown setting 'bogus'"),
+        (["--method", "fedmomentum", "--set", "bogus=1", str(dirs[0])], "unknown key 'bogus'"),
         (["--method", "fedrot_lora", "--round", "3", str(dirs[0])], "--global"),
     ]
     garbage = tmp_path / "garbage"

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Every GPU measurement of fedlora in one go: benchmarks/gpu.sh OUT_DIR [--smoke]
+#
+# On one H100 (or H200) it runs, in about 8 minutes:
+#   1. the CUDA-only tests (they skip on machines without a GPU);
+#   2. FedMomentum's aggregation of the LLaMA-2-7B adapter set on CUDA (aggregation.py);
+#   3. one federated round against plain PEFT at the 1B and 7B shapes, bf16 and nf4 (round.py:
+#      overhead, throughput, memory);
+#   4. the memory model against measured device memory (memory.py), including the target
+#      7B nf4, r=16 on all linear layers, seq 512, batch 4, checkpointing: <= 10 GB;
+# and writes their JSON and a short summary.md into OUT_DIR. --smoke runs the same steps on the
+# CPU at toy shapes in about a minute (the test suite runs it, so the script cannot rot).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: benchmarks/gpu.sh OUT_DIR [--smoke]}
+MODE=${2:-gpu}
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
+log() { echo "[gpu.sh $(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
+
+if [ "$MODE" = "--smoke" ]; then
+  DEV=cpu
+  AGG=(--layers 1 --clients 2 --rank 2 --repeats 1 --hidden 64 --intermediate 128)
+  ROUNDS=("micro float32 nf4 ckpt")
+  ROUND=(--clients 2 --steps 1 --rounds 2 --warmup 1 --seq 32 --batch 1 --rank 4)
+  MEMORY=("micro float32 nf4 4 64 2 ckpt")
+  TESTS=(tests/test_lowrank_svd.py -k "cuda or gpu")
+else
+  DEV=cuda
+  AGG=()
+  ROUNDS=("1b bfloat16 none x" "1b bfloat16 nf4 ckpt" "7b bfloat16 none ckpt" "7b bfloat16 nf4 ckpt")
+  ROUND=(--clients 4 --steps 2 --rounds 3 --warmup 1 --seq 512 --batch 4 --rank 16)
+  MEMORY=("7b bfloat16 nf4 16 512 4 ckpt" "7b bfloat16 nf4 16 512 4 x" "8b bfloat16 nf4 16 512 4 ckpt"
+          "1b bfloat16 none 16 512 4 x")
+  TESTS=(tests/test_lowrank_svd.py tests/test_aggregate_cli.py tests/test_model_side.py -k "cuda or gpu")
+fi
+
+log "machine"
+{ command -v nvidia-smi >/dev/null && nvidia-smi || true; } > "$OUT/nvidia-smi.txt" 2>&1
+"$PY" -c "import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, \
+'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))" > "$OUT/env.json"
+
+log "CUDA-only tests"
+"$PY" -m pytest -q -rs "${TESTS[@]}" > "$OUT/tests.txt" 2>&1 || log "tests FAILED (see tests.txt)"
+
+log "aggregation"
+"$PY" benchmarks/aggregation.py --device "$DEV" "${AGG[@]}" --json "$OUT/aggregation.json" > "$OUT/aggregation.txt" 2>&1
+
+for spec in "${ROUNDS[@]}"; do
+  read -r shape dtype quant ckpt <<< "$spec"
+  name="round-$shape-$quant${ckpt/x/}"
+  log "$name"
+  flags=(--device "$DEV" --shape "$shape" --dtype "$dtype" --quantization "$quant" "${ROUND[@]}")
+  [ "$ckpt" = ckpt ] && flags+=(--gradient-checkpointing)
+  "$PY" benchmarks/round.py "${flags[@]}" --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
+    || log "$name FAILED (see $name.txt)"
+done
+
+for spec in "${MEMORY[@]}"; do
+  read -r shape dtype quant rank seq batch ckpt <<< "$spec"
+  name="memory-$shape-$quant${ckpt/x/}"
+  log "$name"
+  flags=(--device "$DEV" --shape "$shape" --dtype "$dtype" --quantization "$quant" --rank "$rank" --seq "$seq" --batch "$batch")
+  [ "$ckpt" = ckpt ] && flags+=(--gradient-checkpointing)
+  "$PY" benchmarks/memory.py "${flags[@]}" --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
+    || log "$name FAILED (see $name.txt)"
+done
+
+"$PY" benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md"
+log "done: $OUT/summary.md"

@@ -1,0 +1,80 @@
+"""The markdown summary of one ``benchmarks/gpu.sh OUT_DIR`` run (printed; gpu.sh writes it to
+``OUT_DIR/summary.md``): the machine, the CUDA-only tests, aggregation, rounds and memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TARGET_7B_NF4_BYTES = 10e9  # issue #15: 7B nf4, r=16 all linear, seq 512, batch 4, checkpointing
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def summary(out: Path) -> str:
+    lines = [f"# GPU measurements ({out.name})", ""]
+    env = _load(out / "env.json") or {}
+    lines += [f"torch {env.get('torch')}, CUDA {env.get('cuda')}, device: {env.get('gpu') or 'CPU (smoke run)'}", ""]
+    tests = (out / "tests.txt").read_text().strip().splitlines() if (out / "tests.txt").exists() else []
+    lines += ["## CUDA-only tests", "", f"`{tests[-1] if tests else 'not run'}`", ""]
+
+    agg = _load(out / "aggregation.json")
+    lines += ["## Aggregation (FedMomentum, the LLaMA-2-7B adapter set)", ""]
+    if agg:
+        routes = agg["routes"]
+        for name in ("fedlora.aggregate", "fedlora.aggregate(tau=1)", "dense.svd"):
+            if name in routes:
+                lines.append(f"- {name}: {routes[name]['median_s']:.4g} s ({routes[name].get('measured', '')})")
+        lines += [f"- target {k}: {'met' if v else 'MISSED'}" for k, v in agg["targets"].items()]
+    else:
+        lines.append("- missing (see aggregation.txt)")
+    lines.append("")
+
+    lines += [
+        "## One round against plain PEFT (round.py)",
+        "",
+        "| run | round s | overhead | fed tok/s | plain tok/s | fed/plain | peak MiB fed / plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(out.glob("round-*.json")):
+        r = _load(path)
+        if not r:
+            lines.append(f"| {path.stem} | failed (see {path.stem}.txt) ||||||")
+            continue
+        s = r["summary"]
+        lines.append(
+            f"| {path.stem} | {s['round_seconds_excl_eval']:.3g} | {100 * s['overhead_fraction']:.1f} % | "
+            f"{s['federated_tokens_per_s']:.4g} | {s['plain_tokens_per_s']:.4g} | "
+            f"{s['federated_vs_plain_throughput']:.3f} | {s['peak_mib_federated']:.0f} / {s['peak_mib_plain']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Memory model (memory.py): predicted / measured MiB",
+        "",
+        "| run | base weights | LoRA + optimizer | step | total |",
+        "|---|---|---|---|---|",
+    ]
+    for path in sorted(out.glob("memory-*.json")):
+        m = _load(path)
+        if not m:
+            lines.append(f"| {path.stem} | failed (see {path.stem}.txt) ||||")
+            continue
+        cells = [f"{p:.0f} / {q:.0f}" for p, q in m["comparison_mib"].values()]
+        lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
+        a = m["args"]
+        if (a["shape"], a["quantization"], a["gradient_checkpointing"]) == ("7b", "nf4", True) and a["device"] != "cpu":
+            total = m["measured"]["total"]
+            verdict = "met" if total <= TARGET_7B_NF4_BYTES else "MISSED"
+            lines.append(f"\n7B nf4 target <= 10 GB: {total / 1e9:.2f} GB measured: **{verdict}**\n")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(summary(Path(sys.argv[1])), end="")
