@@ -64,4 +64,27 @@ def unpack(skeleton: Skeleton, tensors: Mapping[str, Tensor]) -> Any:
     return skeleton
 
 
-__all__ = ["Skeleton", "pack", "unpack"]
+def to_bytes(obj: Any) -> bytes:
+    """``obj`` as one self-contained blob: an 8-byte length, the JSON skeleton, a safetensors body
+    (tensors copied to the CPU, contiguous). What crosses a process boundary (Ray workers): no pickle."""
+    import json
+
+    from safetensors.torch import save
+
+    tensors: dict[str, Tensor] = {}
+    head = json.dumps(pack(obj, tensors)).encode()
+    body = save({k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()})
+    return len(head).to_bytes(8, "little") + head + body
+
+
+def from_bytes(blob: bytes) -> Any:
+    """The tree :func:`to_bytes` wrote."""
+    import json
+
+    from safetensors.torch import load
+
+    n = int.from_bytes(blob[:8], "little")
+    return unpack(json.loads(blob[8 : 8 + n]), load(blob[8 + n :]))
+
+
+__all__ = ["Skeleton", "from_bytes", "pack", "to_bytes", "unpack"]

@@ -91,6 +91,16 @@ class PartitionConfig:
 
 
 @dataclass
+class EngineConfig:
+    backend: Literal["local", "ray"] = _f(
+        "local", "who trains a round's clients: local (one after another in this process) or ray (in parallel workers)"
+    )
+    workers: int = _f(2, "ray: clients trained at once (one base model per worker)", min=1)
+    cpus_per_worker: float = _f(1.0, "ray: CPU cores reserved per worker", min=0.0)
+    gpus_per_worker: float = _f(0.0, "ray: GPUs per worker (fractions share a GPU, e.g. 0.25 = four per GPU)", min=0.0)
+
+
+@dataclass
 class RoundsConfig:
     num_rounds: int = _f(5, "federated rounds", min=1)
     clients_per_round: float = _f(1.0, "clients sampled per round: a count (>= 1) or a fraction (< 1)", min=0.0)
@@ -144,6 +154,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -224,6 +235,23 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"model.backbone_delta=merge cannot add deltas to {cfg.model.quantization} weights: use side or auto"
         )
+    if cfg.engine.backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("engine.backend=ray needs Ray (pip install 'fedlora[flower]' installs it)")
+        k = cfg.rounds.clients_per_round
+        per_round = min(cfg.partition.num_clients, int(k)) if k >= 1 else max(1, round(k * cfg.partition.num_clients))
+        if cfg.engine.workers > per_round:
+            raise ConfigError(
+                f"engine.workers={cfg.engine.workers} exceeds the {per_round} clients trained per round "
+                "(rounds.clients_per_round): the extra workers would only hold models"
+            )
+        if cfg.engine.gpus_per_worker > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"engine.gpus_per_worker={cfg.engine.gpus_per_worker} but this machine has no GPU")
     if cfg.lora.init == "pissa" and (cfg.model.quantization != "none" or cfg.model.dtype != "float32"):
         raise ConfigError(
             "lora.init=pissa moves each weight's top-r part out of the base weights, which only float32 weights "

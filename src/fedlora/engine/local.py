@@ -80,7 +80,12 @@ class LocalTrainer(ClientTrainer):
 
 
 def local_run(cfg: Config, *, progress: bool = True) -> RoundEngine:
-    """The run ``cfg`` on the embedded runtime (call ``.run()`` on it)."""
+    """The run ``cfg`` on the embedded runtime (call ``.run()`` on it): clients one after another
+    in this process (``engine.backend: local``) or in parallel Ray workers (``ray``)."""
+    if cfg.engine.backend == "ray":
+        from fedlora.engine.ray_runtime import RayTrainer
+
+        return RoundEngine(cfg, RayTrainer(), progress=progress)
     return RoundEngine(cfg, LocalTrainer(), progress=progress)
 
 

@@ -225,6 +225,13 @@ class RoundEngine:
         atomic.write_text(self.run_dir / "config.yaml", _yaml(cfg.to_dict()))
         self._setup()
         self.trainer.bind(self)
+        try:
+            return self._run(resume, metrics_path)
+        finally:
+            self.trainer.close()
+
+    def _run(self, resume: bool, metrics_path: Path) -> dict[str, Any]:
+        cfg = self.cfg
         self.t0 = time.perf_counter()
         self.elapsed = 0.0
         if resume:

@@ -8,6 +8,8 @@ checkpoint, the final adapter and ``summary.json``. A runtime supplies one objec
 
 * :class:`~fedlora.engine.local.LocalTrainer`: in this process, one client after another on the
   engine's one model (the embedded default, ``fedlora run``);
+* :class:`~fedlora.engine.ray_runtime.RayTrainer`: a pool of Ray workers on this machine, each
+  holding one base model (``engine.backend: ray``);
 * :class:`~fedlora.flower.server_app.FlowerTrainer`: ``train`` messages to Flower SuperNodes,
   each running the same client step (:func:`fedlora.engine.client.client_round`).
 
@@ -30,7 +32,8 @@ The hooks, in the order the engine calls them:
    a ``failures`` entry with its reason, and the round goes on without it.
 4. :meth:`ClientTrainer.checkpoint_state` each time the engine writes a checkpoint (after every
    round): a tree of JSON values and tensors saved with it (:mod:`fedlora.trees`).
-5. :meth:`ClientTrainer.summary` at the end: keys added to ``summary.json``.
+5. :meth:`ClientTrainer.summary` at the end: keys added to ``summary.json``; then
+   :meth:`ClientTrainer.close`, also when the run stops on an error.
 
 A trainer holds no method-specific code and changes no global state: the engine applies the
 aggregate. To add a runtime, subclass :class:`ClientTrainer`, implement :meth:`train` (and the
@@ -117,3 +120,6 @@ class ClientTrainer:
     def summary(self) -> dict[str, Any]:
         """Keys this runtime adds to ``summary.json``."""
         return {}
+
+    def close(self) -> None:
+        """Release what :meth:`bind` started (workers, connections); called once the run stops."""

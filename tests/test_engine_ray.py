@@ -1,0 +1,112 @@
+"""engine.backend=ray: clients train in parallel Ray workers and the run equals the local one
+(metrics record for record, final adapter bit for bit on the CPU); a killed worker fails its
+client for the round, a fresh worker takes over; bad engine settings are refused by key."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from fedlora.configs import preset_path
+from fedlora.engine.config import ConfigError, load_config
+from fedlora.engine.local import local_run
+from fedlora.model.adapter_io import read_adapter
+from helpers import tiny_llama
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray (the flower extra)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def config(tmp_path, model, name: str, **sets):
+    base = {
+        "output_dir": str(tmp_path),
+        "name": name,
+        "model.name": str(model),
+        "method.name": "fedsa_lora",  # each client's own B travels with it
+        "task.settings": "{n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}",
+        "partition.num_clients": "4",
+        "rounds.num_rounds": "3",
+        "rounds.clients_per_round": "3",
+        "rounds.eval_baseline": "false",
+        "train.max_steps": "2",
+        "train.optimizer_state": "carry",  # and its optimizer state
+    }
+    return load_config(preset_path("ci"), {**base, **sets})
+
+
+def records(path):
+    out = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        r.pop("seconds", None)
+        for s in r.get("train", {}).values():
+            s.pop("seconds", None)
+        out.append(r)
+    return out
+
+
+def test_ray_workers_reproduce_the_local_run(tmp_path, tiny):
+    local_run(config(tmp_path, tiny, "local"), progress=False).run()
+    engine = local_run(
+        config(tmp_path, tiny, "ray", **{"engine.backend": "ray", "engine.workers": "2"}), progress=False
+    )
+    engine.run()
+    assert type(engine.trainer).__name__ == "RayTrainer" and not engine.trainer.workers  # closed
+    a, b = records(tmp_path / "local" / "metrics.jsonl"), records(tmp_path / "ray" / "metrics.jsonl")
+    assert [r["clients"] for r in a] == [r["clients"] for r in b] and len(a) == 3
+    assert a == b
+    fa, fb = read_adapter(tmp_path / "local" / "final"), read_adapter(tmp_path / "ray" / "final")
+    for m in fa.factors:
+        assert torch.equal(fa.factors[m].A, fb.factors[m].A) and torch.equal(fa.factors[m].B, fb.factors[m].B)
+
+
+def test_a_killed_worker_fails_its_client_and_is_replaced(tmp_path, tiny, monkeypatch):
+    import ray
+
+    from fedlora.engine.ray_runtime import RayTrainer
+
+    real = RayTrainer.train
+
+    def kill_first_worker_in_round_2(self, clients, progress):
+        if self.engine.state.round == 1:
+            os.kill(ray.get(self.workers[0].pid.remote()), signal.SIGKILL)
+        return real(self, clients, progress)
+
+    monkeypatch.setattr(RayTrainer, "train", kill_first_worker_in_round_2)
+    cfg = config(tmp_path, tiny, "killed", **{"engine.backend": "ray", "engine.workers": "2"})
+    local_run(cfg, progress=False).run()
+    lines = records(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["round"] for r in lines] == [1, 2, 3]
+    failed = lines[1]["rejected"]
+    assert (
+        len(failed) == 1
+        and failed[0]["client"] == lines[1]["clients"][0]
+        and failed[0]["reason"].startswith("ray worker 0: ActorDiedError")
+    )
+    assert not lines[1]["skipped"] and len(lines[1]["train"]) == 2  # the round went on
+    assert not lines[2]["rejected"] and len(lines[2]["train"]) == 3  # a fresh worker trained in round 3
+
+
+@pytest.mark.parametrize(
+    "sets,needle",
+    [
+        ({"engine.workers": "4"}, "engine.workers=4 exceeds the 3 clients"),
+        ({"engine.gpus_per_worker": "0.5"}, "engine.gpus_per_worker=0.5 but this machine has no GPU"),
+        ({"engine.cpus_per_worker": "nan"}, "engine.cpus_per_worker=nan is not a finite number"),
+        ({"engine.backend": "dask"}, "engine.backend='dask' is not allowed"),
+    ],
+)
+def test_bad_engine_settings_are_refused_by_key(tmp_path, sets, needle):
+    if "gpus" in needle and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        config(tmp_path, "unused", "bad", **{"engine.backend": "ray", **sets})
