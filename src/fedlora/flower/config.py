@@ -29,41 +29,32 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedlora.engine.config import Config, ConfigError, load_config
+from fedlora.settings import parse
 
 RESERVED = ("fedlora-config", "fedlora-set", "output-dir", "round-timeout", "node-wait-timeout", "resume", "overwrite")
 
 
 @dataclass(frozen=True)
 class FlowerOptions:
-    """Run-config keys that are not fedlora config keys."""
+    """Run-config keys that are not fedlora config keys (parsed by :func:`fedlora.settings.parse`)."""
 
     round_timeout: float = 3600.0
     node_wait_timeout: float = 300.0
     resume: bool = False
     overwrite: bool = False
 
-
-def _flag(run_config: Mapping[str, Any], key: str) -> bool:
-    value = run_config.get(key, False)
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", ""):
-        return False
-    raise ConfigError(f"{key}={value!r}: true or false")
+    def __post_init__(self) -> None:
+        for key in ("round_timeout", "node_wait_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key.replace('_', '-')}={getattr(self, key)!r}: a positive number of seconds")
 
 
-def _seconds(run_config: Mapping[str, Any], key: str, default: float) -> float:
-    value = run_config.get(key, default)
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not seconds > 0:
-        raise ConfigError(f"{key}={value!r}: a positive number of seconds")
-    return seconds
+def options_from(run_config: Mapping[str, Any]) -> FlowerOptions:
+    """The Flower-only options of a run config (``round-timeout``, ``node-wait-timeout``,
+    ``resume``, ``overwrite``); values may be text, as ``--run-config`` gives them."""
+    keys = ("round-timeout", "node-wait-timeout", "resume", "overwrite")
+    values = {k.replace("-", "_"): run_config[k] for k in keys if k in run_config and run_config[k] != ""}
+    return parse(FlowerOptions, values, owner="flower run config", text=True)
 
 
 def config_source(name: str) -> Any:
@@ -100,10 +91,4 @@ def resolve(run_config: Mapping[str, Any]) -> tuple[Config, FlowerOptions]:
     """The validated :class:`Config` and the Flower-only options of a run config."""
     source = config_source(str(run_config.get("fedlora-config", "default")))
     cfg = load_config(source, overrides_from(run_config))
-    opts = FlowerOptions(
-        round_timeout=_seconds(run_config, "round-timeout", FlowerOptions.round_timeout),
-        node_wait_timeout=_seconds(run_config, "node-wait-timeout", FlowerOptions.node_wait_timeout),
-        resume=_flag(run_config, "resume"),
-        overwrite=_flag(run_config, "overwrite"),
-    )
-    return cfg, opts
+    return cfg, options_from(run_config)
