@@ -8,6 +8,7 @@
 #      overhead, throughput, memory);
 #   4. the memory model against measured device memory (memory.py), including the target
 #      7B nf4, r=16 on all linear layers, seq 512, batch 4, checkpointing: <= 10 GB;
+#   5. the side path's cost on the default run (FLoRA, bf16: side against merge);
 # and writes their JSON and a short summary.md into OUT_DIR. --smoke runs the same steps on the
 # CPU at toy shapes in about a minute (the test suite runs it, so the script cannot rot).
 set -euo pipefail
@@ -66,6 +67,18 @@ for spec in "${MEMORY[@]}"; do
   "$PY" benchmarks/memory.py "${flags[@]}" --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 \
     || log "$name FAILED (see $name.txt)"
 done
+
+if [ "$MODE" != "--smoke" ]; then
+  # the side path's cost on the default run: FLoRA (a backbone delta every round) on a bf16 base,
+  # side path against merge (inexact, the timing baseline); rank and bytes per round in metrics.jsonl
+  for mode in side merge; do
+    log "default run, bf16, flora, backbone_delta=$mode"
+    "$PY" -m fedlora.cli run --set name="default-flora-bf16-$mode" --set output_dir="$OUT/runs" \
+      --set model.dtype=bfloat16 --set model.device=cuda --set method.name=flora \
+      --set model.backbone_delta="$mode" --set rounds.eval_every=0 --set rounds.eval_baseline=false \
+      > "$OUT/default-flora-$mode.txt" 2>&1 || log "default run ($mode) FAILED"
+  done
+fi
 
 "$PY" benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md"
 log "done: $OUT/summary.md"

@@ -73,6 +73,20 @@ def summary(out: Path) -> str:
             total = m["measured"]["total"]
             verdict = "met" if total <= TARGET_7B_NF4_BYTES else "MISSED"
             lines.append(f"\n7B nf4 target <= 10 GB: {total / 1e9:.2f} GB measured: **{verdict}**\n")
+    runs = sorted((out / "runs").glob("*/metrics.jsonl")) if (out / "runs").is_dir() else []
+    if runs:
+        lines += ["", "## Side path on the default run (train seconds per round; side rank mean / max, MiB)", ""]
+        for path in runs:
+            recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            cells = []
+            for r in recs:
+                if r.get("phase") != "train":
+                    continue
+                b = r.get("backbone") or {}
+                mib = b.get("side_bytes", 0) / 2**20
+                side = f"{b['side_rank_mean']:.0f}/{b['side_rank_max']:.0f}, {mib:.0f}" if b else "-"
+                cells.append(f"r{r['round']}: {r['seconds']['train']:.1f} s ({side})")
+            lines.append(f"- {path.parent.name}: " + "; ".join(cells))
     return "\n".join(lines) + "\n"
 
 
