@@ -116,3 +116,52 @@ def test_compare_warns_when_the_test_sets_differ(tmp_path, capsys):
     assert "test examples: 4 (small) vs 40 (big)" in out
     assert main(["compare", str(a), str(c)]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_run_whose_every_round_was_skipped_exits_non_zero_with_the_reason(tmp_path, capsys):
+    from helpers import tiny_llama
+
+    model = tiny_llama(tmp_path / "tiny")
+    sets = [
+        f"model.name={model}", f"output_dir={tmp_path}", "name=skipped", "rounds.min_clients=3",
+        "task.settings={n_train: 24, n_test: 1, max_new_tokens: 2, max_length: 48}", "train.max_steps=1",
+        "rounds.eval_baseline=false",
+    ]  # fmt: skip
+    rc = main(["run", "--preset", "ci", "--no-progress", *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert rc == 1 and "every round was skipped" in err and "min_clients" in err
+    lines = [json.loads(x) for x in (tmp_path / "skipped" / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all(r["skipped"] for r in lines)
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("model.device", "banana", "model.device='banana': not a device"),
+        ("model.name", "/no/such/model", "model.name='/no/such/model': no such file or folder"),
+        ("rounds.clients_per_round", "0", "rounds.clients_per_round=0.0 samples no client"),
+        ("train.lr", "nan", "train.lr=nan is not a finite number"),
+        ("lora.alpha", ".inf", "lora.alpha=inf is not a finite number"),
+    ],
+)
+def test_bad_values_are_refused_by_key_before_a_model_loads(tmp_path, monkeypatch, capsys, key, value, needle):
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("fedlora.model.loading.load_model", no_model)
+    rc = main(["run", "--preset", "ci", "--set", f"output_dir={tmp_path}", "--set", f"{key}={value}"])
+    assert rc == 2 and needle in capsys.readouterr().err
+
+
+def test_a_gpu_the_machine_lacks_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    import torch
+
+    from fedlora.engine.setup import device_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"model\.device='cuda:1' but this machine has no CUDA GPU"):
+        device_for("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"model\.device='cuda:1' but this machine has 1 GPU\(s\): cuda:0\.\.cuda:0"):
+        device_for("cuda:1")

@@ -83,7 +83,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
     summary = run_experiment(cfg, resume=bool(args.resume), progress=not args.no_progress)
     _print_summary(summary, cfg.run_dir)
+    if summary["rounds"] and summary["skipped_rounds"] >= summary["rounds"]:
+        print(f"error: every round was skipped: nothing was trained ({_skip_reasons(cfg.run_dir)})", file=sys.stderr)
+        return 1
     return 0
+
+
+def _skip_reasons(run_dir) -> str:
+    """The distinct reasons clients were rejected, from the run's metrics (most frequent first)."""
+    from collections import Counter
+
+    reasons: Counter[str] = Counter()
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        reasons.update(str(x.get("reason", "")).split(":")[0] for x in record.get("rejected", []))
+    if not reasons:
+        return "no client upload was accepted; see rounds.min_clients"
+    return "rejected uploads: " + ", ".join(f"{r} ({n}x)" for r, n in reasons.most_common(3))
 
 
 def _print_summary(summary: dict, run_dir) -> None:

@@ -235,6 +235,13 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"model.backbone_delta=merge cannot add deltas to {cfg.model.quantization} weights: use side or auto"
         )
+    _check_device(cfg.model.device)
+    _check_model_name(cfg.model.name)
+    if cfg.rounds.clients_per_round <= 0:
+        raise ConfigError(
+            f"rounds.clients_per_round={cfg.rounds.clients_per_round} samples no client: "
+            "a count >= 1 or a fraction in (0, 1)"
+        )
     if cfg.engine.backend == "ray":
         import importlib.util
 
@@ -258,6 +265,29 @@ def _check(cfg: Config) -> None:
             f"hold exactly (model.dtype={cfg.model.dtype}, model.quantization={cfg.model.quantization}): "
             "use lora.init=default, or a float32 base"
         )
+
+
+def _check_device(name: str) -> None:
+    """``model.device``: auto, cpu, cuda, cuda:N or mps (whether this machine has it is checked
+    where the run starts, :func:`fedlora.engine.setup.device_for`: a run folder stays readable,
+    exportable and evaluable on a machine without its GPU)."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"model.device={name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"model.device={name!r}: fedlora runs on cpu or cuda")
+
+
+def _check_model_name(name: str) -> None:
+    """A ``model.name`` written as a path (``/``, ``./``, ``~``) must exist; hub ids are not checked here."""
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf")
+    if looks_local and not Path(name).expanduser().exists():
+        raise ConfigError(f"model.name={name!r}: no such file or folder (a hub id has no leading / or ./)")
 
 
 def describe_config(cls: type = Config) -> list[str]:

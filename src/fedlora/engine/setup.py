@@ -20,10 +20,18 @@ from fedlora.model.binding import LoRABinding, LoRASettings
 
 
 def device_for(name: str) -> torch.device:
-    """``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``."""
+    """``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``; a GPU this machine does not
+    have is refused by key (``model.device``) before anything loads."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"model.device={name!r} but this machine has no CUDA GPU; use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"model.device={name!r} but this machine has {count} GPU(s): cuda:0..cuda:{count - 1}")
+    return device
 
 
 @dataclass
