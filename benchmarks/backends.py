@@ -1,0 +1,119 @@
+"""``engine.backend`` local against ray: wall time of the clients' training per round, start-up
+cost and memory per worker, on one machine.
+
+Runs the same config twice through ``fedlora.engine.local.local_run`` (the code ``fedlora run``
+runs): once with the local backend, once with ``engine.backend=ray`` and ``--workers`` workers
+(``cpus_per_worker = cores / workers``), and reads each round's ``seconds.train`` from
+``metrics.jsonl`` (the time the engine waits for the round's uploads; evaluation and aggregation
+are the server's and the same for both). The first round is reported apart (warm-up). Start-up:
+from ``RoundEngine.run`` to the first round, Ray's start and workers' model loading included.
+Memory per worker: the resident set of each worker process at the end of the last round.
+
+    python benchmarks/backends.py --preset ci --workers 2 --json benchmarks/backends-cpu.json
+    python benchmarks/backends.py --preset ci --set model.name=/path/tiny-llama --workers 2
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def run(preset: str, sets: dict[str, str], out: Path, name: str) -> dict[str, Any]:
+    from fedlora.configs import preset_path
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import local_run
+    from fedlora.engine.ray_runtime import RayTrainer
+
+    cfg = load_config(preset_path(preset), {**sets, "output_dir": str(out), "name": name})
+    engine = local_run(cfg, progress=False)
+    worker_mib: list[float] = []
+    if isinstance(engine.trainer, RayTrainer):
+        real_close = engine.trainer.close
+
+        def close_after_measuring() -> None:
+            import psutil
+            import ray
+
+            for w in engine.trainer.workers:
+                pid = ray.get(w.pid.remote())
+                worker_mib.append(psutil.Process(pid).memory_info().rss / 2**20)
+            real_close()
+
+        engine.trainer.close = close_after_measuring  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    first: list[float] = []
+    real_round = type(engine)._round
+
+    def timed_round(self, k, bar):  # type: ignore[no-untyped-def]
+        if not first:
+            first.append(time.perf_counter() - t0)
+        return real_round(self, k, bar)
+
+    engine._round = timed_round.__get__(engine)  # type: ignore[method-assign]
+    engine.run()
+    wall = time.perf_counter() - t0
+    lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    train = [r["seconds"]["train"] for r in lines if r.get("phase") == "train"]
+    steps = [sum(s["steps"] for s in r["train"].values()) for r in lines if r.get("phase") == "train"]
+    return {
+        "train_seconds": train,
+        "steps": steps,
+        "startup_seconds": first[0] if first else None,
+        "wall_seconds": wall,
+        "worker_rss_mib": worker_mib,
+        "records": [{k: v for k, v in r.items() if k not in ("seconds", "train")} for r in lines],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="ci")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    sets = dict(s.split("=", 1) for s in args.set)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        local = run(args.preset, sets, out, "local")
+        ray_sets = {
+            **sets,
+            "engine.backend": "ray",
+            "engine.workers": str(args.workers),
+            "engine.cpus_per_worker": str(args.cores / args.workers),
+        }
+        par = run(args.preset, ray_sets, out, "ray")
+    same = local["records"] == par["records"]
+    later = slice(1, None) if len(local["train_seconds"]) > 1 else slice(None)
+    lt, rt = statistics.median(local["train_seconds"][later]), statistics.median(par["train_seconds"][later])
+    result = {
+        "settings": vars(args),
+        "local": {k: v for k, v in local.items() if k != "records"},
+        "ray": {k: v for k, v in par.items() if k != "records"},
+        "records_identical": same,
+        "train_speedup_after_round_1": lt / rt,
+    }
+    print(f"{args.preset} {' '.join(args.set)}: {args.workers} ray workers on {args.cores} cores")
+    print(f"  client training per round (median after round 1): local {lt:.1f} s, ray {rt:.1f} s -> {lt / rt:.2f}x")
+    print(f"  round 1: local {local['train_seconds'][0]:.1f} s, ray {par['train_seconds'][0]:.1f} s")
+    print(f"  start-up to round 1: local {local['startup_seconds']:.1f} s, ray {par['startup_seconds']:.1f} s")
+    print(f"  worker RSS: {', '.join(f'{m:.0f} MiB' for m in par['worker_rss_mib'])}; records identical: {same}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
