@@ -159,7 +159,7 @@ class RayTrainer(ClientTrainer):
     def __init__(self) -> None:
         self.workers: list[Any] = []
         self.applied: list[int] = []
-        self.started = 0.0
+        self.owns_ray = False  # started Ray here: shut it down at close
 
     def bind(self, engine) -> None:  # type: ignore[no-untyped-def]
         import ray
@@ -175,6 +175,7 @@ class RayTrainer(ClientTrainer):
                 configure_logging=False,
                 log_to_driver=True,
             )
+            self.owns_ray = True
             log.info("ray started in %.1f s", time.perf_counter() - t)
         options = {"num_cpus": e.cpus_per_worker, "num_gpus": e.gpus_per_worker, "max_restarts": 0}
         self._actor = ray.remote(**options)(ClientWorker)
@@ -256,3 +257,6 @@ class RayTrainer(ClientTrainer):
             with contextlib.suppress(Exception):
                 ray.kill(w)
         self.workers = []
+        if self.owns_ray:
+            ray.shutdown()
+            self.owns_ray = False
