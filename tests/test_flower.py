@@ -772,7 +772,7 @@ def _deployment_logs(out: Path) -> str:
 
 
 @needs_model
-@pytest.mark.slow
+@pytest.mark.drill
 @pytest.mark.parametrize("security", ["insecure", "tls+auth"])
 def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path, security):
     """scripts/flower_local_deployment.sh: flower-superlink, two flower-supernode processes
@@ -839,7 +839,7 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
 
 
 @needs_model
-@pytest.mark.slow
+@pytest.mark.drill
 def test_supernode_killed_mid_round_rejoins_in_a_later_round(tmp_path):
     """KILL_NODE=2 scripts/flower_local_deployment.sh: a SuperLink and 3 SuperNodes (MiniLM,
     FedMomentum, all 3 clients per round, ``rounds.min_clients`` 2). SuperNode 2 is SIGKILLed

@@ -17,12 +17,13 @@ Each task turns these rows into its own examples.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
 import os
 import random
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,25 @@ def _offline() -> bool:
     return bool(is_offline_mode())
 
 
+@contextlib.contextmanager
+def _offline_honoured() -> Iterator[None]:
+    """Make ``datasets`` and ``huggingface_hub`` obey ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` as
+    they are now: both read them once, at import, so a flag set later (a notebook, a test) was
+    ignored and a missing dataset cost ~23 s of network retries before the same error."""
+    if not _offline():
+        yield
+        return
+    import datasets
+    import huggingface_hub.constants as hub
+
+    saved = (datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
 def hub_rows(dataset_id: str, split: str, config: str | None = None, *, local_hint: str = LOCAL_HINT) -> list[Row]:
     """Rows of a hub dataset split via ``datasets.load_dataset`` (cached copies work offline).
 
@@ -154,7 +174,8 @@ def hub_rows(dataset_id: str, split: str, config: str | None = None, *, local_hi
     except ImportError as exc:
         raise SourceError(f"cannot load the hub dataset {what}: the 'datasets' package is missing. {hint}") from exc
     try:
-        ds = datasets.load_dataset(dataset_id, config, split=split)
+        with _offline_honoured():
+            ds = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:
         reason = (
             "the hub is unreachable in offline mode (HF_HUB_OFFLINE=1) and no cached copy exists"
