@@ -72,7 +72,8 @@ def run(preset: str, sets: dict[str, str], out: Path, name: str) -> dict[str, An
         "startup_seconds": first[0] if first else None,
         "wall_seconds": wall,
         "worker_rss_mib": worker_mib,
-        "records": [{k: v for k, v in r.items() if k not in ("seconds", "train")} for r in lines],
+        "records": [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds", "train")} for r in lines],
+        "losses": [s["loss"] for r in lines if r.get("phase") == "train" for s in r["train"].values()],
     }
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="ci")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores the workers share (threads each)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         par = run(args.preset, ray_sets, out, "ray")
     same = local["records"] == par["records"]
+    loss_diff = max((abs(a - b) / abs(a) for a, b in zip(local["losses"], par["losses"])), default=0.0)
     later = slice(1, None) if len(local["train_seconds"]) > 1 else slice(None)
     lt, rt = statistics.median(local["train_seconds"][later]), statistics.median(par["train_seconds"][later])
     result = {
@@ -103,13 +105,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "local": {k: v for k, v in local.items() if k != "records"},
         "ray": {k: v for k, v in par.items() if k != "records"},
         "records_identical": same,
+        "max_relative_loss_difference": loss_diff,
         "train_speedup_after_round_1": lt / rt,
     }
     print(f"{args.preset} {' '.join(args.set)}: {args.workers} ray workers on {args.cores} cores")
     print(f"  client training per round (median after round 1): local {lt:.1f} s, ray {rt:.1f} s -> {lt / rt:.2f}x")
     print(f"  round 1: local {local['train_seconds'][0]:.1f} s, ray {par['train_seconds'][0]:.1f} s")
     print(f"  start-up to round 1: local {local['startup_seconds']:.1f} s, ray {par['startup_seconds']:.1f} s")
-    print(f"  worker RSS: {', '.join(f'{m:.0f} MiB' for m in par['worker_rss_mib'])}; records identical: {same}")
+    print(f"  worker RSS: {', '.join(f'{m:.0f} MiB' for m in par['worker_rss_mib'])}")
+    print(f"  records identical: {same}; largest relative difference of a client's loss: {loss_diff:.1e}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
