@@ -262,3 +262,50 @@ def test_console_script_runs(clients, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "adapter_model.safetensors").exists() and not (out / "backbone_delta.safetensors").exists()
+
+
+def _with_config(src: Path, dst: Path, config_text: str) -> Path:
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text(config_text)
+    (dst / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    return dst
+
+
+def test_hostile_inputs_are_refused_by_name_before_anything_is_computed(clients, tmp_path, capsys):
+    """Issue #17's probe of `fedlora aggregate`: each was a traceback, an accepted NaN, a NaN
+    written into the output or an error after the computation."""
+    base, root, dirs, rank = clients
+    config = json.loads((dirs[0] / "adapter_config.json").read_text())
+    cases = []
+    for text, needle in [
+        ("[]", "must hold a JSON object, got list"),
+        ('"lora"', "must hold a JSON object, got str"),
+        ("null", "must hold a JSON object, got NoneType"),
+        (json.dumps({**config, "lora_alpha": float("nan")}), "lora_alpha must be a positive finite number"),
+        (json.dumps({**config, "lora_alpha": float("inf")}), "lora_alpha must be a positive finite number"),
+        (json.dumps({**config, "lora_alpha": True}), "lora_alpha must be a positive finite number, got True"),
+        (json.dumps({**config, "use_rslora": "yes"}), "use_rslora must be true or false, got 'yes'"),
+    ]:
+        bad = _with_config(dirs[0], tmp_path / f"cfg{len(cases)}", text)
+        cases.append((["--method", "fedit", str(bad)], needle))
+    nan_global = _corrupt(root / "global", tmp_path / "nan-global", _set_nan)
+    cases += [
+        (["--method", "fedrot_lora", *map(str, dirs), "--global", str(nan_global), "--round", "1"], "non-finite"),
+        (["--method", "fedit", *map(str, dirs), "--weights", "inf", "1", "1"], "--weights inf 1 1: each must be"),
+        (["--method", "fedit", *map(str, dirs), "--weights", "0", "0", "0"], "their sum positive"),
+        (["--method", "fedit", *map(str, dirs), "--weights", "-1", "1", "1"], "finite number >= 0"),
+        (["--method", "fedit", *map(str, dirs), "--round", "-5"], "--round -5: rounds count from 0"),
+    ]
+    assert len(dirs) == 3
+    for args, needle in cases:
+        out = tmp_path / "never"
+        assert main(["aggregate", *args, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err
+        assert needle in err, (args, err)
+        assert not out.exists()
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert main(["aggregate", "--method", "fedit", *map(str, dirs), "--out", str(link)]) == 2
+    assert "symbolic link" in capsys.readouterr().err and not any(real.iterdir())

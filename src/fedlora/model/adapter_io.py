@@ -16,6 +16,7 @@ Every write goes to a temporary name first and is renamed into place.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,10 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         config = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{where}: {CONFIG_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(
+            f"{where}: {CONFIG_NAME} must hold a JSON object, got {type(config).__name__} {config!r:.60}"
+        )
     check_config(config, where)
     try:
         tensors = load_file(str(w_path))
@@ -131,8 +136,11 @@ def check_config(config: Mapping[str, Any], where: str) -> None:
         if config.get(key):
             raise AdapterError(f"{where}: per-module {key} is not supported yet; use one rank and alpha")
     alpha = config.get("lora_alpha")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise AdapterError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{where}: lora_alpha must be a positive finite number, got {alpha!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if key in config and not isinstance(config[key], bool):
+            raise AdapterError(f"{where}: {key} must be true or false, got {config[key]!r}")
 
 
 def adapter_tensors(factors: Factors, extras: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ Non-LoRA tensors (``modules_to_save``, e.g. classifier heads) are averaged with 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -148,10 +149,21 @@ def aggregate_folders(
     if not client_dirs:
         raise AggregationError("no client adapter folders given")
     out = Path(out_dir)
+    if out.is_symlink():
+        raise AggregationError(f"{out}: the output folder is a symbolic link; give the real path")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AggregationError(f"{out}: output folder exists and is not empty")
-    if weights is not None and len(weights) != len(client_dirs):
-        raise AggregationError(f"{len(weights)} weights for {len(client_dirs)} client folders")
+    if weights is not None:
+        if len(weights) != len(client_dirs):
+            raise AggregationError(f"{len(weights)} weights for {len(client_dirs)} client folders")
+        bad = [w for w in weights if not math.isfinite(w) or w < 0]
+        if bad or sum(weights) <= 0:
+            raise AggregationError(
+                f"--weights {' '.join(f'{w:g}' for w in weights)}: each must be a finite number >= 0, "
+                "and their sum positive"
+            )
+    if round_ is not None and round_ < 0:
+        raise AggregationError(f"--round {round_}: rounds count from 0")
 
     adapters = [read_adapter(d) for d in client_dirs]
     global_adapter = read_adapter(global_dir) if global_dir is not None else None
@@ -160,6 +172,7 @@ def aggregate_folders(
     if round_ is None:
         round_ = _round_after(global_dir) if global_dir is not None else 0
     if global_adapter is not None:
+        _check_finite(global_adapter)
         spec = global_adapter.spec()
         global_factors = clone_factors(global_adapter.factors)
         base_config = global_adapter.config
@@ -217,6 +230,15 @@ def aggregate_folders(
             save_deltas(tmp / DELTA_NAME, deltas, {"method": method.name, "fan_in_fan_out": fan})
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_finite(adapter: Adapter) -> None:
+    """The round-start global adapter is an input like the clients': NaN/Inf refused by module."""
+    for m, f in adapter.factors.items():
+        for which in ("A", "B"):
+            t = f.get(which)
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise AggregationError(f"{adapter.source}: module {m}: factor {which} has non-finite values (NaN/Inf)")
 
 
 def _round_after(global_dir: str | os.PathLike) -> int:
