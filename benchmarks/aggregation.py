@@ -80,6 +80,7 @@ def projections(hidden: int, intermediate: int) -> tuple[tuple[str, int, int], .
         ("mlp.down_proj", hidden, intermediate),
     )
 
+
 # (name, d_out, d_in) of the adapted projections of one LLaMA-2-7B decoder layer.
 PROJECTIONS = projections(HIDDEN, INTERMEDIATE)
 
