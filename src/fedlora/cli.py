@@ -93,9 +93,10 @@ def _skip_reasons(run_dir) -> str:
     """The distinct reasons clients were rejected, from the run's metrics (most frequent first)."""
     from collections import Counter
 
+    from fedlora.runs.report import load_run
+
     reasons: Counter[str] = Counter()
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in load_run(run_dir).records:
         reasons.update(str(x.get("reason", "")).split(":")[0] for x in record.get("rejected", []))
     if not reasons:
         return "no client upload was accepted; see rounds.min_clients"

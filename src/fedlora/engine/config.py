@@ -247,8 +247,7 @@ def _check(cfg: Config) -> None:
 
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("engine.backend=ray needs Ray (pip install 'fedlora[flower]' installs it)")
-        k = cfg.rounds.clients_per_round
-        per_round = min(cfg.partition.num_clients, int(k)) if k >= 1 else max(1, round(k * cfg.partition.num_clients))
+        per_round = clients_per_round(cfg, cfg.partition.num_clients)
         if cfg.engine.workers > per_round:
             raise ConfigError(
                 f"engine.workers={cfg.engine.workers} exceeds the {per_round} clients trained per round "
@@ -265,6 +264,13 @@ def _check(cfg: Config) -> None:
             f"hold exactly (model.dtype={cfg.model.dtype}, model.quantization={cfg.model.quantization}): "
             "use lora.init=default, or a float32 base"
         )
+
+
+def clients_per_round(cfg: Config, num_clients: int) -> int:
+    """How many of ``num_clients`` clients a round samples (``rounds.clients_per_round``: a count,
+    or a fraction of the clients when below 1)."""
+    c = cfg.rounds.clients_per_round
+    return min(num_clients, int(c)) if c >= 1 else max(1, round(c * num_clients))
 
 
 def _check_device(name: str) -> None:

@@ -34,11 +34,10 @@ from fedlora import atomic
 from fedlora.engine import faults
 from fedlora.engine.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.engine.client import ClientRecord
-from fedlora.engine.config import Config
+from fedlora.engine.config import Config, clients_per_round
 from fedlora.engine.personal import evaluate_personal, personal_enabled
 from fedlora.engine.setup import (
     build_binding,
-    clients_per_round,
     device_for,
     personal_test_sets,
     prepare_data,
@@ -262,7 +261,7 @@ class RoundEngine:
             self._checkpoint(_count_lines(metrics_path))
         atomic.write_json(self.run_dir / "protocol.json", self._protocol())
 
-        k = self._clients_per_round()
+        k = clients_per_round(cfg, len(self.client_ids))
         total_steps = cfg.rounds.num_rounds * k * cfg.train.max_steps if cfg.train.max_steps else None
         done_steps = self.state.round * k * cfg.train.max_steps if cfg.train.max_steps else 0
         bar = Progress(total_steps, initial=done_steps, unit="step", mode=self.progress_mode)
@@ -277,9 +276,6 @@ class RoundEngine:
         finally:
             bar.close()
         return self._finish(metrics_path)
-
-    def _clients_per_round(self) -> int:
-        return clients_per_round(self.cfg, len(self.client_ids))
 
     def _round(self, k: int, bar: Progress) -> dict[str, Any]:
         cfg, t = self.cfg, self.state.round

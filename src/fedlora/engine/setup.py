@@ -155,11 +155,6 @@ def local_data(
     )
 
 
-def clients_per_round(cfg: Config, num_clients: int) -> int:
-    c = cfg.rounds.clients_per_round
-    return min(num_clients, int(c)) if c >= 1 else max(1, round(c * num_clients))
-
-
 def sample_clients(seed: int, round_: int, client_ids: list[str], k: int) -> list[str]:
     """The ``k`` clients of round ``round_`` (0-based), sorted by id: a pure function of the seed."""
     return sorted(random.Random(f"{seed}:sample:{round_}").sample(client_ids, k), key=int)

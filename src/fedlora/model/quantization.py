@@ -28,10 +28,6 @@ import torch
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 
 
-def is_quantized(quantization: str) -> bool:
-    return quantization != "none"
-
-
 def bnb_config(quantization: str, compute_dtype: torch.dtype) -> Any:
     """transformers' ``BitsAndBytesConfig`` for ``quantization`` (``None`` for ``none``)."""
     if quantization not in QUANTIZATIONS:
