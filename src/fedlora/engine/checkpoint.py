@@ -5,6 +5,10 @@ one tree serializer; it also reads checkpoints written before it). A checkpoint 
 written under a temporary name and renamed into place, so a process killed at any moment leaves
 either the previous checkpoint or the new one, never a mix; the temporary folder such a kill
 leaves behind (``.checkpoint.*``) is removed by the next save or load.
+
+The ``*_tree`` / ``*_from_tree`` pairs turn the engine's state (factors, the backbone ledger,
+clients' records) into the trees a checkpoint stores, and back; the Ray workers receive the same
+trees (:mod:`fedlora.engine.ray_runtime`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from fedlora import trees
 from fedlora.atomic import atomic_folder, recover_folder, remove_stale
+from fedlora.engine.client import ClientRecord
+from fedlora.lowrank import FactoredDelta
+from fedlora.methods import Factors, ModuleFactors
 
 TENSORS = "state.safetensors"
 META = "state.json"
@@ -49,3 +56,35 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any]:
     state = trees.unpack(json.loads((target / META).read_text()), tensors)
     remove_stale(folder)
     return state
+
+
+def factors_tree(factors: Factors) -> dict[str, dict[str, Any]]:
+    return {m: {"A": f.A, "B": f.B} for m, f in factors.items()}
+
+
+def factors_from_tree(tree: dict[str, dict[str, Any]]) -> Factors:
+    return {m: ModuleFactors(A=f["A"], B=f["B"]) for m, f in tree.items()}
+
+
+def ledger_tree(ledger: list[dict[str, FactoredDelta]]) -> list[dict[str, list[Any]]]:
+    """Each round's deltas as ``{module: [ups, downs]}`` (the factor pairs, in order)."""
+    return [{m: [d.ups, d.downs] for m, d in step.items()} for step in ledger]
+
+
+def ledger_from_tree(tree: list[dict[str, list[Any]]]) -> list[dict[str, FactoredDelta]]:
+    return [
+        {
+            m: FactoredDelta(int(ups[0].shape[0]), int(downs[0].shape[1]), list(ups), list(downs))
+            for m, (ups, downs) in step.items()
+            if ups
+        }
+        for step in tree
+    ]
+
+
+def record_tree(record: ClientRecord) -> dict[str, Any]:
+    return {"cursor": record.cursor, "memory": record.memory, "optimizer": record.optimizer}
+
+
+def record_from_tree(tree: dict[str, Any]) -> ClientRecord:
+    return ClientRecord(cursor=tree["cursor"], memory=tree["memory"], optimizer=tree["optimizer"])

@@ -37,55 +37,39 @@ from typing import Any
 import torch
 
 from fedlora import trees
+from fedlora.engine.checkpoint import (
+    factors_from_tree,
+    factors_tree,
+    ledger_from_tree,
+    ledger_tree,
+    record_from_tree,
+    record_tree,
+)
 from fedlora.engine.client import ClientRecord
 from fedlora.engine.setup import client_rank
 from fedlora.engine.trainer import ClientTrainer, TrainedClients
-from fedlora.lowrank import FactoredDelta
-from fedlora.methods import ClientUpload, GlobalState, ModuleFactors
+from fedlora.methods import ClientUpload, GlobalState
 from fedlora.methods.base import LoRASpec
 from fedlora.progress import Progress
 
 log = logging.getLogger("fedlora")
 
 
-# ---- what crosses the boundary -----------------------------------------------------------------
+# ---- what crosses the boundary: the checkpoint's trees ------------------------------------------
 def state_tree(state: GlobalState) -> dict[str, Any]:
+    spec = [state.spec.rank, state.spec.alpha, state.spec.use_rslora]
     return {
         "round": state.round,
-        "factors": {m: {"A": f.A, "B": f.B} for m, f in state.factors.items()},
+        "factors": factors_tree(state.factors),
         "method_state": state.method_state,
-        "spec": [state.spec.rank, state.spec.alpha, state.spec.use_rslora],
+        "spec": spec,
     }
 
 
 def state_from_tree(tree: dict[str, Any]) -> GlobalState:
     rank, alpha, rslora = tree["spec"]
-    factors = {m: ModuleFactors(A=f["A"], B=f["B"]) for m, f in tree["factors"].items()}
-    return GlobalState(
-        int(tree["round"]), factors, LoRASpec(int(rank), float(alpha), bool(rslora)), tree["method_state"]
-    )
-
-
-def ledger_tree(steps: list[dict[str, FactoredDelta]]) -> list[dict[str, Any]]:
-    return [{m: {"ups": d.ups, "downs": d.downs, "shape": [d.d_out, d.d_in]} for m, d in s.items()} for s in steps]
-
-
-def ledger_from_tree(tree: list[dict[str, Any]]) -> list[dict[str, FactoredDelta]]:
-    return [
-        {
-            m: FactoredDelta(int(d["shape"][0]), int(d["shape"][1]), list(d["ups"]), list(d["downs"]))
-            for m, d in s.items()
-        }
-        for s in tree
-    ]
-
-
-def record_tree(record: ClientRecord) -> dict[str, Any]:
-    return {"cursor": record.cursor, "memory": record.memory, "optimizer": record.optimizer}
-
-
-def record_from_tree(tree: dict[str, Any]) -> ClientRecord:
-    return ClientRecord(cursor=int(tree["cursor"]), memory=tree["memory"], optimizer=tree["optimizer"])
+    spec = LoRASpec(int(rank), float(alpha), bool(rslora))
+    return GlobalState(int(tree["round"]), factors_from_tree(tree["factors"]), spec, tree["method_state"])
 
 
 # ---- the worker ----------------------------------------------------------------------------------
@@ -137,10 +121,9 @@ class ClientWorker:
             num_rounds=self.cfg.rounds.num_rounds,
             global_extras=tree["extras"],
         )
-        upload = {m: {"A": f.A, "B": f.B} for m, f in out.upload.factors.items()}
         return trees.to_bytes(
             {
-                "factors": upload,
+                "factors": factors_tree(out.upload.factors),
                 "num_examples": out.upload.num_examples,
                 "stats": out.stats,
                 "extras": out.extras,
@@ -243,11 +226,9 @@ class RayTrainer(ClientTrainer):
             if isinstance(r, str):
                 out.fail(cid, r)
                 continue
-            factors = {m: ModuleFactors(A=f["A"], B=f["B"]) for m, f in r["factors"].items()}
             e.clients[cid] = record_from_tree(r["record"])
-            out.add(
-                ClientUpload(cid, factors, int(r["num_examples"])), r["stats"], r["extras"], client_rank(e.cfg, cid)
-            )
+            upload = ClientUpload(cid, factors_from_tree(r["factors"]), int(r["num_examples"]))
+            out.add(upload, r["stats"], r["extras"], client_rank(e.cfg, cid))
         return out
 
     def close(self) -> None:

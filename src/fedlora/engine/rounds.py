@@ -32,7 +32,16 @@ import torch
 
 from fedlora import atomic
 from fedlora.engine import faults
-from fedlora.engine.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.engine.checkpoint import (
+    factors_from_tree,
+    factors_tree,
+    ledger_from_tree,
+    ledger_tree,
+    load_checkpoint,
+    record_from_tree,
+    record_tree,
+    save_checkpoint,
+)
 from fedlora.engine.client import ClientRecord
 from fedlora.engine.config import Config, clients_per_round
 from fedlora.engine.personal import evaluate_personal, personal_enabled
@@ -45,7 +54,7 @@ from fedlora.engine.setup import (
 )
 from fedlora.engine.trainer import ClientTrainer
 from fedlora.lowrank import FactoredDelta, svd_device
-from fedlora.methods import GlobalState, Method, ModuleFactors, build_method
+from fedlora.methods import GlobalState, Method, build_method
 from fedlora.methods.validation import screen_uploads
 from fedlora.progress import Progress, quiet_library_bars, terminal_width, tracking
 
@@ -123,13 +132,10 @@ class RoundEngine:
             self.run_dir / "checkpoint",
             {
                 "round": s.round,
-                "factors": {m: {"A": f.A, "B": f.B} for m, f in s.factors.items()},
+                "factors": factors_tree(s.factors),
                 "method_state": s.method_state,
-                "ledger": [{m: [d.ups, d.downs] for m, d in step.items()} for step in self.ledger],
-                "clients": {
-                    c: {"cursor": r.cursor, "memory": r.memory, "optimizer": r.optimizer}
-                    for c, r in self.clients.items()
-                },
+                "ledger": ledger_tree(self.ledger),
+                "clients": {c: record_tree(r) for c, r in self.clients.items()},
                 "extras": self.global_extras,
                 "bytes_total": self.bytes_total,
                 "metrics_lines": metrics_lines,
@@ -141,23 +147,16 @@ class RoundEngine:
 
     def _restore(self) -> int:
         ck = load_checkpoint(self.run_dir / "checkpoint")
-        factors = {m: ModuleFactors(A=f["A"], B=f["B"]) for m, f in ck["factors"].items()}
         self.state = GlobalState(
-            round=ck["round"], factors=factors, spec=self.binding.spec, method_state=ck["method_state"]
+            round=ck["round"],
+            factors=factors_from_tree(ck["factors"]),
+            spec=self.binding.spec,
+            method_state=ck["method_state"],
         )
-        self.ledger = []
-        for step in ck["ledger"]:
-            deltas = {}
-            for m, (ups, downs) in step.items():
-                d = FactoredDelta(int(ups[0].shape[0]), int(downs[0].shape[1]), list(ups), list(downs)) if ups else None
-                if d is not None:
-                    deltas[m] = d
-            self.ledger.append(deltas)
+        self.ledger = ledger_from_tree(ck["ledger"])
+        for deltas in self.ledger:
             self.binding.apply_delta(deltas)  # replay, in order: same float ops as the original run
-        self.clients = {
-            c: ClientRecord(cursor=r["cursor"], memory=r["memory"], optimizer=r["optimizer"])
-            for c, r in ck["clients"].items()
-        }
+        self.clients = {c: record_from_tree(r) for c, r in ck["clients"].items()}
         self.global_extras = ck["extras"]
         self.bytes_total = ck["bytes_total"]
         self.elapsed = ck["elapsed"]
