@@ -178,11 +178,13 @@ def test_a_client_shift_on_the_side_path_is_undone_exactly(tiny_dir):
     b.apply_delta(steps[0])
     name = next(iter(b.layers))
     before = effective_delta(b, name, w0[name])
+    report = dict(b.side_dropped)
     shift = {name: steps[1][name]}
     with b.shifted(shift):
         inside = effective_delta(b, name, w0[name])
         torch.testing.assert_close(inside - before, steps[1][name].dense(), atol=1e-9, rtol=1e-5)
     assert torch.equal(effective_delta(b, name, w0[name]), before)
+    assert b.side_dropped == report  # the last round's report, not the shift's
     other = list(b.layers)[1]
     fresh = bind(tiny_dir, "bfloat16", "side")
     with fresh.shifted({other: steps[0][other]}):

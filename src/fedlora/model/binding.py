@@ -243,6 +243,7 @@ class LoRABinding:
         for n, base in bases.items():
             side = side_path.side_of(base)
             saved[n] = (side.delta, side.dropped) if side is not None else None
+        dropped = self.side_dropped  # a temporary shift is not a round's apply: its report stays
         try:
             self.apply_delta({n: deltas[n] for n in bases})
             yield
@@ -253,6 +254,7 @@ class LoRABinding:
                     side_path.detach(base)
                 elif side is not None:
                     side.delta, side.dropped = saved[n]
+            self.side_dropped = dropped
 
     def full_weight_gradients(
         self, batches: Iterable[dict[str, torch.Tensor]], loss_fn: Callable[[nn.Module, dict], torch.Tensor]
