@@ -18,11 +18,12 @@ from fedlora.engine.train import example_stream, steps_for, train_local
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientContext, ClientUpload, GlobalState, Method
 from fedlora.model.binding import LoRABinding
+from fedlora.model.packing import flatten_padded, is_right_padded, model_inputs
 
 
 def causal_or_cls_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The task's loss: transformers computes it from ``labels`` (prompt tokens masked)."""
-    return model(**batch).loss
+    return model(**model_inputs(batch)).loss
 
 
 @dataclass
@@ -46,10 +47,13 @@ class LocalData:
     device: torch.device
     seed: int
     batch_size: int
+    packed: bool = False  # padding-free rows (fedlora.model.packing) for right-padded causal-LM batches
 
     def _batch(self, stream: Iterator[int]) -> dict[str, torch.Tensor]:
         idx = [next(stream) for _ in range(self.batch_size)]
         batch = self.task.collate([self.examples[i] for i in idx], self.tokenizer)
+        if self.packed and is_right_padded(batch):
+            batch = flatten_padded(batch)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def batches(self, cursor: int) -> Iterator[dict[str, torch.Tensor]]:

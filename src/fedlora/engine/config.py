@@ -45,6 +45,11 @@ class ModelConfig:
         "how merging methods' backbone deltas reach the base: merge (W += delta, exact for float32 weights only), "
         "side (float32 low-rank path beside each layer, exact on any base), auto (merge iff the weights are float32)",
     )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f(
+        "auto",
+        "attention kernel (transformers' attn_implementation): auto = transformers' choice (sdpa where the model "
+        "supports it); flash_attention_2 needs the flash-attn package and a CUDA GPU",
+    )
     side_max_rank: int = _f(0, "side path: at most this many components per layer (0: no cap, exact)", min=0)
     side_rtol: float = _f(
         0.0, "side path: drop components below side_rtol * largest (0: only rounding-level ones)", min=0.0, max=1.0
@@ -139,6 +144,11 @@ class TrainConfig:
     grad_batches: int = _f(4, "batches for full-weight gradient estimates (fedsmooth_lora)", min=1)
     gradient_checkpointing: bool = _f(
         False, "recompute activations in the backward pass (transformers' non-reentrant checkpointing): less memory"
+    )
+    packing: Literal["auto", "pad", "flatten"] = _f(
+        "auto",
+        "padding-free batches (causal LMs): flatten packs each batch's sequences into one row with per-sequence "
+        "position ids; pad keeps right-padded rows; auto packs where the model keeps packed sequences apart",
     )
 
 
@@ -236,6 +246,7 @@ def _check(cfg: Config) -> None:
             f"model.backbone_delta=merge cannot add deltas to {cfg.model.quantization} weights: use side or auto"
         )
     _check_device(cfg.model.device)
+    _check_attention(cfg.model.attention)
     _check_model_name(cfg.model.name)
     if cfg.rounds.clients_per_round <= 0:
         raise ConfigError(
@@ -258,6 +269,11 @@ def _check(cfg: Config) -> None:
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"engine.gpus_per_worker={cfg.engine.gpus_per_worker} but this machine has no GPU")
+    if cfg.train.packing == "flatten" and cfg.model.kind != "causal_lm":
+        raise ConfigError(
+            f"train.packing=flatten packs causal-LM sequences; model.kind={cfg.model.kind!r} batches stay padded: "
+            "use auto or pad"
+        )
     if cfg.lora.init == "pissa" and (cfg.model.quantization != "none" or cfg.model.dtype != "float32"):
         raise ConfigError(
             "lora.init=pissa moves each weight's top-r part out of the base weights, which only float32 weights "
@@ -287,6 +303,19 @@ def _check_device(name: str) -> None:
         raise ConfigError(f"model.device={name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"model.device={name!r}: fedlora runs on cpu or cuda")
+
+
+def _check_attention(attention: str) -> None:
+    if attention != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attention=flash_attention_2 needs the flash-attn package (pip install flash-attn)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("model.attention=flash_attention_2 runs on a CUDA GPU only and this machine has none")
 
 
 def _check_model_name(name: str) -> None:

@@ -60,6 +60,7 @@ def load_model_for_eval(cfg: Config, adapter_dir: str | Path | None = None) -> t
         num_labels=cfg.model.num_labels,
         device=str(device),
         quantization=cfg.model.quantization,
+        attention=cfg.model.attention,
     )
     loaded: dict[str, Any] = {"model": cfg.model.name, "kind": cfg.model.kind, "adapter": None, "backbone_delta": False}
     if cfg.model.quantization != "none":

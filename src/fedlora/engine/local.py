@@ -18,7 +18,7 @@ from fedlora.engine import faults
 from fedlora.engine.client import ClientRecord, client_round
 from fedlora.engine.config import Config
 from fedlora.engine.rounds import RoundEngine
-from fedlora.engine.setup import client_rank, local_data
+from fedlora.engine.setup import client_rank, local_data, packed_batches
 from fedlora.engine.trainer import ClientTrainer, TrainedClients
 from fedlora.methods import ClientUpload
 from fedlora.progress import Progress
@@ -68,7 +68,14 @@ class LocalTrainer(ClientTrainer):
             engine.state,
             engine.clients.setdefault(cid, ClientRecord()),
             local_data(
-                engine.cfg, cid, engine.train_examples, engine.parts, engine.task, engine.tokenizer, engine.device
+                engine.cfg,
+                cid,
+                engine.train_examples,
+                engine.parts,
+                engine.task,
+                engine.tokenizer,
+                engine.device,
+                packed=packed_batches(engine.cfg, engine.binding),
             ),
             engine.cfg.train,
             rank=client_rank(engine.cfg, cid),

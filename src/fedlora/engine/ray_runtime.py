@@ -100,7 +100,7 @@ class ClientWorker:
     def train(self, state_blob: bytes, ledger_blob: bytes, first: int, cid: str, record_blob: bytes) -> bytes:
         """Apply ledger entries ``first..`` not yet applied, train client ``cid`` from the state."""
         from fedlora.engine.client import client_round
-        from fedlora.engine.setup import local_data
+        from fedlora.engine.setup import local_data, packed_batches
 
         if first != self.applied:
             raise RuntimeError(f"worker holds {self.applied} ledger entries, was sent entries from {first}")
@@ -115,7 +115,16 @@ class ClientWorker:
             self.method,
             state_from_tree(tree["state"]),
             record,
-            local_data(self.cfg, cid, self.data.train, self.data.parts, self.data.task, self.tokenizer, self.device),
+            local_data(
+                self.cfg,
+                cid,
+                self.data.train,
+                self.data.parts,
+                self.data.task,
+                self.tokenizer,
+                self.device,
+                packed=packed_batches(self.cfg, self.binding),
+            ),
             self.cfg.train,
             rank=client_rank(self.cfg, cid),
             num_rounds=self.cfg.rounds.num_rounds,

@@ -115,6 +115,7 @@ def build_binding(cfg: Config, device: torch.device) -> tuple[Any, LoRABinding]:
         num_labels=cfg.model.num_labels,
         device=str(device),
         quantization=cfg.model.quantization,
+        attention=cfg.model.attention,
     )
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,10 +140,35 @@ def client_rank(cfg: Config, cid: str) -> int:
     return int(cfg.lora.client_ranks.get(cid, cfg.lora.rank))
 
 
+def packed_batches(cfg: Config, binding: LoRABinding) -> bool:
+    """Whether clients train on padding-free rows (``train.packing``; :mod:`fedlora.model.packing`):
+    ``pad`` never, ``auto`` where the model keeps packed sequences apart, ``flatten`` always,
+    refused by key where the model cannot."""
+    if cfg.train.packing == "pad" or cfg.model.kind != "causal_lm":
+        return False
+    if binding.accepts_packed_sequences:
+        return True
+    if cfg.train.packing == "flatten":
+        raise ValueError(
+            f"train.packing='flatten' but the model {cfg.model.name!r} does not keep sequences packed into one row "
+            "apart (its logits differ from the unpacked ones); use train.packing=auto or pad"
+        )
+    return False
+
+
 def local_data(
-    cfg: Config, cid: str, examples: Any, parts: list[list[int]], task: Any, tokenizer: Any, device: torch.device
+    cfg: Config,
+    cid: str,
+    examples: Any,
+    parts: list[list[int]],
+    task: Any,
+    tokenizer: Any,
+    device: torch.device,
+    *,
+    packed: bool = False,
 ) -> LocalData:
-    """Client ``cid``'s training data (its partition of ``examples``) and batching."""
+    """Client ``cid``'s training data (its partition of ``examples``) and batching (``packed``: see
+    :func:`packed_batches`)."""
     return LocalData(
         client_id=cid,
         examples=examples,
@@ -152,6 +178,7 @@ def local_data(
         device=device,
         seed=cfg.seed,
         batch_size=cfg.train.batch_size,
+        packed=packed,
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedlora.engine.config import TrainConfig
+from fedlora.model.packing import sequences_in
 
 
 @dataclass
@@ -57,10 +58,30 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int, round_: int, num_rounds
     return peak * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def fused_adamw(device: torch.device) -> bool:
+    """AdamW's fused kernel (one launch for all parameters) on CUDA; elsewhere torch's default,
+    which keeps CPU runs bit-identical to earlier ones."""
+    return device.type == "cuda"
+
+
+def make_optimizer(
+    cfg: TrainConfig, params: list[nn.Parameter], state: dict[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """The local optimizer over ``params``, with a carried ``state`` loaded (its kernel choice is
+    this device's, whatever device the state was saved on)."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        fused = fused_adamw(params[0].device) or None
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    if state is not None:
+        optimizer.load_state_dict(state)
+        if cfg.optimizer == "adamw":
+            for group in optimizer.param_groups:
+                group["fused"] = fused
+    return optimizer
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -94,9 +115,7 @@ def train_local(
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Run ``steps`` optimizer steps; return the result and the optimizer's state dict."""
     device = params[0].device
-    optimizer = make_optimizer(cfg, params)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    optimizer = make_optimizer(cfg, params, optimizer_state)
     amp = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     model.train()
@@ -110,7 +129,7 @@ def train_local(
         total = 0.0
         for _ in range(cfg.grad_accum):
             batch = next(batches)
-            examples += int(batch["input_ids"].shape[0])
+            examples += sequences_in(batch)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = loss_fn(model, batch) / cfg.grad_accum
             if not torch.isfinite(loss):

@@ -52,7 +52,15 @@ from fedlora import trees
 from fedlora.atomic import write_tensors, write_text
 from fedlora.engine.client import ClientRecord, client_round
 from fedlora.engine.config import Config, config_from_dict
-from fedlora.engine.setup import RunData, build_binding, client_rank, device_for, local_data, prepare_data
+from fedlora.engine.setup import (
+    RunData,
+    build_binding,
+    client_rank,
+    device_for,
+    local_data,
+    packed_batches,
+    prepare_data,
+)
 from fedlora.flower.records import (
     diff_from_content,
     factors_record,
@@ -299,7 +307,16 @@ def train(msg: Message, context: Context) -> Message:
         method,
         state,
         record,
-        local_data(cfg, cid, data.train, data.parts, data.task, loaded.tokenizer, loaded.device),
+        local_data(
+            cfg,
+            cid,
+            data.train,
+            data.parts,
+            data.task,
+            loaded.tokenizer,
+            loaded.device,
+            packed=packed_batches(cfg, loaded.binding),
+        ),
         cfg.train,
         rank=client_rank(cfg, cid),
         num_rounds=cfg.rounds.num_rounds,

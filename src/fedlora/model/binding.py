@@ -10,6 +10,7 @@ PEFT key prefix (``base_model.model.<path>``), as in saved adapters.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from fedlora.methods.base import AB, Factors, LoRASpec, ModuleFactors
 from fedlora.model import side as side_path
 from fedlora.model.adapter_io import save_deltas, write_adapter
 from fedlora.model.backbone import apply_backbone_delta, mergeable, resolve_mode
+from fedlora.model.packing import accepts_packed_sequences
 
 ADAPTER = "default"
 INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
@@ -107,6 +109,12 @@ class LoRABinding:
         self.side_dropped: dict[str, float] = {}
         """Per module, the fraction of energy the side path's cap dropped at the last :meth:`apply_delta`."""
         self.init_delta = self._init_shift()
+
+    @functools.cached_property
+    def accepts_packed_sequences(self) -> bool:
+        """Whether the model keeps sequences packed into one row apart (probed once:
+        :func:`fedlora.model.packing.accepts_packed_sequences`)."""
+        return accepts_packed_sequences(self.model)
 
     def _init_shift(self) -> dict[str, FactoredDelta]:
         """What the LoRA init did to the base weights, as a backbone delta: PiSSA moves each

@@ -167,10 +167,12 @@ def load_model(
     num_labels: int = 2,
     device: str = "cpu",
     quantization: str = "none",
+    attention: str = "auto",
 ):
     """The base model (no adapter) in ``dtype`` on ``device``; with ``quantization`` (nf4, fp4,
     int8) its linear layers are bitsandbytes layers computing in ``dtype``
-    (:mod:`fedlora.model.quantization`)."""
+    (:mod:`fedlora.model.quantization`); ``attention`` is transformers' ``attn_implementation``
+    (``auto``: transformers' choice, SDPA where the model supports it)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from fedlora.model.quantization import bnb_config, prepare_quantized
@@ -180,6 +182,8 @@ def load_model(
     quant = bnb_config(quantization, dtype)
     if quant is not None:
         extra = {"quantization_config": quant, "device_map": {"": device}}
+    if attention != "auto":
+        extra["attn_implementation"] = attention
     if kind == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     elif kind == "seq_cls":
