@@ -6,7 +6,15 @@
 #
 #   scripts/flower_local_deployment.sh OUT_DIR [NUM_NODES] [-- extra flwr run --run-config items]
 #
-# Environment: BASE_PORT (default 39500: SuperLink on BASE_PORT, SuperNode i on BASE_PORT+1+i),
+# The SuperLink runs through fedlora.flower.superlink on two addresses: the node-facing one,
+# 127.0.0.1:BASE_PORT, serves the Fleet API only (a stranger's `flwr supernode register`, `flwr ls`
+# or `flwr run` there gets 403); the operator address, 127.0.0.1:OPERATOR_PORT, serves everything
+# (the flwr CLI's `local-deployment` connection: keys are registered and the run started there).
+# On several machines, bind the node-facing address where the nodes reach it and keep the
+# operator address on loopback or an operator-only interface (README, "Who may do what").
+#
+# Environment: BASE_PORT (default 39500: SuperLink's node-facing address on BASE_PORT, SuperNode i
+# on BASE_PORT+1+i), OPERATOR_PORT (default BASE_PORT+NUM_NODES+1: the operator address),
 # TIMEOUT (seconds to wait for the run, default 1800), FLWR_HOME (default OUT_DIR/flwr-home),
 # FLWR (the flwr executables' folder, default: next to `python`),
 # CERTS (a folder with ca.crt, server.pem, server.key: TLS between SuperLink, SuperNodes and flwr;
@@ -15,6 +23,10 @@
 # KILL_NODE=i (fault drill): SIGKILL SuperNode i and its ClientApp process while it trains in
 # round KILL_ROUND (default 1; read from its status.json under the node cache), then start it
 # again with the same node config and cache dir after RESTART_DELAY seconds (default 2).
+# STRANGER=1 (drill, needs AUTH_KEYS): before the run, a stranger with a fresh key tries
+# `flwr supernode register` and `flwr ls` on the node-facing address (both must be refused) and
+# starts a SuperNode with the unregistered key (it must exit without joining); logs/stranger.log.
+# After the run `flwr supernode list` (operator address) goes to logs/nodes.log.
 # Each SuperNode runs in its own process group (setsid), so its ClientApp processes go with it.
 set -euo pipefail
 
@@ -43,6 +55,10 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 LINK=127.0.0.1:$BASE_PORT
+OPERATOR_PORT=${OPERATOR_PORT:-$((BASE_PORT + NODES + 1))}
+OPERATOR=127.0.0.1:$OPERATOR_PORT
+PY=${PYTHON:-$BIN/python}
+[[ -x "$PY" ]] || PY=python
 CERTS=${CERTS:-}
 AUTH_KEYS=${AUTH_KEYS:-}
 if [[ -n "$CERTS" ]]; then
@@ -62,12 +78,18 @@ cat > "$FLWR_HOME/config.toml" <<EOF
 default = "local-deployment"
 
 [superlink.local-deployment]
+address = "$OPERATOR"
+$CLI_SEC
+
+[superlink.node-facing]
 address = "$LINK"
 $CLI_SEC
 EOF
 
 # --disable-runtime-dependency-installation: the app's dependencies are already installed here.
-"$BIN/flower-superlink" "${LINK_SEC[@]}" --host 127.0.0.1 --port "$BASE_PORT" \
+# flower-superlink's arguments; --host/--port is the operator address, --fleet-address the nodes'.
+PATH="$BIN:$PATH" "$PY" -m fedlora.flower.superlink --fleet-address "$LINK" "${LINK_SEC[@]}" \
+  --host 127.0.0.1 --port "$OPERATOR_PORT" \
   --disable-runtime-dependency-installation >"$OUT/logs/superlink.log" 2>&1 &
 PIDS+=($!)
 
@@ -93,6 +115,35 @@ start_node() { # start_node i LOG: SuperNode i in its own process group
   PIDS+=($!)
 }
 for ((i = 0; i < NODES; i++)); do start_node "$i" "$OUT/logs/supernode-$i.log"; done
+
+if [[ -n "${STRANGER:-}" ]]; then # a stranger who reaches the nodes' address, with a key of their own
+  [[ -n "$AUTH_KEYS" ]] || { echo "STRANGER needs AUTH_KEYS" >&2; exit 2; }
+  mkdir -p "$OUT/stranger" && rm -f "$OUT/stranger/key" "$OUT/stranger/key.pub"
+  ssh-keygen -q -t ecdsa -b 384 -N "" -C stranger -f "$OUT/stranger/key"
+  SLOG=$OUT/logs/stranger.log
+  if "$BIN/flwr" supernode register "$OUT/stranger/key.pub" node-facing >>"$SLOG" 2>&1; then
+    echo "STRANGER: flwr supernode register was accepted on the node-facing address" | tee -a "$SLOG" >&2; exit 1
+  fi
+  echo "STRANGER: register refused" >>"$SLOG"
+  if "$BIN/flwr" ls node-facing >>"$SLOG" 2>&1; then
+    echo "STRANGER: flwr ls was accepted on the node-facing address" | tee -a "$SLOG" >&2; exit 1
+  fi
+  echo "STRANGER: ls refused" >>"$SLOG"
+  "$BIN/flower-supernode" "${NODE_SEC[@]}" --auth-supernode-private-key "$OUT/stranger/key" --superlink "$LINK" \
+    --host 127.0.0.1 --port $((OPERATOR_PORT + 1)) --node-config "partition-id=0 num-partitions=$NODES" \
+    >"$OUT/logs/supernode-stranger.log" 2>&1 &
+  spid=$!
+  deadline=$((SECONDS + 90))
+  while kill -0 "$spid" 2>/dev/null; do
+    if ((SECONDS > deadline)); then
+      kill -KILL "$spid" 2>/dev/null || true
+      echo "STRANGER: the unregistered SuperNode still runs after 90s" | tee -a "$SLOG" >&2; exit 1
+    fi
+    sleep 1
+  done
+  wait "$spid" && code=0 || code=$?
+  echo "STRANGER: unregistered SuperNode exited with code $code" >>"$SLOG"
+fi
 
 # The run folder is an absolute path: the ServerApp runs in a process of the SuperLink.
 RUN_CONFIG="output-dir='$OUT' name='run' partition.num-clients=$NODES"
@@ -152,4 +203,5 @@ until [[ -f "$OUT/run/summary.json" ]]; do
 done
 if [[ -n "$KILL_NODE" && -z "$killed" ]]; then echo "KILL_NODE=$KILL_NODE: never saw it train in round $KILL_ROUND" >&2; exit 1; fi
 [[ -n "$RUN_ID" ]] && timeout 20 "$BIN/flwr" log "$RUN_ID" local-deployment --show >"$OUT/logs/serverapp.log" 2>&1 || true
+[[ -n "${STRANGER:-}" ]] && { timeout 20 "$BIN/flwr" supernode list local-deployment >"$OUT/logs/nodes.log" 2>&1 || true; }
 echo "done: $OUT/run/summary.json"

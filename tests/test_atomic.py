@@ -113,3 +113,13 @@ def test_a_writer_killed_at_random_moments_always_leaves_a_whole_file(tmp_path):
     assert max(seen) > 0  # the writer did replace the file
     atomic.write_json(target, {"i": -1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # leftovers cleaned by the next write
+
+
+def test_save_figure_writes_a_png_atomically(tmp_path):
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    out = atomic.save_figure(tmp_path / "curves.png", fig, dpi=20)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert atomic.stale_temporaries(out) == []

@@ -122,6 +122,97 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, clean_run,
         assert torch.equal(fa.factors[m].A, fb.factors[m].A) and torch.equal(fa.factors[m].B, fb.factors[m].B)
 
 
+# A resume rewrites metrics.jsonl to the checkpoint's lines (dropping what a killed round left).
+# This subprocess prelude SIGKILLs the resume in the middle of that rewrite: the first file opened
+# for writing whose name holds "metrics.jsonl" (the atomic temporary ``.metrics.jsonl.tmp-*``, or
+# metrics.jsonl itself were the rewrite done in place) gets half its bytes, fsynced, then the
+# process is killed. Appends ("a") pass untouched. Nothing in fedlora is patched.
+_KILL_IN_METRICS_REWRITE = """
+import builtins, io, os, signal, sys
+
+_open = io.open
+
+
+class _Killer:
+    def __init__(self, fh):
+        self.fh = fh
+
+    def write(self, data):
+        self.fh.write(data[: len(data) // 2])
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
+def _open_killing(file, mode="r", *args, **kwargs):
+    fh = _open(file, mode, *args, **kwargs)
+    if "w" in mode and "metrics.jsonl" in os.path.basename(os.fspath(file)):
+        return _Killer(fh)
+    return fh
+
+
+io.open = builtins.open = _open_killing
+from fedlora.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.drill  # four runs of the model (about 2 minutes on 2 cores)
+def test_sigkill_during_the_resumes_metrics_rewrite_loses_nothing(tmp_path, clean_run):
+    """A run killed in round 3 (its last line torn, as a kill during an append leaves it) is
+    resumed; that resume is SIGKILLed halfway through rewriting metrics.jsonl to the checkpoint's
+    lines. Every complete line from before is still there; a second resume then finishes the run
+    equal to the uninterrupted one, and no temporary file is left. (With the rewrite done in place,
+    ``open(metrics.jsonl, "w")``, the kill leaves half a file: this test fails.)"""
+    env = _env()
+    run = tmp_path / "killed"
+    killed = _run_script(
+        [*COMMON, "--set", f"output_dir={tmp_path}", "--set", "name=killed"],
+        {**env, "FEDLORA_FAULT": "after_client:2:0"},
+    )
+    assert killed.returncode == -9
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as fh:
+        fh.write('{"round": 3, "phase": "tra')  # a torn last line: the rewrite has something to drop
+    before = metrics.read_text()
+    complete = before.splitlines()[:-1]
+    assert [json.loads(line)["round"] for line in complete] == [0, 1, 2]
+
+    args = ["run", "--resume", str(run), "--no-progress"]
+    cut = subprocess.run(
+        [sys.executable, "-c", _KILL_IN_METRICS_REWRITE, *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert cut.returncode == -9, cut.stderr[-2000:]  # killed in the rewrite, not before it
+    after = metrics.read_text()
+    assert after.splitlines()[: len(complete)] == complete, "a line written before the resume was lost"
+    assert after == before  # untouched: the new content would only have appeared whole
+    for line in complete:
+        json.loads(line)
+    assert [p.name.startswith(".metrics.jsonl.tmp-") for p in run.iterdir() if p.name.startswith(".metrics")] == [
+        True
+    ]  # the half-written temporary is there: the kill did fall inside the rewrite
+
+    resumed = _run_script(args, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = records(clean_run), records(run)
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    assert _strip_times(a) == _strip_times(b)
+    fa, fb = read_adapter(clean_run / "final"), read_adapter(run / "final")
+    for m in fa.factors:
+        assert torch.equal(fa.factors[m].A, fb.factors[m].A) and torch.equal(fa.factors[m].B, fb.factors[m].B)
+    assert [p.name for p in run.iterdir() if ".tmp-" in p.name] == []
+
+
 def _live_storages() -> set[tuple[tuple[int, ...], int]]:
     """(shape, storage address) of every live tensor: a copy of the embedding matrix is one entry."""
     gc.collect()

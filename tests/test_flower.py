@@ -780,13 +780,17 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
     SuperLink, insecure or with TLS (a throw-away CA, scripts/flower_dev_certs.sh) and SuperNode
     authentication (registered EC keys). Two rounds of FedSA-LoRA with carried optimizer states:
     the client memory (each node's own B) and the optimizer state live in ``context.state``, which
-    the SuperNode hands to a fresh ClientApp process per message. Same records as ``fedlora run``."""
+    the SuperNode hands to a fresh ClientApp process per message. Same records as ``fedlora run``.
+    With TLS + auth, the documented setup against strangers (STRANGER=1): the SuperLink's
+    node-facing address serves the Fleet API only, so a stranger's ``flwr supernode register`` and
+    ``flwr ls`` there are refused and a SuperNode with an unregistered key exits without joining,
+    while the keys registered on the operator address run the two rounds."""
     from fedlora.configs import preset_path
     from fedlora.engine.config import load_config
     from fedlora.engine.local import run_experiment
 
-    base = _free_port_block(3)
-    ports = [base, base + 1, base + 2]
+    base = _free_port_block(5)  # node-facing, 2 SuperNodes, operator, the stranger's SuperNode
+    ports = [base + i for i in range(5)]
     out = tmp_path / "dep"
     extra = "train.optimizer_state=carry"
     env = {**_env(tmp_path), "BASE_PORT": str(base), "TIMEOUT": "480"}
@@ -801,7 +805,7 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
             timeout=120,
         )
         assert made.returncode == 0, made.stderr
-        env.update(CERTS=str(tmp_path / "sec" / "certs"), AUTH_KEYS=str(tmp_path / "sec" / "keys"))
+        env.update(CERTS=str(tmp_path / "sec" / "certs"), AUTH_KEYS=str(tmp_path / "sec" / "keys"), STRANGER="1")
     args = [f"fedlora-set='{TINY}; {extra}'", "train.max-steps=1", "method.name='fedsa_lora'", "round-timeout=300.0"]
     proc = _start_deployment(out, 2, args, env)
     try:
@@ -836,6 +840,15 @@ def test_superlink_and_two_supernodes_on_loopback_match_the_simulation(tmp_path,
     if security == "tls+auth":
         assert "https://127.0.0.1" in (out / "logs" / "superlink.log").read_text()
         assert (out / "logs" / "register.log").read_text().count("registered successfully") == 2
+        # the documented setup: a stranger on the nodes' address is refused (Control API: 403) and a
+        # SuperNode with an unregistered key does not join; only the two registered nodes are listed
+        stranger = (out / "logs" / "stranger.log").read_text()
+        assert "register refused" in stranger and "ls refused" in stranger and stranger.count("403") >= 2
+        assert "registered successfully" not in stranger
+        assert "exited with code 0" not in stranger and "exited with code" in stranger
+        assert "Failed to activate SuperNode" in (out / "logs" / "supernode-stranger.log").read_text()
+        nodes = (out / "logs" / "nodes.log").read_text()
+        assert len(re.findall(r"│ \d+ +│", nodes)) == 2, nodes
 
 
 @needs_model
@@ -850,8 +863,8 @@ def test_supernode_killed_mid_round_rejoins_in_a_later_round(tmp_path):
     in a later round; the run finishes and its records show the failure."""
     from fedlora.flower.client_app import RecordStore
 
-    base = _free_port_block(4)
-    ports = [base + i for i in range(4)]
+    base = _free_port_block(5)  # node-facing, 3 SuperNodes, operator
+    ports = [base + i for i in range(5)]
     out = tmp_path / "dep"
     env = {**_env(tmp_path), "BASE_PORT": str(base), "TIMEOUT": "400", "KILL_NODE": "2", "KILL_ROUND": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
@@ -972,3 +985,58 @@ def test_a_4bit_base_with_side_path_deltas_trains_the_same_on_nodes_as_in_one_pr
     assert [r["round"] for r in nodes] == [1, 2, 3] and not any(r["rejected"] for r in nodes)
     for a, b in zip(nodes, local, strict=True):
         assert _comparable(a) == _comparable(b)
+
+
+def test_the_node_facing_address_serves_the_fleet_api_only():
+    """fedlora.flower.superlink.FleetOnly: on the node-facing port, /v1/fleet/* and /health reach
+    the SuperLink, the Control and Runtime APIs get 403; on the operator port everything passes."""
+    import asyncio
+
+    from fedlora.flower.superlink import FleetOnly, split_address
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gate = FleetOnly(app, {9092})
+
+    def status(port: int, path: str) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "path": path, "server": ("10.0.0.1", port), "client": ("10.0.0.9", 5000)}
+        asyncio.run(gate(scope, receive, send))
+        return sent[0]["status"]
+
+    for path in ("/v1/fleet/register-node", "/v1/fleet/pull-messages", "/health"):
+        assert status(9092, path) == 200 and status(9093, path) == 200
+    for path in ("/v1/control/register-node", "/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/x", "/"):
+        assert status(9092, path) == 403
+        assert status(9093, path) == 200
+    assert "/v1/control/register-node" in seen and seen.count("/v1/control/register-node") == 1
+    assert split_address("0.0.0.0:9092") == ("0.0.0.0", 9092) and split_address("[::]:9092") == ("::", 9092)
+    with pytest.raises(ValueError):
+        split_address("9092")
+
+
+def test_a_nodes_allow_models_refuses_other_base_models(tmp_path):
+    """node_config allow-models: unset, any model.name is loaded; set, another name is refused by name."""
+    from types import SimpleNamespace
+
+    from fedlora.configs import preset_path
+    from fedlora.engine.config import load_config
+    from fedlora.flower.client_app import check_allowed_model
+
+    cfg = load_config(preset_path("ci"), {"output_dir": str(tmp_path)})
+    check_allowed_model(cfg, SimpleNamespace(node_config={}))
+    check_allowed_model(cfg, SimpleNamespace(node_config={"allow-models": f"other/model, {cfg.model.name}"}))
+    with pytest.raises(PermissionError, match="not in this node's allow-models"):
+        check_allowed_model(cfg, SimpleNamespace(node_config={"allow-models": "org/approved-model"}))

@@ -1,6 +1,6 @@
 """Atomic writes: a file or a folder appears whole or not at all; a kill at any moment loses nothing.
 
-Every record fedlora writes (configs, metrics, summaries, checkpoints, adapters, backbone deltas,
+Every record fedlora writes (configs, metrics, summaries, checkpoints, adapters, backbone deltas, plots,
 the Flower nodes' mirrors) goes through this module, one recipe for all:
 
     write under a temporary name beside the target (``.<name>.tmp-*``, same file system)
@@ -136,6 +136,15 @@ def write_tensors(target: str | Path, tensors: Mapping[str, Any], metadata: Mapp
     return Path(target)
 
 
+def save_figure(target: str | Path, fig: Any, **kwargs: Any) -> Path:
+    """A matplotlib figure saved as ``target`` (a PNG unless ``format`` says otherwise), atomically:
+    the temporary name has no image suffix, so the format is passed explicitly."""
+    kwargs.setdefault("format", Path(target).suffix.lstrip(".") or "png")
+    with atomic_path(target) as tmp:
+        fig.savefig(str(tmp), **kwargs)
+    return Path(target)
+
+
 def append_line(path: str | Path, line: str) -> None:
     """Append one line to an append-only log (JSONL) and fsync it: a kill loses at most the line
     being written, never an earlier one. A partial last line is the reader's to drop."""
@@ -216,6 +225,7 @@ __all__ = [
     "recover_folder",
     "remove_stale",
     "replace_folder",
+    "save_figure",
     "stale_temporaries",
     "write_bytes",
     "write_json",

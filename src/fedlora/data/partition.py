@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from fedlora import atomic
+
 Parts = list[list[int]]
 
 
@@ -250,7 +252,7 @@ def plot_partition(report: dict[str, Any], path: str | os.PathLike[str], title: 
     if len(names) <= 20:
         ax.legend(fontsize=7, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png")
+    atomic.save_figure(os.fspath(path), fig, format="png")
 
 
 def _colors(k: int) -> list[Any]:

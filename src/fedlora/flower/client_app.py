@@ -277,9 +277,24 @@ def _seeded_fn(method: Method, loaded: LoadedModel):
     return regenerate
 
 
+def check_allowed_model(cfg: Config, context: Context) -> None:
+    """The node's own allow-list of base models: ``node_config["allow-models"]`` (names separated
+    by spaces or commas, as ``model.name`` spells them). Unset, the node loads whatever model the
+    server's run config names; set, any other ``model.name`` is refused before it is loaded."""
+    allowed = context.node_config.get("allow-models")
+    if allowed is None:
+        return
+    names = [n for n in re.split(r"[,\s]+", str(allowed)) if n]
+    if cfg.model.name not in names:
+        raise PermissionError(
+            f"model.name={cfg.model.name!r} is not in this node's allow-models ({', '.join(names) or 'none'}): refused"
+        )
+
+
 def train(msg: Message, context: Context) -> Message:
     header = msg.content.config_records["config"]
     cfg = config_from_dict(yaml.safe_load(str(header["fedlora-config"])))
+    check_allowed_model(cfg, context)
     cid = partition_id(context)
     if str(header["client-id"]) != cid:
         raise ValueError(f"message for client {header['client-id']} reached the node of partition-id {cid}")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora import atomic
+
 log = logging.getLogger("fedlora")
 
 MB = 1e6
@@ -493,7 +495,7 @@ def write_plots(records: list[dict], run_dir: Path, title: str) -> list[Path]:
         if not d.get_title():
             d.set_title("(d) wall time per round")
         fig.suptitle(f"{title}\n{_headline(records)}", fontsize=12)
-        fig.savefig(out, dpi=110)
+        atomic.save_figure(out, fig, dpi=110)
     return [out]
 
 
@@ -786,7 +788,7 @@ def _compare_plot(rows: list[_Row], out: Path) -> None:
         for ax in (a, b, c):
             ax.legend(loc="best")
         fig.suptitle(f"{len(rows)} run{'s' if len(rows) != 1 else ''} compared", fontsize=13, fontweight="bold")
-        fig.savefig(out, dpi=110)
+        atomic.save_figure(out, fig, dpi=110)
 
 
 __all__ = [

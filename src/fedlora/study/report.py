@@ -603,7 +603,7 @@ def plot_slice(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
             fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
         fig.suptitle(f"{report.spec.name}: {slice_label(s) or 'all cells'} (mean ± std over seeds)", fontsize=11)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=PNG_DPI)
+        atomic.save_figure(out, fig, dpi=PNG_DPI)
     return out
 
 
