@@ -481,3 +481,16 @@ def test_all_humaneval_reference_solutions_pass():
     metrics = task.score(problems, [[p["canonical_solution"]] for p in problems])
     failing = [(r["task_id"], r["details"]) for r in task.last_predictions if not r["passed"]]
     assert metrics["n_passed"] == 164 and not failing, failing
+
+
+def test_forwarded_scoring_without_privileges_or_namespaces():
+    """What a non-root caller gets: no uid drop, no namespaces; the verdict is still the runner's."""
+    from fedlora.tasks.code.sandbox import run_candidate
+
+    p = _humaneval(1)[0]
+    args = (p["prompt"], p["canonical_solution"], p["test"], p["entry_point"])
+    assert run_candidate(*args, timeout=TIMEOUT, **FALLBACK).passed
+    for forgery in EXIT_FORGERIES.values():
+        res = run_candidate(p["prompt"], forgery, p["test"], p["entry_point"], timeout=TIMEOUT, **FALLBACK)
+        assert res.status == "error" and not res.passed, res
+        no_strays(res)
