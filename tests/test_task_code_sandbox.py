@@ -494,3 +494,24 @@ def test_forwarded_scoring_without_privileges_or_namespaces():
         res = run_candidate(p["prompt"], forgery, p["test"], p["entry_point"], timeout=TIMEOUT, **FALLBACK)
         assert res.status == "error" and not res.passed, res
         no_strays(res)
+
+
+def test_plain_value_encoding_is_exact_and_strict():
+    import math
+
+    from fedlora.tasks.code.forward import NotPlain, WireError, decode, dumps, encode, loads
+
+    values = [None, True, 0, -(2**80), 2**63, 1.5, -0.0, math.inf, 3 - 4j, "é\n", b"\xff", [1, (2, {3})], {"a": {}}]
+    for v in values:
+        back = decode(loads(dumps(("x", encode(v))))[1])
+        assert back == v and type(back) is type(v) and repr(back) == repr(v)
+    assert math.isnan(decode(encode(float("nan"))))
+    for bad in (object(), type("I", (int,), {})(1), iter([]), [lambda: 0], {1: object()}):
+        with pytest.raises(NotPlain):
+            encode(bad)
+    for wire in (("float", 1.0), ("set", [("list", [])]), ("dict", [(1,)]), ("eval", "1"), [1], ("int", "zz"), 1.5):
+        with pytest.raises(WireError):
+            decode(wire)
+    for line in (b"__import__('os')\n", b"(1,\n", b"(1, 2)", b"\xff\n"):
+        with pytest.raises(WireError):
+            loads(line)

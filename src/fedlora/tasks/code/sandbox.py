@@ -839,18 +839,23 @@ def _run_forwarded(
     """``check(candidate)`` in the trusted runner, the entry point in the sandboxed process."""
     req_r, req_w = os.pipe()
     rep_r, rep_w = os.pipe()
-    parent_ends = [req_w, rep_r]
+    child_ends, parent_ends = [req_r, rep_w], [req_w, rep_r]
     try:
         with _sandboxed_process(prompt + completion, limits, iso, entry_point, (req_r, rep_w)) as started:
-            os.close(req_r)
-            os.close(rep_w)
+            _close_all(child_ends)  # the sandboxed process holds them now
             if started.proc is None:
                 return started.error or SandboxResult(False, "error", "sandbox: not started")
             return _drive_runner(started, test, prompt, entry_point, limits, parent_ends)
     finally:
-        for fd in parent_ends:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_all(child_ends + parent_ends)
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close (once) the descriptors in ``fds`` and empty it."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 def _drive_runner(
@@ -873,9 +878,7 @@ def _drive_runner(
             start_new_session=True,
             preexec_fn=_preexec(limits.memory_mb, math.ceil(limits.timeout) + 1, 16, None),
         )
-    for fd in parent_ends:  # the runner holds them now: EOF reaches each side when the other ends
-        os.close(fd)
-    parent_ends.clear()
+    _close_all(parent_ends)  # the runner holds them now: EOF reaches each side when the other ends
     remaining = max(0.1, limits.timeout - (time.perf_counter() - started.t0))
     try:
         out, _ = runner.communicate(job, timeout=remaining)
