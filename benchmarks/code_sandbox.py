@@ -2,9 +2,11 @@
 a set of hostile wrong answers (issue #17), through ``CodeTask.score`` (the same call in the old
 single-program sandbox and in the trusted-runner design, so both can be measured).
 
-    PYTHONPATH=src python benchmarks/code_sandbox.py [--workers 2] [--out results.json]
+    PYTHONPATH=src python benchmarks/code_sandbox.py [--workers 2] [--out results.json] [--texts gen.json]
 
-Prints pass@1, the statuses, and the wall time per problem.
+Prints pass@1, the statuses, and the wall time per problem. ``--texts``: also score generated
+texts (a JSON file ``{"task_ids": [...], "texts": [[sample, ...], ...]}``, e.g. a model's greedy
+outputs from ``CodeTask.generate``).
 """
 
 from __future__ import annotations
@@ -40,10 +42,28 @@ HOSTILE = {
 }
 
 
+def score_texts(task: CodeTask, problems: list[dict], path: str) -> dict:
+    """pass@1, statuses and wall time of generated texts for the problems they name."""
+    with open(path, encoding="utf-8") as fh:
+        gen = json.load(fh)
+    by_id = {p["task_id"]: p for p in problems}
+    chosen = [by_id[t] for t in gen["task_ids"]]
+    t0 = time.perf_counter()
+    metrics = task.score(chosen, gen["texts"])
+    wall = time.perf_counter() - t0
+    keep = ("pass@1", "n", "n_passed", "n_failed", "n_error", "n_timeout", "n_killed")
+    return {
+        **{k: metrics[k] for k in keep},
+        "statuses": {r["task_id"]: r["statuses"] for r in task.last_predictions},
+        "wall_s": round(wall, 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="")
+    ap.add_argument("--texts", default="", help="generated texts to score as well (JSON)")
     args = ap.parse_args()
     problems = load_eval_problems("humaneval")
     task = CodeTask(CodeSettings(n_eval=0, workers=args.workers))
@@ -65,6 +85,8 @@ def main() -> None:
         "hostile": hostile,
         "hostile_passing": sorted(n for n, h in hostile.items() if h["status"] == "passed"),
     }
+    if args.texts:
+        report["generated"] = score_texts(task, problems, args.texts)
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
