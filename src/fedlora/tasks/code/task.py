@@ -61,10 +61,21 @@ Evaluation (:meth:`CodeTask.evaluate`):
   ``if __name__``, ``print(``, ``assert `` or ``@``; when it rewrites the function (its first code
   line is top-level), top-level imports/helpers are kept up to and including
   ``def <entry_point>(`` and it is cut at the next such line after that.
-* execution: ``prompt + completion + "\\n" + test + "\\ncheck(<entry_point>)"`` runs in
-  :func:`fedlora.tasks.code.sandbox.run_sandboxed` (``timeout`` s wall clock, ``memory_mb`` MB address
-  space, fresh temporary directory, resource limits, no fork/network; see that module), with
-  ``workers`` (at most 2) programs at a time. A sample passes when the program exits cleanly.
+* execution (:func:`fedlora.tasks.code.sandbox.run_candidate`): ``prompt + completion`` runs in
+  a sandboxed process (fresh uid where root, rlimits, ``memory_mb`` MB address space, new network,
+  mount and IPC namespaces with private tmpfs on ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
+  ``/run/lock`` where root, the evaluation file hidden; see that module); the problem's ``test``
+  and ``check(<entry_point>)`` run in a separate trusted runner process that never executes
+  generated code: there ``candidate`` (and the entry point's name, which MBPP tests call) is a
+  proxy that forwards each call's arguments as plain values over a pipe and gets the result back
+  as plain values (:mod:`fedlora.tasks.code.forward`; parsed with ``ast.literal_eval``; by value,
+  so mutations of arguments are not seen). The dataset's helpers that ``check`` uses (e.g.
+  HumanEval's ``poly``) come from the prompt, executed in the runner. ``timeout`` s wall clock per
+  sample, ``workers`` (at most 2) samples at a time. A sample passes only when ``check`` returned
+  normally in the runner; a candidate that raises (an ``AssertionError`` included), returns a
+  value that is not plain (e.g. an object whose ``__eq__`` is always true), exits, exec's or
+  writes garbage to the pipe is ``"error"`` (or ``"killed"`` / ``"timeout"``), whatever its exit
+  status.
 * metric: ``pass@k`` for each ``k`` in ``k``, the mean over problems of the unbiased estimator
   ``1 - C(n-c, k) / C(n, k)`` (n samples, c passing; :func:`pass_at_k`); plus ``n`` (problems)
   and ``n_<status>`` counts of all samples (passed, failed, timeout, killed, error).
@@ -90,7 +101,7 @@ import torch
 from fedlora import progress
 from fedlora.data.sources import SourceError, read_rows, subsample
 from fedlora.tasks.base import Example, TaskData, register
-from fedlora.tasks.code.sandbox import STATUSES, SandboxResult, run_sandboxed, sandbox_capabilities
+from fedlora.tasks.code.sandbox import STATUSES, SandboxResult, run_candidate, sandbox_capabilities
 from fedlora.tasks.code.templates import CATEGORIES, generate_code
 from fedlora.tasks.common import (
     IGNORE_INDEX,
@@ -215,7 +226,9 @@ def extract_completion(text: str, entry_point: str | None = None) -> str:
 
 
 def build_program(problem: Mapping[str, Any], completion: str) -> str:
-    """``prompt + completion + "\\n" + test + "\\ncheck(entry_point)"``."""
+    """``prompt + completion + "\\n" + test + "\\ncheck(entry_point)"``: the single program of
+    HumanEval's own harness, for reading; scoring does not run it (code in the same process as
+    ``check`` could forge its verdict), see :meth:`CodeTask.run_samples`."""
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
@@ -600,18 +613,37 @@ class CodeTask:
                 model.train()
         return texts
 
-    def run_programs(self, programs: Sequence[str]) -> list[SandboxResult]:
-        """Sandbox results of ``programs`` (``workers`` at a time), in order."""
+    def eval_files(self) -> list[Path]:
+        """The evaluation file(s), hidden from the sandboxed process where a mount namespace applies."""
         s = self.settings
+        if s.eval_set.lower() == "humaneval":
+            return [humaneval_path()]
+        return [Path(s.eval_set).expanduser()]
 
-        def one(program: str) -> SandboxResult:
-            return run_sandboxed(program, timeout=s.timeout, memory_mb=s.memory_mb)
+    def run_samples(self, samples: Sequence[tuple[Mapping[str, Any], str]]) -> list[SandboxResult]:
+        """Sandbox results of ``(problem, completion)`` pairs (``workers`` at a time), in order:
+        the completion runs sandboxed, the problem's test in a trusted runner
+        (:func:`fedlora.tasks.code.sandbox.run_candidate`)."""
+        s = self.settings
+        hide = [str(p) for p in self.eval_files() if p.exists()]
+
+        def one(sample: tuple[Mapping[str, Any], str]) -> SandboxResult:
+            p, completion = sample
+            return run_candidate(
+                str(p["prompt"]),
+                completion,
+                str(p["test"]),
+                str(p["entry_point"]),
+                timeout=s.timeout,
+                memory_mb=s.memory_mb,
+                hide=hide,
+            )
 
         sandbox_capabilities()  # probe once, before the workers start
-        if s.workers == 1 or len(programs) <= 1:
-            return [one(p) for p in programs]
+        if s.workers == 1 or len(samples) <= 1:
+            return [one(x) for x in samples]
         with ThreadPoolExecutor(max_workers=min(s.workers, MAX_WORKERS)) as pool:
-            return list(pool.map(one, programs))
+            return list(pool.map(one, samples))
 
     def evaluate(self, model: Any, tokenizer: Any, examples: list[Example]) -> dict[str, float]:
         """``{"pass@k"..., "n", "n_passed", "n_failed", "n_timeout", "n_killed", "n_error"}``.
@@ -629,8 +661,7 @@ class CodeTask:
         """Extract, run and score generated ``texts`` (one list of samples per problem)."""
         s = self.settings
         completions = [[extract_completion(t, str(p["entry_point"])) for t in ts] for p, ts in zip(problems, texts)]
-        programs = [build_program(p, c) for p, cs in zip(problems, completions) for c in cs]
-        results = iter(self.run_programs(programs))
+        results = iter(self.run_samples([(p, c) for p, cs in zip(problems, completions) for c in cs]))
         records = []
         statuses: Counter[str] = Counter()
         for p, ts, cs in zip(problems, texts, completions):
@@ -703,15 +734,21 @@ class CodeTask:
                 "def <entry_point>( and cut at the next such line"
             ),
             "execution": {
-                "program": 'prompt + completion + "\\n" + test + "\\ncheck(entry_point)"',
-                "sandbox": "fedlora.tasks.code.sandbox.run_sandboxed: separate process, python -I, fresh temp dir, "
-                "process-group kill on timeout, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, no core), "
-                "guards against fork/exec/kill/network/writes outside the temp dir",
+                "program": "prompt + completion in a sandboxed process; the problem's test and check(entry_point) "
+                "in a trusted runner process that never executes generated code, calling the entry point "
+                "through a proxy (arguments and results as plain values over a pipe, parsed with "
+                "ast.literal_eval; by value); the runner executes the dataset prompt for its helpers",
+                "sandbox": "fedlora.tasks.code.sandbox.run_candidate: python -I, fresh temp dir, rlimits (AS, CPU, "
+                "FSIZE, NOFILE, NPROC, no core), process-group kill on timeout; where root: a fresh uid, new "
+                "network, mount and IPC namespaces, private tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock, the "
+                "evaluation file hidden; in-process guards against fork/exec/kill/network/writes as a first line",
                 "timeout_s": s.timeout,
                 "memory_mb": s.memory_mb,
                 "workers": s.workers,
                 "capabilities": caps.as_dict(),
-                "pass": "the program exits cleanly (status 'passed'); failed/timeout/killed/error do not pass",
+                "pass": "check() returned normally in the trusted runner (status 'passed'); the sandboxed process's "
+                "exit code never counts; a candidate that raises (AssertionError included), returns a non-plain "
+                "value, exits or breaks the pipe protocol is 'error'; failed/timeout/killed/error do not pass",
             },
             "metric": "pass@k = mean over problems of 1 - C(n-c,k)/C(n,k) (n samples, c passing), k in "
             f"{s.k}; n_<status> = samples per sandbox status",
