@@ -9,6 +9,8 @@
 #   4. the memory model against measured device memory (memory.py), including the target
 #      7B nf4, r=16 on all linear layers, seq 512, batch 4, checkpointing: <= 10 GB;
 #   5. the side path's cost on the default run (FLoRA, bf16: side against merge);
+#   6. padding-free batches against padded rows (packing.py: useful tokens/s, SDPA and, where
+#      flash-attn is installed, flash-attention 2);
 # and writes their JSON and a short summary.md into OUT_DIR. --smoke runs the same steps on the
 # CPU at toy shapes in about a minute (the test suite runs it, so the script cannot rot).
 set -euo pipefail
@@ -79,6 +81,20 @@ if [ "$MODE" != "--smoke" ]; then
       > "$OUT/default-flora-$mode.txt" 2>&1 || log "default run ($mode) FAILED"
   done
 fi
+
+if [ "$MODE" = "--smoke" ]; then
+  PACKING=(--presets default --steps 1 --warmup 0)
+  ATTENTIONS=(auto)
+else
+  PACKING=(--presets default instruction shakespeare --steps 20 --warmup 3 --set model.dtype=bfloat16)
+  ATTENTIONS=(sdpa)
+  "$PY" -c "import flash_attn" 2>/dev/null && ATTENTIONS+=(flash_attention_2)
+fi
+for attn in "${ATTENTIONS[@]}"; do
+  log "packing ($attn)"
+  "$PY" benchmarks/packing.py --device "$DEV" "${PACKING[@]}" --set model.attention="$attn" \
+    --json "$OUT/packing-$attn.json" > "$OUT/packing-$attn.txt" 2>&1 || log "packing ($attn) FAILED"
+done
 
 "$PY" benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md"
 log "done: $OUT/summary.md"

@@ -1,5 +1,6 @@
 """The markdown summary of one ``benchmarks/gpu.sh OUT_DIR`` run (printed; gpu.sh writes it to
-``OUT_DIR/summary.md``): the machine, the CUDA-only tests, aggregation, rounds and memory."""
+``OUT_DIR/summary.md``): the machine, the CUDA-only tests, aggregation, rounds, memory, the side
+path and padding-free batches."""
 
 from __future__ import annotations
 
@@ -87,6 +88,26 @@ def summary(out: Path) -> str:
                 side = f"{b['side_rank_mean']:.0f}/{b['side_rank_max']:.0f}, {mib:.0f}" if b else "-"
                 cells.append(f"r{r['round']}: {r['seconds']['train']:.1f} s ({side})")
             lines.append(f"- {path.parent.name}: " + "; ".join(cells))
+    packing = sorted(out.glob("packing-*.json"))
+    if packing:
+        lines += [
+            "",
+            "## Padding-free batches (packing.py): useful tokens/s padded / packed",
+            "",
+            "| attention | preset | padded share | padded | packed | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for path in packing:
+            rows = _load(path)
+            if not rows:
+                lines.append(f"| {path.stem} | failed (see {path.stem}.txt) |||||")
+                continue
+            for r in rows:
+                lines.append(
+                    f"| {r['attention']} | {r['preset']} | {100 * r['padded_share']:.1f} % | "
+                    f"{r['pad']['useful_tokens_per_s']:.0f} | {r['flatten']['useful_tokens_per_s']:.0f} | "
+                    f"{r['speedup']:.2f}x |"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -32,8 +32,10 @@ def test_gpu_script_smoke_mode_writes_every_result(tmp_path):
     assert round_["summary"]["federated_tokens_per_s"] > 0
     memory = json.loads((tmp_path / "memory-micro-nf4ckpt.json").read_text())
     assert memory["measured"]["lora_params"] == memory["predicted"]["lora_params"]  # the formula's count
+    packing = json.loads((tmp_path / "packing-auto.json").read_text())
+    assert packing[0]["first_step_loss_gap"] < 1e-4 and packing[0]["flatten"]["useful_tokens_per_s"] > 0
     summary = (tmp_path / "summary.md").read_text()
-    for needle in ("## Aggregation", "round-micro-nf4ckpt", "memory-micro-nf4ckpt", "CUDA-only tests"):
+    for needle in ("## Aggregation", "round-micro-nf4ckpt", "memory-micro-nf4ckpt", "CUDA-only tests", "Padding-free"):
         assert needle in summary
 
 
