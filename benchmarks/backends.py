@@ -10,7 +10,12 @@ from ``RoundEngine.run`` to the first round, Ray's start and workers' model load
 Memory per worker: the resident set of each worker process at the end of the last round.
 
     python benchmarks/backends.py --preset ci --workers 2 --json benchmarks/backends-cpu.json
-    python benchmarks/backends.py --preset ci --set model.name=/path/tiny-llama --workers 2
+    python benchmarks/backends.py --preset ci --tiny-shape /tmp/tiny-llama --workers 2
+
+``--tiny-shape FOLDER`` first saves a random LLaMA of ``benchmarks/memory.py``'s ``tiny`` shape
+(the shape of ``benchmarks/round.py``: 6 layers, hidden 512, 27M parameters) into FOLDER, with a
+byte-level BPE tokenizer of up to its 8192-token vocabulary trained on the preset task's training
+texts, and runs the preset on it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def run(preset: str, sets: dict[str, str], out: Path, name: str) -> dict[str, Any]:
@@ -77,15 +84,52 @@ def run(preset: str, sets: dict[str, str], out: Path, name: str) -> dict[str, An
     }
 
 
+def save_tiny_shape(preset: str, folder: Path) -> Path:
+    """A random LLaMA of the ``tiny`` shape and a BPE tokenizer trained on ``preset``'s task texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from fedlora.configs import preset_path
+    from fedlora.engine.config import load_config
+    from fedlora.tasks import build_task
+    from memory import SHAPES
+
+    cfg = load_config(preset_path(preset))
+    train = build_task(cfg.task.name, cfg.task.settings, seed=cfg.seed).load().train
+    texts = [" ".join(str(v) for v in ex.values() if isinstance(v, str)) for ex in train]
+    shape = dict(SHAPES["tiny"])
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=shape["vocab_size"],
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(**shape, max_position_embeddings=1024, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    )
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="ci")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores the workers share (threads each)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tiny-shape", default=None, metavar="FOLDER", help="save and run the tiny LLaMA shape")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     sets = dict(s.split("=", 1) for s in args.set)
+    if args.tiny_shape:
+        sets["model.name"] = str(save_tiny_shape(args.preset, Path(args.tiny_shape)))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         local = run(args.preset, sets, out, "local")

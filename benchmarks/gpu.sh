@@ -10,7 +10,8 @@
 #      7B nf4, r=16 on all linear layers, seq 512, batch 4, checkpointing: <= 10 GB;
 #   5. the side path's cost on the default run (FLoRA, bf16: side against merge);
 #   6. padding-free batches against padded rows (packing.py: useful tokens/s, SDPA and, where
-#      flash-attn is installed, flash-attention 2);
+#      flash-attn is installed, flash-attention 2), and a model reload per client call against a
+#      factor swap (reload.py, nf4);
 # and writes their JSON and a short summary.md into OUT_DIR. --smoke runs the same steps on the
 # CPU at toy shapes in about a minute (the test suite runs it, so the script cannot rot).
 set -euo pipefail
@@ -84,12 +85,18 @@ fi
 
 if [ "$MODE" = "--smoke" ]; then
   PACKING=(--presets default --steps 1 --warmup 0)
+  RELOAD=(--repeats 1 --swaps 2)
   ATTENTIONS=(auto)
 else
   PACKING=(--presets default instruction shakespeare --steps 20 --warmup 3 --set model.dtype=bfloat16)
   ATTENTIONS=(sdpa)
+  RELOAD=(--repeats 2)
   "$PY" -c "import flash_attn" 2>/dev/null && ATTENTIONS+=(flash_attention_2)
 fi
+log "reload per client call against a factor swap (nf4)"
+"$PY" benchmarks/reload.py --preset ci --set model.device="$DEV" --set model.quantization=nf4 "${RELOAD[@]}" \
+  --json "$OUT/reload-nf4.json" > "$OUT/reload-nf4.txt" 2>&1 || log "reload FAILED"
+
 for attn in "${ATTENTIONS[@]}"; do
   log "packing ($attn)"
   "$PY" benchmarks/packing.py --device "$DEV" "${PACKING[@]}" --set model.attention="$attn" \

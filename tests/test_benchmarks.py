@@ -35,7 +35,14 @@ def test_gpu_script_smoke_mode_writes_every_result(tmp_path):
     packing = json.loads((tmp_path / "packing-auto.json").read_text())
     assert packing[0]["first_step_loss_gap"] < 1e-4 and packing[0]["flatten"]["useful_tokens_per_s"] > 0
     summary = (tmp_path / "summary.md").read_text()
-    for needle in ("## Aggregation", "round-micro-nf4ckpt", "memory-micro-nf4ckpt", "CUDA-only tests", "Padding-free"):
+    for needle in (
+        "## Aggregation",
+        "round-micro-nf4ckpt",
+        "memory-micro-nf4ckpt",
+        "CUDA-only tests",
+        "Padding-free",
+        "Reload",
+    ):
         assert needle in summary
 
 
