@@ -120,8 +120,10 @@ def test_limit_fewshot_and_out(run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(DATA)
     out = tmp_path / "x.json"
     argv = ["eval", str(run), "--harness", "lm-eval", "--tasks", "fedlora_tiny_mc", "--include-path", "."]
-    assert main([*argv, "--limit", "3", "--num-fewshot", "1", "--batch-size", "2", "--out", str(out)]) == 0
+    more = ["--limit", "3", "--num-fewshot", "1", "--batch-size", "2", "--adapter", str(run / "final")]
+    assert main([*argv, *more, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["adapter"] == str(run / "final")
     assert result["n_samples"]["fedlora_tiny_mc"]["effective"] == 3 and result["n_shot"]["fedlora_tiny_mc"] == 1
     assert result["options"]["limit"] == 3 and result["options"]["batch_size"] == 2
 
@@ -134,6 +136,9 @@ def test_errors_come_before_the_model_loads(run, tmp_path, monkeypatch, capsys):
     cases = [
         ([*base, "--tasks", "fedlora_tiny_nope", "--include-path", str(DATA)], "unknown lm-eval task"),
         ([*base, "--tasks", "fedlora_tiny_mc", "--include-path", str(tmp_path / "none")], "no such file"),
+        # run from elsewhere, the task's relative data file is missing: its dataset cannot be built
+        ([*base, "--tasks", "fedlora_tiny_mc", "--include-path", str(DATA)], "could not build task(s) fedlora_tiny_mc"),
+        ([*base, "--tasks", "fedlora_tiny_mc", "--batch-size", "0"], None),
         ([*base], "needs --tasks"),
         ([*base, "--tasks", "fedlora_tiny_mc", "--adapter", str(tmp_path)], "not a PEFT adapter folder"),
         (["eval", str(tmp_path), "--harness", "lm-eval", "--tasks", "x"], "evaluates a run folder"),
@@ -143,7 +148,13 @@ def test_errors_come_before_the_model_loads(run, tmp_path, monkeypatch, capsys):
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((run / "config.yaml").read_text())
     cases.append((["eval", str(unfinished), "--harness", "lm-eval", "--tasks", "x"], "no final/ adapter"))
+    monkeypatch.chdir(tmp_path)
     for argv, message in cases:
+        if message is None:  # argparse refuses it: exit status 2
+            with pytest.raises(SystemExit) as exc:
+                main(argv)
+            assert exc.value.code == 2 and "--batch-size" in capsys.readouterr().err
+            continue
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
 
