@@ -173,6 +173,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fedlora.model.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 
     overrides = parse_assignments(args.set)
+    if args.harness:
+        return _eval_harness(args, overrides)
+    for flag in ("tasks", "num_fewshot", "limit", "include_path", "adapter"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} goes with --harness lm-eval")
     path = Path(args.path) if args.path else None
     is_run = path is not None and (path / "config.yaml").is_file()
     if path is not None and not is_run:
@@ -199,6 +204,55 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"{k:<24}{v:>12.4f}" if isinstance(v, float) else f"{k:<24}{v!s:>12}")
     if result.get("path"):
         print(f"wrote {result['path']}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _limit(text: str) -> float | int:
+    """``--limit``: a count (>= 1) or a fraction of each task's examples (< 1)."""
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _batch_size(text: str) -> int | str:
+    """``--batch-size``: a positive count, ``auto`` or ``auto:N`` (lm-eval's spellings)."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].replace(".", "", 1).isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a positive count, auto or auto:N, got {text!r}")
+
+
+def _eval_harness(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from pathlib import Path
+
+    from fedlora.engine.harness import lm_eval_run, lm_eval_version, result_table
+
+    lm_eval_version()  # a missing package is named before anything else is read
+    if not args.path or not (Path(args.path) / "config.yaml").is_file():
+        raise ValueError(
+            f"--harness lm-eval evaluates a run folder (RUN_DIR with config.yaml), got {args.path or 'none'}; "
+            "for another adapter of the run pass --adapter DIR"
+        )
+    if args.model or args.task:
+        raise ValueError("--harness lm-eval takes the model from RUN_DIR's config and the tasks from --tasks")
+    if not args.tasks:
+        raise ValueError("--harness lm-eval needs --tasks T1,T2 (lm-eval task, group or tag names)")
+    result = lm_eval_run(
+        args.path,
+        args.tasks,
+        adapter=args.adapter,
+        overrides=overrides,
+        out=args.out,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        include_path=args.include_path or (),
+    )
+    print(f"lm-eval {result['harness_version']} on {result['run']} (adapter {result['adapter']}):")
+    print(result_table(result))
+    print(f"wrote {result['path']}")
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -282,8 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="config override, e.g. --set task.settings.n_test=100"
     )
-    p.add_argument("--out", metavar="JSON", help="write the result here (default: RUN_DIR/eval.json for a run)")
+    p.add_argument(
+        "--out",
+        metavar="JSON",
+        help="write the result here (default: RUN_DIR/eval.json for a run, RUN_DIR/eval/lm_eval.json with --harness)",
+    )
     p.add_argument("--json", action="store_true", help="also print the whole result as JSON")
+    g = p.add_argument_group(
+        "harness",
+        "--harness lm-eval evaluates RUN_DIR's final model (base + backbone delta + adapter, in memory) with "
+        "lm-evaluation-harness (pip install 'fedlora[eval]') on --tasks; hub tasks (gsm8k, arc_easy, hellaswag, "
+        "mmlu) need the network or a filled HF_DATASETS_CACHE",
+    )
+    g.add_argument("--harness", choices=["lm-eval"], help="evaluate with an external harness instead of the task")
+    g.add_argument("--tasks", metavar="T1,T2", help="lm-eval task, group or tag names (or task YAML files)")
+    g.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples (default: each task's own)")
+    g.add_argument("--limit", type=_limit, metavar="N|F", help="at most N examples per task, or a fraction F < 1")
+    g.add_argument(
+        "--batch-size", type=_batch_size, default=1, metavar="N|auto", help="lm-eval batch size (default: 1)"
+    )
+    g.add_argument("--include-path", action="append", metavar="DIR", help="folder of extra task YAMLs, repeatable")
+    g.add_argument("--adapter", metavar="DIR", help="adapter folder to evaluate instead of RUN_DIR/final")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
