@@ -186,6 +186,7 @@ def test_adaptive_needs_positive_tau():
         ({"server.optimizer": "fedyogi", "server.tau": "0"}, "server.tau"),
         ({"server.beta1": "1.5"}, "server.beta1"),
         ({"server.lr": "-1"}, "server.lr"),
+        ({"train.prox_mu": "-0.1"}, "train.prox_mu"),
     ],
 )
 def test_config_errors_name_the_key(sets, needle):

@@ -137,6 +137,12 @@ class TrainConfig:
     max_steps: int = _f(10, "optimizer steps per client per round (0: use epochs)", min=0)
     epochs: float = _f(0.0, "local epochs per round when max_steps is 0", min=0.0)
     clip: float = _f(1.0, "gradient-norm clip (0 = off)", min=0.0)
+    prox_mu: float = _f(
+        0.0,
+        "FedProx proximal weight mu: the local loss gets mu/2 ||theta - theta_start||^2 over the trained LoRA "
+        "factors, theta_start = where the method started the client this round (0 = off; any method)",
+        min=0.0,
+    )
     optimizer_state: Literal["fresh", "carry"] = _f("fresh", "new optimizer each round, or carried per client")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "autocast dtype (auto: bf16 on GPU, fp32 on CPU)"
