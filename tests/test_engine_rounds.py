@@ -432,3 +432,26 @@ def test_resume_leaves_no_temporary_checkpoint_folder(tmp_path):
     assert summary["rounds"] == 2 and [r["round"] for r in records(run)] == [1, 2]
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
     assert (run / "checkpoint" / "state.json").is_file()
+
+
+def test_server_optimizer_state_resumes_identically(tmp_path):
+    """FedAdam on FedIT's factors: 2 rounds at once, and 1 round then --resume to 2, give the same
+    records (but the first run's final evaluation) and final factors (the moments are checkpointed)."""
+    from fedlora.engine.checkpoint import load_checkpoint
+
+    sets = {"method__name": "fedit", "server__optimizer": "fedadam", "server__lr": "0.01", "rounds__num_rounds": "2"}
+    run_experiment(tiny(tmp_path, "whole", **sets), progress=False)
+    run_experiment(tiny(tmp_path, "split", **{**sets, "rounds__num_rounds": "1"}), progress=False)
+    ck = load_checkpoint(tmp_path / "split" / "checkpoint")
+    assert sorted(ck["server_opt"]) == sorted(f"{m}.{k}.{x}" for m in ck["factors"] for k in "AB" for x in "mv")
+    run_experiment(tiny(tmp_path, "split", **sets), resume=True, progress=False)
+    whole, split = _strip_times(records(tmp_path / "whole")), _strip_times(records(tmp_path / "split"))
+    assert "eval" in split[0] and "eval" not in whole[0]  # the 1-round run evaluated its last round
+    split[0].pop("eval")
+    assert whole == split
+    a, b = load_checkpoint(tmp_path / "whole" / "checkpoint"), load_checkpoint(tmp_path / "split" / "checkpoint")
+    for m in a["factors"]:
+        for k in "AB":
+            assert torch.equal(a["factors"][m][k], b["factors"][m][k])
+    assert a["server_opt"].keys() == b["server_opt"].keys()
+    assert all(torch.equal(a["server_opt"][k], b["server_opt"][k]) for k in a["server_opt"])

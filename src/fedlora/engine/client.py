@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from fedlora.engine.config import TrainConfig
-from fedlora.engine.train import example_stream, steps_for, train_local
+from fedlora.engine.train import example_stream, proximal_term, steps_for, train_local
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientContext, ClientUpload, GlobalState, Method
 from fedlora.model.binding import LoRABinding
@@ -128,6 +128,9 @@ def client_round(
     if global_extras:
         binding.set_extras(global_extras)
     params = binding.set_trainable(start.trainable)
+    # FedProx: anchored at the factors the method started this client from (the global ones, or
+    # its own start where the method gives it one: FedSA-LoRA's B, FLoRA's fresh LoRA, ...)
+    regulariser = proximal_term(params, train.prox_mu) if train.prox_mu > 0 else None
     carry = train.optimizer_state == "carry"
     with binding.shifted(start.local_shift):
         result, opt_state = train_local(
@@ -141,6 +144,7 @@ def client_round(
             num_rounds=num_rounds,
             optimizer_state=record.optimizer if carry else None,
             on_step=on_step,
+            regulariser=regulariser,
         )
     factors, memory = method.client_finish(state, ctx, start, binding.get_factors())
     record.cursor += result.examples

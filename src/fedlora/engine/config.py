@@ -137,6 +137,12 @@ class TrainConfig:
     max_steps: int = _f(10, "optimizer steps per client per round (0: use epochs)", min=0)
     epochs: float = _f(0.0, "local epochs per round when max_steps is 0", min=0.0)
     clip: float = _f(1.0, "gradient-norm clip (0 = off)", min=0.0)
+    prox_mu: float = _f(
+        0.0,
+        "FedProx proximal weight mu: the local loss gets mu/2 ||theta - theta_start||^2 over the trained LoRA "
+        "factors, theta_start = where the method started the client this round (0 = off; any method)",
+        min=0.0,
+    )
     optimizer_state: Literal["fresh", "carry"] = _f("fresh", "new optimizer each round, or carried per client")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "autocast dtype (auto: bf16 on GPU, fp32 on CPU)"
@@ -153,6 +159,24 @@ class TrainConfig:
 
 
 @dataclass
+class ServerConfig:
+    """Server optimizer on the round's aggregated factors (Reddi et al. 2021; fedlora.methods.server_opt)."""
+
+    optimizer: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = _f(
+        "none",
+        "server optimizer on the averaged factors (Reddi et al. 2021): none = the method's own aggregate; "
+        "factor-averaging methods only (fedit, ffa_lora, rolora, fedsa_lora's A, fedrot_lora)",
+    )
+    lr: float = _f(1.0, "server learning rate eta (the adaptive optimizers usually want 1e-2..1e-1)", min=0.0)
+    momentum: float = _f(0.9, "fedavgm: momentum beta", min=0.0, max=1.0)
+    beta1: float = _f(0.9, "fedadagrad/fedadam/fedyogi: first-moment decay beta1", min=0.0, max=1.0)
+    beta2: float = _f(0.99, "fedadam/fedyogi: second-moment decay beta2", min=0.0, max=1.0)
+    tau: float = _f(
+        1e-3, "fedadagrad/fedadam/fedyogi: adaptivity tau > 0 (step m / (sqrt(v) + tau), v starts at tau^2)", min=0.0
+    )
+
+
+@dataclass
 class Config:
     name: str = _f("default", "run name: outputs go to <output_dir>/<name>")
     seed: int = _f(0, "seed of everything (data, partition, sampling, init, dropout)")
@@ -165,6 +189,7 @@ class Config:
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -225,11 +250,16 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 def _check(cfg: Config) -> None:
     """Cross-field checks (the method exists and its settings parse, etc.)."""
     from fedlora.methods import build_method
+    from fedlora.methods.server_opt import check_server_optimizer
 
     try:
-        build_method(cfg.method.name, cfg.method.settings)
+        method = build_method(cfg.method.name, cfg.method.settings)
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
+    try:
+        check_server_optimizer(method, cfg.server)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.partition.scheme == "dirichlet" and cfg.partition.alpha <= 0:
         raise ConfigError(f"partition.alpha={cfg.partition.alpha} must be positive for the dirichlet scheme")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:

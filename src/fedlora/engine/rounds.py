@@ -6,6 +6,7 @@ One round, as data::
       -> method.client_finish -> upload (+ the client's record: memory, optimizer, cursor)
       -> screen_uploads (bad ones rejected by client and module)
       -> method.aggregate -> new global state + backbone delta (applied once, kept in a ledger)
+      -> server optimizer on the averaged factors, if ``server.optimizer`` (methods/server_opt.py)
       -> evaluation (the global model; also each client's own model for methods with
          client-local parts, see ``engine/personal.py``) -> metrics.jsonl line -> atomic checkpoint
 
@@ -14,9 +15,9 @@ Who trains the clients is the runtime's one decision, behind the public seam of
 :class:`~fedlora.flower.server_app.FlowerTrainer` on Flower SuperNodes); everything else above is
 this module's, the same for every runtime. The engine holds no method-specific code: what differs
 between methods lives in ``fedlora.methods``. Everything needed to continue is checkpointed after
-every round (global factors, method state, the ledger of backbone deltas, client records, data
-cursors, RNG state, the trainer's own state), so ``--resume`` after a kill at any moment finishes
-with the same metrics as an uninterrupted run.
+every round (global factors, method state, the server optimizer's moments, the ledger of backbone
+deltas, client records, data cursors, RNG state, the trainer's own state), so ``--resume`` after a
+kill at any moment finishes with the same metrics as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from fedlora.engine.setup import (
 from fedlora.engine.trainer import ClientTrainer
 from fedlora.lowrank import FactoredDelta, svd_device
 from fedlora.methods import GlobalState, Method, build_method
+from fedlora.methods.server_opt import server_step
 from fedlora.methods.validation import screen_uploads
 from fedlora.progress import Progress, quiet_library_bars, terminal_width, tracking
 
@@ -84,6 +86,7 @@ class RoundEngine:
         self.ledger: list[dict[str, FactoredDelta]] = []
         self.clients: dict[str, ClientRecord] = {}
         self.global_extras: dict[str, torch.Tensor] = {}
+        self.server_opt: dict[str, torch.Tensor] = {}  # the server optimizer's moments (methods/server_opt.py)
         self.bytes_total = 0
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -134,6 +137,7 @@ class RoundEngine:
                 "round": s.round,
                 "factors": factors_tree(s.factors),
                 "method_state": s.method_state,
+                "server_opt": self.server_opt,
                 "ledger": ledger_tree(self.ledger),
                 "clients": {c: record_tree(r) for c, r in self.clients.items()},
                 "extras": self.global_extras,
@@ -153,6 +157,7 @@ class RoundEngine:
             spec=self.binding.spec,
             method_state=ck["method_state"],
         )
+        self.server_opt = ck.get("server_opt") or {}  # absent from checkpoints written before it
         self.ledger = ledger_from_tree(ck["ledger"])
         for deltas in self.ledger:
             self.binding.apply_delta(deltas)  # replay, in order: same float ops as the original run
@@ -239,6 +244,7 @@ class RoundEngine:
         else:
             self.state = self._initial_state()
             self.ledger = []
+            self.server_opt = {}
             self.clients = {}
             self.bytes_total = 0
             atomic.write_text(metrics_path, "")
@@ -309,6 +315,7 @@ class RoundEngine:
         else:
             with svd_device(self.device):  # uploads live on the CPU; the QRs/SVDs run on the model's device
                 result = self.method.aggregate(self.state, accepted)
+                result, self.server_opt = server_step(cfg.server, self.method, self.state, result, self.server_opt)
             deltas = dict(result.backbone_delta)
             state = result.state
             if state.round >= cfg.rounds.num_rounds:

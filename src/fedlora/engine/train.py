@@ -1,4 +1,5 @@
-"""A client's local training: optimizer, learning-rate schedule, accumulation, clipping, autocast.
+"""A client's local training: optimizer, learning-rate schedule, accumulation, clipping, autocast,
+and an optional regulariser of the trainable parameters (FedProx's proximal term, :func:`proximal_term`).
 
 The data order is a pure function of ``(seed, client, pass)`` plus the client's cursor (how
 many examples it has consumed so far), so a resumed run replays exactly the same batches.
@@ -100,6 +101,18 @@ def steps_for(cfg: TrainConfig, num_examples: int) -> int:
     return max(1, math.ceil(cfg.epochs * num_examples / per_step))
 
 
+def proximal_term(params: Sequence[nn.Parameter], mu: float) -> Callable[[], torch.Tensor]:
+    """FedProx (Li et al., MLSys 2020): ``R(theta) = mu/2 sum_p ||p - p_start||^2`` over ``params``,
+    anchored at their values now (where the client starts the round). Its gradient is
+    ``mu (p - p_start)``; computed in each parameter's dtype (float32 LoRA factors), outside autocast."""
+    anchors = [p.detach().clone() for p in params]
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+
+    return term
+
+
 def train_local(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -112,8 +125,13 @@ def train_local(
     num_rounds: int,
     optimizer_state: dict[str, Any] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    regulariser: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
-    """Run ``steps`` optimizer steps; return the result and the optimizer's state dict."""
+    """Run ``steps`` optimizer steps; return the result and the optimizer's state dict.
+
+    ``regulariser()``, a function of the parameters only, adds its gradient once per optimizer step
+    (after the micro-batches' accumulated loss gradient, before clipping); the reported losses
+    are the task's loss alone."""
     device = params[0].device
     optimizer = make_optimizer(cfg, params, optimizer_state)
     amp = autocast_dtype(cfg, device)
@@ -136,6 +154,9 @@ def train_local(
                 raise FloatingPointError(f"non-finite training loss at step {step}")
             (scaler.scale(loss) if scaler else loss).backward()
             total += float(loss.detach())
+        if regulariser is not None:
+            reg = regulariser()
+            (scaler.scale(reg) if scaler else reg).backward()
         if scaler:
             scaler.unscale_(optimizer)
         if cfg.clip > 0:

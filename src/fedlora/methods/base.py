@@ -215,6 +215,14 @@ class Method(ABC):
         """Which factors every upload in round ``state.round`` must carry."""
         return AB
 
+    def averaged_factors(self, round_: int) -> frozenset[str]:
+        """Which global factors round ``round_``'s aggregate sets to a weighted mean of the clients'
+        trained factors (FedAvg on factor parameters, possibly after a per-client reparametrisation
+        that keeps each client's product): the factors a server optimizer
+        (:mod:`fedlora.methods.server_opt`) may step. Empty, the default: the next global state is
+        not a factor average (product methods), and server optimizers are refused."""
+        return frozenset()
+
     def personal_factors(self, state: GlobalState, memory: Mapping[str, Tensor]) -> Factors | None:
         """The LoRA a client whose kept memory is ``memory`` uses as its own model, for methods
         with client-local parts (FedSA-LoRA's B); ``None``: the client's model is the global one."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from fedlora.methods.base import (
+    AB,
     ClientUpload,
     GlobalState,
     Method,
@@ -33,6 +34,9 @@ def average_factors(uploads: Sequence[ClientUpload], modules, p: Sequence[float]
 class FedIT(Method):
     name = "fedit"
     summary = "FedAvg of A and B separately (inexact baseline)"
+
+    def averaged_factors(self, round_: int) -> frozenset[str]:
+        return AB
 
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)

@@ -27,6 +27,7 @@ import torch
 
 from fedlora.lowrank import alignment_rotation, rotate
 from fedlora.methods.base import (
+    AB,
     ClientUpload,
     GlobalState,
     Method,
@@ -69,6 +70,9 @@ class FedRotLoRA(Method):
 
     def needs_global(self, round_: int) -> bool:
         return aligned_side(round_, self.settings.align, self.settings.skip_first) is not None
+
+    def averaged_factors(self, round_: int) -> frozenset[str]:
+        return AB  # the means of the rotated factors (B_i R_i, R_i^T A_i)
 
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)

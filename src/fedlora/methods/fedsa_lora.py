@@ -61,6 +61,9 @@ class FedSALoRA(Method):
     def uploaded_factors(self, state: GlobalState) -> frozenset[str]:
         return A_ONLY
 
+    def averaged_factors(self, round_: int) -> frozenset[str]:
+        return A_ONLY  # the shared part; each client's B is its own
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         factors = {m: ModuleFactors(A=factor_mean(uploads, m, "A", p), B=g.B.clone()) for m, g in state.factors.items()}

@@ -40,6 +40,9 @@ class FFALoRA(Method):
     def uploaded_factors(self, state: GlobalState) -> frozenset[str]:
         return B_ONLY
 
+    def averaged_factors(self, round_: int) -> frozenset[str]:
+        return B_ONLY
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         factors = {m: ModuleFactors(A=g.A.clone(), B=factor_mean(uploads, m, "B", p)) for m, g in state.factors.items()}

@@ -57,6 +57,9 @@ class RoLoRA(Method):
     def uploaded_factors(self, state: GlobalState) -> frozenset[str]:
         return self._active(state)
 
+    def averaged_factors(self, round_: int) -> frozenset[str]:
+        return frozenset({active_factor(round_, self.settings.first)})
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         active = active_factor(state.round, self.settings.first)

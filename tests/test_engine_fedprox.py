@@ -1,0 +1,107 @@
+"""FedProx (``train.prox_mu``): the proximal term's gradient, and what it does to a client's round
+(``client_round`` on a tiny random LLaMA, the path every runtime takes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedlora.engine.client as client_mod
+from fedlora.engine.client import ClientRecord, LocalData, client_round
+from fedlora.engine.config import TrainConfig
+from fedlora.engine.train import proximal_term
+from fedlora.methods import GlobalState, build_method
+from fedlora.model.binding import LoRABinding, LoRASettings
+from fedlora.tasks.common import completion_batch
+from helpers import F64, assert_close, gen, randn, tiny_lm
+
+
+def test_gradient_is_mu_times_the_distance_to_the_start():
+    g = gen(0)
+    params = [torch.nn.Parameter(randn(5, 3, g=g)), torch.nn.Parameter(randn(2, 7, g=g))]
+    term = proximal_term(params, 0.37)
+    start = [p.detach().clone() for p in params]
+    with torch.no_grad():  # move away from the anchor
+        for p in params:
+            p.add_(randn(*p.shape, g=g))
+    value = term()
+    value.backward()
+    ref = sum(0.5 * 0.37 * float(((p.detach() - s) ** 2).sum()) for p, s in zip(params, start))
+    assert value.dtype == F64 and abs(float(value.detach()) - ref) <= 1e-14 * ref
+    for p, s in zip(params, start):
+        assert_close(p.grad, 0.37 * (p.detach() - s), 1e-15, "mu (theta - theta_start)")
+
+
+class Task:
+    """Random completion rows; the prompt's tokens masked."""
+
+    def collate(self, rows, tokenizer):
+        return completion_batch([(r["prompt"], r["completion"]) for r in rows], pad=0)
+
+
+def rows(n=12, seed=0):
+    g = gen(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 300, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
+        out.append({"prompt": ids[:2], "completion": ids[2:]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def binding():
+    model, _ = tiny_lm()
+    torch.manual_seed(0)
+    b = LoRABinding(model, LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj")), task_type="CAUSAL_LM")
+    for layer in b.layers.values():  # non-zero B: both factors move from the first step
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    return b
+
+
+def one_round(binding, method_name, mu):
+    method = build_method(method_name)
+    state = GlobalState(round=0, factors=binding.get_factors(), spec=binding.spec)
+    data = LocalData("0", rows(), list(range(12)), Task(), None, torch.device("cpu"), seed=0, batch_size=3)
+    train = TrainConfig(optimizer="sgd", lr=0.5, max_steps=6, clip=0.0, precision="float32", prox_mu=mu)
+    out = client_round(binding, method, state, ClientRecord(), data, train, rank=4, num_rounds=1)
+    binding.set_factors(state.factors)  # leave the module's model as found
+    return state, out
+
+
+def distance(state, upload) -> float:
+    total = 0.0
+    for m, f in upload.factors.items():
+        for k in "AB":
+            t = f.get(k)
+            if t is not None:
+                total += float(((t - state.factors[m].get(k)) ** 2).sum())
+    return total**0.5
+
+
+@pytest.mark.parametrize("method_name", ["fedit", "ffa_lora"])
+def test_a_proximal_client_stays_closer_to_its_start(binding, method_name):
+    state, free = one_round(binding, method_name, 0.0)
+    _, prox = one_round(binding, method_name, 1.0)
+    d_free, d_prox = distance(state, free.upload), distance(state, prox.upload)
+    assert 0 < d_prox < 0.8 * d_free, (d_prox, d_free)
+    assert free.stats["steps"] == prox.stats["steps"] == 6
+
+
+def test_mu_zero_takes_todays_path_bit_for_bit(binding, monkeypatch):
+    """``prox_mu = 0`` passes no regulariser at all: the training loop is the one without FedProx."""
+    seen = []
+    original = client_mod.train_local
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("regulariser"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client_mod, "train_local", spy)
+    state, a = one_round(binding, "fedit", 0.0)
+    _, b = one_round(binding, "fedit", 0.0)
+    _, c = one_round(binding, "fedit", 1e-3)
+    assert seen[:2] == [None, None] and callable(seen[2])
+    for m, f in a.upload.factors.items():
+        assert torch.equal(f.A, b.upload.factors[m].A) and torch.equal(f.B, b.upload.factors[m].B)
+    assert any(not torch.equal(f.B, c.upload.factors[m].B) for m, f in a.upload.factors.items())
+    assert a.stats["loss"] == b.stats["loss"]
