@@ -278,3 +278,45 @@ def test_flatten_keeps_numbers_under_slash_joined_keys():
         "a.d": "{}",
         "e": "null",
     }
+
+
+@installed
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_and_resume_hold_each_round_once(tmp_path, tiny):
+    """A real kill (``FEDLORA_FAULT``: SIGKILL right after round 1's checkpoint and trackers), then
+    ``fedlora run --resume``: the W&B offline run and MLflow run go on, no round twice."""
+    import os
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
+    sets = {
+        "output_dir": str(tmp_path),
+        "name": "killed",
+        "model.name": str(tiny),
+        "task.settings": "{n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}",
+        "rounds.num_rounds": "2",
+        "train.max_steps": "1",
+        "logging.trackers": "[tensorboard, wandb, mlflow]",
+    }
+    args = [sys.executable, "-m", "fedlora.cli", "run", "--preset", "ci", "--no-progress"]
+    args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    killed = subprocess.run(args, capture_output=True, text=True, env={**env, "FEDLORA_FAULT": "after_checkpoint:1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert {v["logged"] for v in json.loads((run / STATE_FILE).read_text()).values()} == {1}
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "run", "--resume", str(run), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want = expected(run)
+    assert [r["round"] for r in metrics(run)] == [0, 1, 2]
+    tb, history = tensorboard_scalars(run), wandb_history(wandb_records(run))
+    client, mlrun = mlflow_run(run)
+    for key, values in want.items():
+        assert [s for s, _ in tb[key]] == sorted(values), key
+        assert [s for s, _ in history[key]] == sorted(values), key
+        assert sorted(m.step for m in client.get_metric_history(mlrun.info.run_id, key)) == sorted(values), key
+    assert mlrun.info.status == "FINISHED"

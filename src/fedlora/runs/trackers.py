@@ -19,10 +19,11 @@ Resume. :class:`Trackers` keeps ``<run>/trackers.json`` (written atomically): ea
 (the W&B run id, the MLflow run id) and the last round it was sent. A resumed run continues the
 same TensorBoard folder, W&B run and MLflow run and sends only the rounds after that one; the
 engine sends a record after its checkpoint, so a record a killed run wrote but did not checkpoint
-(and writes again on resume) never reached a tracker. In the short window between a tracker's
-write and ``trackers.json``'s, TensorBoard is exact (a resumed writer purges the steps from the
-next unsent round on), MLflow skips the rounds its history already holds, and W&B may hold that
-one round twice.
+(and writes again on resume) never reached a tracker. What a kill can leave behind is settled per
+tracker: a resumed TensorBoard writer purges the steps from the next unsent round on, MLflow skips
+the rounds its run's history already holds, and W&B, whose service buffers its transaction log
+(a SIGKILL loses the rounds it had not written yet), reads the rounds its earlier offline runs
+hold back with ``wandb leet inspect --json`` and sends the others again.
 
 This module imports no tracker package at import time and nothing from the engine: the engine
 calls it with plain dicts (``fedlora.engine.rounds``); the config check asks
@@ -72,9 +73,7 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "/"))
-        elif isinstance(value, bool):
-            out[name] = float(value)
-        elif isinstance(value, (int, float)):
+        elif isinstance(value, (bool, int, float)):
             out[name] = float(value)
     return out
 
@@ -99,7 +98,8 @@ def flatten_params(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker(Protocol):
     """One backend. ``start`` gets the resolved config, the run folder and, on resume, what it
     returned when the run began plus ``logged`` (the last round sent; ``None`` for a fresh run),
-    and returns the ids to keep for a resume; ``log`` gets each ``metrics.jsonl`` record once,
+    and returns the ids to keep for a resume (and ``logged``, where the backend knows better what
+    it holds); ``log`` gets each ``metrics.jsonl`` record once,
     in order, with its round as ``step``; ``summary`` gets ``summary.json`` once at the end;
     ``close(ok)`` ends the run (``ok``: it finished)."""
 
@@ -177,6 +177,10 @@ class WandbTracker:
             settings=settings,
             reinit="create_new",
         )
+        if resume and self.mode == "offline":
+            # W&B's service buffers its transaction log: a killed run may have lost rounds it was
+            # sent, so the rounds it holds are read back from the log, not from trackers.json
+            return {"id": run_id, "logged": _wandb_last_step(run_dir / "wandb", run_id)}
         return {"id": run_id}
 
     def log(self, record: dict[str, Any], step: int) -> None:
@@ -283,7 +287,8 @@ class Trackers:
             before = saved.get(tracker.name) if resume else None
             ids = tracker.start(config, run_dir, before)
             self.started.append(tracker)
-            self.state[tracker.name] = {**ids, "logged": before.get("logged", -1) if before else -1}
+            logged = before.get("logged", -1) if before else -1
+            self.state[tracker.name] = {"logged": logged, **ids}  # a tracker may know better (W&B)
         if self.trackers:
             self._save()
 
@@ -320,6 +325,30 @@ class Trackers:
 
     def _save(self) -> None:
         atomic.write_json(self.path, self.state)
+
+
+def _wandb_last_step(folder: Path, run_id: str) -> int:
+    """The last step the offline runs ``<folder>/offline-run-*-<run_id>`` hold (-1: none), read
+    with W&B's reader of its transaction log, ``wandb leet inspect --json``."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("wandb")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "wandb"]
+    last = -1
+    for run in sorted(folder.glob(f"offline-run-*-{run_id}")):
+        done = subprocess.run([*cmd, "leet", "inspect", "--json", str(run)], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("wandb: cannot read %s (%s); rounds may repeat", run, done.stderr.strip()[-300:])
+            continue
+        for line in done.stdout.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a record torn by a kill
+            if record.get("type") == "history":
+                last = max(last, int(record["history"].get("step", {}).get("num", -1)))
+    return last
 
 
 def _code(text: str) -> str:
