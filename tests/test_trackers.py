@@ -288,6 +288,7 @@ def test_sigkill_after_a_checkpoint_and_resume_hold_each_round_once(tmp_path, ti
     import os
 
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+    env.pop("WANDB_SERVICE", None)  # an earlier test's W&B service: each process gets its own, as from a shell
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
     sets = {
         "output_dir": str(tmp_path),
