@@ -177,6 +177,21 @@ class ServerConfig:
 
 
 @dataclass
+class LoggingConfig:
+    trackers: list[str] = _f(
+        [],
+        "experiment trackers mirroring metrics.jsonl and summary.json, the config as hyper-parameters: tensorboard "
+        "(<run>/tensorboard/), wandb (<run>/wandb/), mlflow (<run>/mlflow.db); each an optional package "
+        "(pip install 'fedlora[trackers]')",
+    )
+    project: str = _f("", "W&B project and MLflow experiment ('': the run name)")
+    wandb_mode: Literal["offline", "online"] = _f(
+        "offline", "W&B: offline writes <run>/wandb/ only (wandb sync uploads it later); online needs a login"
+    )
+    mlflow_uri: str = _f("", "MLflow tracking URI ('': sqlite:///<run>/mlflow.db, local and offline)")
+
+
+@dataclass
 class Config:
     name: str = _f("default", "run name: outputs go to <output_dir>/<name>")
     seed: int = _f(0, "seed of everything (data, partition, sampling, init, dropout)")
@@ -190,6 +205,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -299,6 +315,7 @@ def _check(cfg: Config) -> None:
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"engine.gpus_per_worker={cfg.engine.gpus_per_worker} but this machine has no GPU")
+    _check_trackers(cfg.logging.trackers)
     if cfg.train.packing == "flatten" and cfg.model.kind != "causal_lm":
         raise ConfigError(
             f"train.packing=flatten packs causal-LM sequences; model.kind={cfg.model.kind!r} batches stay padded: "
@@ -346,6 +363,26 @@ def _check_attention(attention: str) -> None:
 
     if not torch.cuda.is_available():
         raise ConfigError("model.attention=flash_attention_2 runs on a CUDA GPU only and this machine has none")
+
+
+def _check_trackers(names: list[str]) -> None:
+    """``logging.trackers``: known names, each once, each with its packages installed (checked here,
+    before any model loads)."""
+    from fedlora.runs.trackers import missing_packages, tracker_names
+
+    known = tracker_names()
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"logging.trackers: unknown tracker {name!r}; use {', '.join(known)}")
+        missing = missing_packages(name)
+        if missing:
+            raise ConfigError(
+                f"logging.trackers: {name} needs the {' and '.join(missing)} package"
+                f"{'s' if len(missing) > 1 else ''} (pip install {' '.join(missing)}, "
+                "or pip install 'fedlora[trackers]' for all trackers)"
+            )
+    if len(set(names)) < len(names):
+        raise ConfigError(f"logging.trackers={names}: a tracker is named twice")
 
 
 def _check_model_name(name: str) -> None:

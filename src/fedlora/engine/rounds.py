@@ -59,6 +59,7 @@ from fedlora.methods import GlobalState, Method, build_method
 from fedlora.methods.server_opt import server_step
 from fedlora.methods.validation import screen_uploads
 from fedlora.progress import Progress, quiet_library_bars, terminal_width, tracking
+from fedlora.runs.trackers import Trackers
 
 log = logging.getLogger("fedlora")
 
@@ -226,12 +227,23 @@ class RoundEngine:
         _setup_logging(self.run_dir)
         metrics_path = self.run_dir / "metrics.jsonl"
         atomic.write_text(self.run_dir / "config.yaml", _yaml(cfg.to_dict()))
-        self._setup()
-        self.trainer.bind(self)
+        lc = cfg.logging
+        self.trackers = Trackers(
+            lc.trackers, run_name=cfg.name, project=lc.project, wandb_mode=lc.wandb_mode, mlflow_uri=lc.mlflow_uri
+        )
+        ok = False
         try:
-            return self._run(resume, metrics_path)
+            self.trackers.start(cfg.to_dict(), self.run_dir, resume)  # before the model: a failing start costs nothing
+            self._setup()
+            self.trainer.bind(self)
+            try:
+                summary = self._run(resume, metrics_path)
+            finally:
+                self.trainer.close()
+            ok = True
+            return summary
         finally:
-            self.trainer.close()
+            self.trackers.close(ok)
 
     def _run(self, resume: bool, metrics_path: Path) -> dict[str, Any]:
         cfg = self.cfg
@@ -241,6 +253,8 @@ class RoundEngine:
             lines = self._restore()
             _truncate_lines(metrics_path, lines)
             log.info("resumed %s at round %d", self.run_dir, self.state.round)
+            for record in _read_records(metrics_path):  # the checkpointed records a killed run had not sent
+                self.trackers.log(record)
         else:
             self.state = self._initial_state()
             self.ledger = []
@@ -248,22 +262,23 @@ class RoundEngine:
             self.clients = {}
             self.bytes_total = 0
             atomic.write_text(metrics_path, "")
+            baseline = None
             if cfg.rounds.eval_baseline:
                 log.info("evaluating the untuned base model on %d test examples", len(self.test_examples))
                 t = time.perf_counter()
                 base = self._evaluate_base()
-                _append(
-                    metrics_path,
-                    {
-                        "round": 0,
-                        "phase": "baseline",
-                        "eval": base,
-                        "bytes_total": 0,
-                        "eval_seconds": time.perf_counter() - t,
-                    },
-                )
+                baseline = {
+                    "round": 0,
+                    "phase": "baseline",
+                    "eval": base,
+                    "bytes_total": 0,
+                    "eval_seconds": time.perf_counter() - t,
+                }
+                _append(metrics_path, baseline)
                 log.info("base model: %s", _fmt(base))
             self._checkpoint(_count_lines(metrics_path))
+            if baseline is not None:
+                self.trackers.log(baseline)
         atomic.write_json(self.run_dir / "protocol.json", self._protocol())
 
         k = clients_per_round(cfg, len(self.client_ids))
@@ -276,6 +291,7 @@ class RoundEngine:
                 _append(metrics_path, record)
                 bar.set_description(f"round {self.state.round}/{cfg.rounds.num_rounds}: writing the checkpoint")
                 self._checkpoint(_count_lines(metrics_path))
+                self.trackers.log(record)  # after the checkpoint: a resumed run never writes this round again
                 faults.fault("after_checkpoint", self.state.round)
             bar.set_description(f"{cfg.rounds.num_rounds} rounds done")
         finally:
@@ -377,7 +393,7 @@ class RoundEngine:
     def _finish(self, metrics_path: Path) -> dict[str, Any]:
         from fedlora.runs.report import write_plots
 
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        records = _read_records(metrics_path)
         final_dir = self.run_dir / "final"
         merged = _merge_ledger([self.binding.init_delta, *self.ledger])
         changed = self.method.changes_backbone or bool(self.binding.init_delta)
@@ -407,6 +423,7 @@ class RoundEngine:
             **self.trainer.summary(),
         }
         atomic.write_json(self.run_dir / "summary.json", summary)
+        self.trackers.summary(summary)
         try:
             write_plots(records, self.run_dir, title=f"{self.cfg.name} ({self.method.name})")
         except Exception as exc:
@@ -445,6 +462,10 @@ def _summarise(report: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def _append(path: Path, record: dict[str, Any]) -> None:
     atomic.append_line(path, json.dumps(record))
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _count_lines(path: Path) -> int:
