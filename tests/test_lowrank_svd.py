@@ -464,7 +464,7 @@ def test_truncated_svd_many_streams_pairs_per_shape(stack):
     for budget in (1 << 27, 2 * (13 + 7) * 6, 1):
         built.clear()
         out = truncated_svd_many(
-            list(pairs), make, lambda S: 3, max_batch_elements=budget, stack=stack, overwrite=True, workers=2
+            list(pairs), make, lambda n, S: 3, max_batch_elements=budget, stack=stack, overwrite=True, workers=2
         )
         assert list(out) == list(pairs) and sorted(built) == sorted(pairs)
         for n, (up, down) in pairs.items():
@@ -493,7 +493,7 @@ def test_truncated_svd_many_on_gpu_returns_to_cpu():
     g = gen(13)
     pairs = {f"m{i}": (randn(64, 8, g=g).float(), randn(8, 48, g=g).float()) for i in range(3)}
     with svd_device("cuda"):
-        out = truncated_svd_many(list(pairs), lambda n: stack_products(*map(list, zip(pairs[n]))), lambda S: 4)
+        out = truncated_svd_many(list(pairs), lambda n: stack_products(*map(list, zip(pairs[n]))), lambda n, S: 4)
     for n, (up, down) in pairs.items():
         S, svd = out[n]
         assert S.device.type == "cpu" and svd.U.device.type == "cpu"

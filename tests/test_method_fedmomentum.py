@@ -72,7 +72,7 @@ def test_fedmomentum_tau1_exact(shape, r, n, wmode, split):
 def test_fedmomentum_energy_truncation(shape, r, tau, rslora):
     state, uploads, wargs, p = build(shape, r, 5, "explicit", rslora=rslora)
     s = scale(ALPHA, r, rslora)
-    res = build_method("fedmomentum", {"tau": tau}).aggregate(state, uploads, wargs)
+    res = build_method("fedmomentum", {"tau": tau, "energy": "aggregate"}).aggregate(state, uploads, wargs)
     for m in state.factors:
         M = dense_sum(uploads, m, p)
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
@@ -89,6 +89,55 @@ def test_fedmomentum_energy_truncation(shape, r, tau, rslora):
         frac = float((dropped**2).sum() / (s * M).pow(2).sum())
         assert frac <= (1 - tau) + 1e-12
         assert res.report[m]["dropped_energy"] == pytest.approx(frac, rel=1e-8, abs=1e-14)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 0.9, 0.99, 0.999])
+@pytest.mark.parametrize(("shape", "r"), [((32, 20), 1), ((32, 20), 2), ((13, 7), 1), ((6, 11), 2)])
+def test_fedmomentum_energy_over_the_rounds_change(shape, r, tau):
+    """energy: change (the default): the dropped tail is at most (1 - tau) of ||M - B^t A^t||^2,
+    the energy of what the round changed, against a dense float64 reference."""
+    state, uploads, wargs, p = build(shape, r, 5, "explicit")
+    s = scale(ALPHA, r)
+    res = build_method("fedmomentum", {"tau": tau}).aggregate(state, uploads, wargs)
+    for m, start in state.factors.items():
+        M = dense_sum(uploads, m, p)
+        change = float(((M - start.B.double() @ start.A.double()) ** 2).sum())
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        e = [float(x) ** 2 for x in S]
+        r_eff = next(k for k in range(len(e) + 1) if math.fsum(e[k:]) <= (1 - tau) * change)
+        assert res.report[m]["r_eff"] == r_eff
+        hi = max(r, r_eff)
+        assert res.backbone_delta[m].rank == hi - r
+        band = (U[:, r:hi] * S[r:hi]) @ Vh[r:hi]
+        assert_close(res.backbone_delta[m].dense(), s * band, 1e-9, "residual band", scale=s * float(M.norm()))
+        dropped = M - svd_truncate(M, hi)
+        assert float((dropped**2).sum()) <= (1 - tau) * change * (1 + 1e-9) + 1e-24
+        assert res.report[m]["dropped_of_change"] == pytest.approx(
+            float((dropped**2).sum()) / change, rel=1e-7, abs=1e-14
+        )
+
+
+def test_the_change_rule_keeps_at_least_what_the_aggregate_rule_keeps_when_clients_start_near_the_global():
+    """Clients that each took their own step from the global factors: the aggregate's energy is mostly the
+    global LoRA, so the rule over M merges nothing while the rule over the change keeps a residual."""
+    state, uploads, wargs, p = build((32, 20), 2, 5, "explicit")
+    g = torch.Generator().manual_seed(3)
+    near = []
+    for u in uploads:  # each client = the global factors + its own step
+        fs = {}
+        for m, f in u.factors.items():
+            start = state.factors[m]
+            fs[m] = type(f)(
+                A=start.A + 0.5 * torch.randn(start.A.shape, generator=g, dtype=start.A.dtype),
+                B=start.B + 0.5 * torch.randn(start.B.shape, generator=g, dtype=start.B.dtype),
+            )
+        near.append(type(u)(**{**u.__dict__, "factors": fs}))
+    over_m = build_method("fedmomentum", {"tau": 0.99, "energy": "aggregate"}).aggregate(state, near, wargs)
+    over_change = build_method("fedmomentum", {"tau": 0.99}).aggregate(state, near, wargs)
+    for m in state.factors:
+        assert over_m.report[m]["residual_rank"] == 0 and over_m.report[m]["dropped_of_change"] > 0.02
+        assert over_change.report[m]["residual_rank"] > 0
+        assert over_change.report[m]["dropped_of_change"] <= 0.01 + 1e-12
 
 
 def test_fedmomentum_precision_float32():

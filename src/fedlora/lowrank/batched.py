@@ -180,7 +180,7 @@ def lowrank_svd_many(
 def truncated_svd_many(
     names: Sequence[str],
     make_pair: Callable[[str], tuple[Tensor, Tensor]],
-    keep: Callable[[Tensor], int] | None = None,
+    keep: Callable[[str, Tensor], int] | None = None,
     *,
     dtype: torch.dtype | None = None,
     max_batch_elements: int = 1 << 27,
@@ -190,7 +190,7 @@ def truncated_svd_many(
     overwrite: bool = False,
 ) -> dict[str, tuple[Tensor, LowRankSVD]]:
     """For every module ``n``: all singular values ``S`` of ``up @ down`` (``(up, down) =
-    make_pair(n)``) and its leading ``keep(S)`` components with singular vectors (all when
+    make_pair(n)``) and its leading ``keep(n, S)`` components with singular vectors (all when
     ``keep`` is None): ``{n: (S, svd)}`` in the order of ``names``.
 
     ``device``: where to factor (default: :func:`svd_device`'s, else where ``make_pair`` puts
@@ -215,7 +215,7 @@ def truncated_svd_many(
             up, down = pair if pair is not None else make_pair(n)
             moved = up.device != target
             isvd = implicit_svd(up.to(target), down.to(target), dtype=dtype, overwrite=overwrite or moved)
-            svd = isvd.leading(None if keep is None else keep(isvd.S))
+            svd = isvd.leading(None if keep is None else keep(n, isvd.S))
             return _to(isvd.S, svd, home)
 
         return dict(zip(names, _map(one, names, target.type == "cpu", workers)))
@@ -231,7 +231,7 @@ def truncated_svd_many(
         del ups, downs
         for i, (n, _, _) in enumerate(block):
             one = isvd[i]
-            out[n] = _to(one.S, one.leading(None if keep is None else keep(one.S)), home)
+            out[n] = _to(one.S, one.leading(None if keep is None else keep(n, one.S)), home)
 
     for n in names:
         up, down = built.pop(n) if n in built else make_pair(n)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora.lowrank.svd import lowrank_svd, split_factors
+from fedlora.lowrank.svd import lowrank_svd, product_energy, split_factors
 
 
 @dataclass
@@ -106,8 +106,7 @@ class FactoredDelta:
         """``||Delta||_F^2 = <up^T up, down down^T>`` from the r x r Gram matrices (float64)."""
         if self.is_empty:
             return 0.0
-        up, down = self.factors(torch.float64)
-        return float(((up.mT @ up) * (down @ down.mT)).sum())
+        return product_energy(*self.factors(torch.float64))
 
     def nbytes(self, bytes_per_element: int | None = None) -> int:
         """Bytes to send the factors (``(d_out + d_in) * rank`` elements)."""

@@ -232,17 +232,34 @@ def energy_rank(S: Tensor, tau: float) -> int:
     """
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
-    if S.ndim != 1:
-        raise ValueError("energy_rank takes one spectrum (1-D)")
-    e = S.double() ** 2
-    # tail[k] = sum_{j >= k} e_j, k = 0..n; tail[n] = 0. The total is tail[0] itself (summed in
-    # the same order), so that tau = 0 gives 0 exactly.
-    tail = torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
-    total = float(tail[0])
+    tail = _tails(S)
+    total = float(tail[0])  # summed in the same order as the tails, so tau = 0 gives 0 exactly
     if total == 0.0:
         return 0
-    allowed = (1.0 - tau) * total
-    return int(torch.nonzero(tail <= allowed)[0, 0])
+    return int(torch.nonzero(tail <= (1.0 - tau) * total)[0, 0])
+
+
+def budget_rank(S: Tensor, allowed: float) -> int:
+    """Smallest k whose dropped tail ``sum_{j>k} s_j^2`` is at most ``allowed`` (1-D ``S``; an
+    energy, e.g. a fraction of another matrix's ``||.||_F^2``). ``allowed <= 0`` keeps every
+    non-zero component."""
+    tail = _tails(S)
+    return int(torch.nonzero(tail <= max(float(allowed), 0.0))[0, 0])
+
+
+def _tails(S: Tensor) -> Tensor:
+    """``tail[k] = sum_{j >= k} s_j^2`` for k = 0..n (float64; ``tail[n] = 0``)."""
+    if S.ndim != 1:
+        raise ValueError("a rank rule takes one spectrum (1-D)")
+    e = S.double() ** 2
+    return torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])
+
+
+def product_energy(up: Tensor, down: Tensor) -> float:
+    """``||up @ down||_F^2 = <up^T up, down down^T>`` from the q x q Gram matrices, in float64:
+    O((d_out + d_in) q^2), never the d_out x d_in product."""
+    up, down = up.double(), down.double()
+    return float(((up.mT @ up) * (down @ down.mT)).sum())
 
 
 def split_factors(svd: LowRankSVD, split: Split = "balanced") -> tuple[Tensor, Tensor]:

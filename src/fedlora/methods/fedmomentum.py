@@ -4,14 +4,27 @@ the top components, residual components merged into the backbone.
 For every adapted module, with the sampled clients' weights ``p_i``:
 
     M = sum_i p_i B_i A_i = U diag(S) V^T                 (exact: QR of stacked factors + small SVD)
-    r_eff = min{k : sum_{j<=k} S_j^2 >= tau * sum_j S_j^2}
+    r_eff = min{k : sum_{j>k} S_j^2 <= (1 - tau) E}       (E: the energy the rule is taken over)
+      E = ||M - B^t A^t||_F^2   (``energy: change``, default: the round's change)
+      E = ||M||_F^2 = sum_j S_j^2  (``energy: aggregate``: the rule as the paper states it)
     B^{t+1} = U_r S_r^{1/2},   A^{t+1} = S_r^{1/2} V_r^T   (balanced split; ``split`` setting)
     R^t = U_{r+1:r_eff} S_{r+1:r_eff} V_{r+1:r_eff}^T      (residual band; empty if r_eff <= r)
     W <- W + s R^t                                          (LoRA scale applied; cadence below)
-    components beyond r_eff are dropped (energy <= (1 - tau) of M's)
+    components beyond r_eff are dropped (energy <= (1 - tau) E)
 
 so that ``W + s B^{t+1} A^{t+1} (+ s R^t) = W + s (M - dropped)``; with ``tau = 1`` this is
 exactly ``W + s sum_i p_i B_i A_i``.
+
+Which energy the rule is taken over (``energy``): M carries the global LoRA the clients started
+from (``B^t A^t``), and its energy is mostly that, while what the round learned is
+``M - B^t A^t``. With the rule over M (the paper's wording), ``tau = 0.99`` lets the tail drop up
+to 1 % of ``||M||^2`` each round, which can be a large share of the round's change, and when
+the top r components already hold 99 % of M no residual is ever merged (the default run: r_eff
+< r in every round). Over the change, at most ``(1 - tau)`` of the round's own update is
+dropped, and the components beyond r that carry the rest go to the backbone as the residual.
+``report['dropped_of_change']`` is the dropped energy over ``||M - B^t A^t||^2`` in both modes
+(``||M - B^t A^t||^2 = ||[P, -B^t][Q; A^t]||^2`` from Gram matrices of the stacked factors, no
+dense product); docs/results.md has the study behind the default.
 
 Choices where the sources are silent (methods.md, open questions 1-4), each a setting:
 
@@ -35,7 +48,15 @@ from typing import Literal, Sequence
 
 import torch
 
-from fedlora.lowrank import FactoredDelta, energy_rank, pad_rank, split_factors, truncated_svd_many
+from fedlora.lowrank import (
+    FactoredDelta,
+    budget_rank,
+    energy_rank,
+    pad_rank,
+    product_energy,
+    split_factors,
+    truncated_svd_many,
+)
 from fedlora.methods.base import (
     ClientUpload,
     GlobalState,
@@ -68,6 +89,10 @@ class FedMomentum(Method):
         merge_every: int = field(
             default=1, metadata={"help": "merge residuals every k rounds (1 = each round, 0 = only at the end)"}
         )
+        energy: Literal["change", "aggregate"] = field(
+            default="change",
+            metadata={"help": "tau's reference: the round's change M - B^t A^t, or the aggregate M"},
+        )
         precision: Literal["auto", "float32", "float64"] = field(
             default="auto", metadata={"help": "SVD compute dtype (auto: float64 for float64 inputs, else float32)"}
         )
@@ -84,16 +109,23 @@ class FedMomentum(Method):
         tau = self.settings.tau
         # All singular values, but singular vectors only for the components kept (top r and the
         # residual band up to r_eff): forming the rest would cost as much again as the QR.
+        change = {m: change_energy(state.factors[m], stacked_products(uploads, m, p)) for m in state.factors}
+
+        def rank_rule(m: str, S: torch.Tensor) -> int:
+            if self.settings.energy == "aggregate":
+                return energy_rank(S, tau)
+            return budget_rank(S, (1.0 - tau) * change[m])
+
         svds = truncated_svd_many(
             list(state.factors),
             lambda m: stacked_products(uploads, m, p),
-            lambda S: max(r, energy_rank(S, tau)),
+            lambda m, S: max(r, rank_rule(m, S)),
             dtype=PRECISIONS[self.settings.precision],
             overwrite=True,  # stacked_products builds fresh pairs: the QRs may work in place
         )
         factors, residuals, report = {}, {}, {}
         for m, (S, svd) in svds.items():
-            r_eff = energy_rank(S, tau)
+            r_eff = rank_rule(m, S)
             keep = svd.rank  # max(r, r_eff), at most rank(M)
             B, A = pad_rank(*split_factors(svd.truncate(r), self.settings.split), r)
             factors[m] = ModuleFactors(A=A, B=B)
@@ -105,6 +137,7 @@ class FedMomentum(Method):
                 "residual_rank": float(band.rank),
                 "lora_energy": float((S[:r] ** 2).sum()) / total if total > 0 else 1.0,
                 "dropped_energy": float((S[keep:] ** 2).sum()) / total if total > 0 else 0.0,
+                "dropped_of_change": float((S[keep:] ** 2).sum()) / change[m] if change[m] > 0 else 0.0,
             }
         method_state, merged = self._schedule(state, residuals)
         return RoundResult(
@@ -133,6 +166,16 @@ class FedMomentum(Method):
     def finalize(self, state: GlobalState) -> tuple[GlobalState, dict[str, FactoredDelta]]:
         pending = pending_deltas(state)
         return GlobalState(state.round, state.factors, state.spec, {}), pending
+
+
+def change_energy(start: ModuleFactors, pair: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """``||P Q - B A||_F^2`` for the aggregate ``(P, Q)`` and the round's start ``(B, A)``: the
+    stacked pair ``[P, -B] [Q; A]`` through its Gram matrices (float64, no dense product)."""
+    P, Q = pair
+    if start.A is None or start.B is None:
+        return product_energy(P, Q)
+    B, A = start.B.to(P), start.A.to(Q)
+    return product_energy(torch.cat([P, -B], dim=1), torch.cat([Q, A], dim=0))
 
 
 def pending_deltas(state: GlobalState) -> dict[str, FactoredDelta]:
