@@ -108,11 +108,12 @@ def summary(out: Path) -> str:
                     f"{r['pad']['useful_tokens_per_s']:.0f} | {r['flatten']['useful_tokens_per_s']:.0f} | "
                     f"{r['speedup']:.2f}x |"
                 )
-    reload = _load(out / "reload-nf4.json")
+    reload = _load(out / "reload.json")
     if reload:
         lines += [
             "",
-            f"## Reload per client call against a factor swap ({reload['model']}, nf4, {reload['device']})",
+            f"## Reload per client call against a factor swap ({reload['model']}, {reload['quantization']}, "
+            f"{reload['device']})",
             "",
             f"reload {reload['reload_s']:.2f} s, swap {1000 * reload['swap_s']:.1f} ms",
         ]

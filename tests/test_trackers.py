@@ -281,7 +281,7 @@ def test_flatten_keeps_numbers_under_slash_joined_keys():
 
 
 @installed
-@pytest.mark.slow
+@pytest.mark.drill  # a real SIGKILL of `fedlora run` and a resume (~45 s): run with `pytest -m drill`
 def test_sigkill_after_a_checkpoint_and_resume_hold_each_round_once(tmp_path, tiny):
     """A real kill (``FEDLORA_FAULT``: SIGKILL right after round 1's checkpoint and trackers), then
     ``fedlora run --resume``: the W&B offline run and MLflow run go on, no round twice."""
