@@ -102,6 +102,43 @@ def test_packed_rows_give_the_padded_loss_and_gradients_per_token(lengths):
         assert torch.allclose(gq, gp, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "rtol"),
+    [(torch.bfloat16, "none", 2e-2), (torch.float32, "nf4", 1e-4), (torch.bfloat16, "nf4", 2e-2)],
+)
+def test_on_bf16_and_nf4_bases_the_probe_allows_packing_and_the_loss_per_token_holds(
+    tmp_path, dtype, quantization, rtol
+):
+    """The bases users run: a bf16 base, and a bitsandbytes nf4 base computing in float32 or bf16
+    (k-bit preparation keeps norms in float32, so the compute dtype comes from the config). The
+    probe accepts packing, and the packed loss and LoRA gradients equal the padded ones to the
+    compute dtype's rounding."""
+    if quantization != "none":
+        pytest.importorskip("bitsandbytes")
+    from fedlora.model.loading import load_model
+    from fedlora.model.packing import _compute_dtype
+
+    model = load_model(str(tiny_llama(tmp_path / "m")), dtype=dtype, quantization=quantization)
+    assert _compute_dtype(model) == dtype
+    binding = lora_model(model)
+    assert binding.accepts_packed_sequences
+    batch = batch_of([5, 9, 2, 7], prompt=2)
+    params = binding.set_trainable()
+    binding.model.train()
+    out = []
+    for b in (batch, flatten_padded(batch)):
+        for p in params:
+            p.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = causal_or_cls_loss(binding.model, b)
+        loss.backward()
+        out.append((loss.detach().float(), [p.grad.float().clone() for p in params]))
+    (loss_pad, grads_pad), (loss_packed, grads_packed) = out
+    assert torch.allclose(loss_packed, loss_pad, rtol=rtol), (loss_packed, loss_pad)
+    for gp, gq in zip(grads_pad, grads_packed):
+        assert float((gq - gp).norm()) <= 10 * rtol * float(gp.norm()) + 1e-12
+
+
 def test_without_position_boundaries_the_packed_loss_differs():
     """The check above can fail: packing with one running position (no sequence boundaries)
     lets tokens attend across sequences, and the loss moves."""
@@ -136,7 +173,7 @@ def test_the_probe_accepts_a_llama_and_refuses_a_model_that_ignores_positions(lm
     assert lm.training  # the flag comes back
 
 
-def test_packing_choice_follows_the_config_and_refuses_flatten_by_key(tmp_path, lm):
+def test_packing_choice_follows_the_config_and_refuses_flatten_by_key(tmp_path):
     folder = tiny_llama(tmp_path / "m")
     cfg = load_config(preset_path("ci"), {"model.name": str(folder)})
     binding = lora_model(tiny_lm()[0])

@@ -115,5 +115,11 @@ def accepts_packed_sequences(model: torch.nn.Module, *, rtol: float | None = Non
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its config's (the ``dtype`` it was loaded with; for a
+    bitsandbytes base that is the compute dtype, while k-bit preparation keeps norms and
+    embeddings in float32), else its floating parameters'."""
+    configured = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(configured, torch.dtype):
+        return configured
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
     return torch.float32 if not floats or all(d == torch.float32 for d in floats) else torch.bfloat16
