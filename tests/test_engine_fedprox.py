@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
+
 import pytest
 import torch
 
@@ -105,3 +109,43 @@ def test_mu_zero_takes_todays_path_bit_for_bit(binding, monkeypatch):
         assert torch.equal(f.A, b.upload.factors[m].A) and torch.equal(f.B, b.upload.factors[m].B)
     assert any(not torch.equal(f.B, c.upload.factors[m].B) for m, f in a.upload.factors.items())
     assert a.stats["loss"] == b.stats["loss"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fedprox_server_optimizer_and_the_change_rule_run_on_an_nf4_base(tmp_path, dtype):
+    """The bases users run: an nf4 base computing in float32 or bf16. FedIT with FedProx and FedAdam
+    trains and steps the server moments; FedMomentum's default rule (over the round's change, on the
+    side path) drops at most 1 - tau of each round's change."""
+    from fedlora.configs import preset_path
+    from fedlora.engine.config import load_config
+    from fedlora.engine.local import local_run
+    from helpers import tiny_llama
+
+    folder = tiny_llama(tmp_path / "m")
+    common = {
+        "output_dir": str(tmp_path),
+        "model.name": str(folder),
+        "model.quantization": "nf4",
+        "model.dtype": dtype,
+        "task.settings": "{n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}",
+        "rounds.num_rounds": "2",
+        "rounds.eval_baseline": "false",
+        "train.max_steps": "3",
+    }
+    runs = {
+        "prox": {"method.name": "fedit", "train.prox_mu": "0.1", "server.optimizer": "fedadam", "server.lr": "0.05"},
+        "mom": {"method.name": "fedmomentum", "method.settings": "{tau: 0.99}"},
+    }
+    for name, sets in runs.items():
+        engine = local_run(load_config(preset_path("ci"), {**common, **sets, "name": name}), progress=False)
+        engine.run()
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if r.get("phase") == "train"]
+        assert len(train) == 2 and not any(r["skipped"] for r in train)
+        assert all(math.isfinite(s["loss"]) for r in train for s in r["train"].values())
+        if name == "prox":
+            assert engine.server_opt and all(torch.isfinite(t).all() for t in engine.server_opt.values())
+        else:
+            assert engine.binding.backbone_mode == "side"
+            assert train[1]["report"]["dropped_of_change"] <= 0.01 + 1e-9
