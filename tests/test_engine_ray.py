@@ -55,11 +55,19 @@ def records(path):
 
 
 def test_ray_workers_reproduce_the_local_run(tmp_path, tiny):
-    local_run(config(tmp_path, tiny, "local"), progress=False).run()
+    """With what travels beside the factors: each client's own B, its carried optimizer state and
+    its SCAFFOLD variate (records), the server's variate (method state), FedAdam's moments (the
+    engine's) and a TensorBoard tracker."""
+    extra = {"train.scaffold": "true", "server.optimizer": "fedadam", "server.lr": "0.01"}
+    extra["logging.trackers"] = "[tensorboard]"
+    local_run(config(tmp_path, tiny, "local", **extra), progress=False).run()
     engine = local_run(
-        config(tmp_path, tiny, "ray", **{"engine.backend": "ray", "engine.workers": "2"}), progress=False
+        config(tmp_path, tiny, "ray", **{"engine.backend": "ray", "engine.workers": "2", **extra}), progress=False
     )
     engine.run()
+    assert all(r["report"]["control_norm"] > 0 for r in records(tmp_path / "ray" / "metrics.jsonl"))
+    assert any(k.startswith("scaffold/c_i/") for r in engine.clients.values() for k in r.memory)
+    assert engine.server_opt and list((tmp_path / "ray" / "tensorboard").glob("events.out.tfevents.*"))
     assert type(engine.trainer).__name__ == "RayTrainer" and not engine.trainer.workers  # closed
     a, b = records(tmp_path / "local" / "metrics.jsonl"), records(tmp_path / "ray" / "metrics.jsonl")
     assert [r["clients"] for r in a] == [r["clients"] for r in b] and len(a) == 3

@@ -14,7 +14,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from fedlora.engine.config import TrainConfig
-from fedlora.engine.train import example_stream, proximal_term, steps_for, train_local
+from fedlora.engine.train import (
+    drift_correction,
+    example_stream,
+    proximal_term,
+    step_size_sum,
+    steps_for,
+    train_local,
+)
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientContext, ClientUpload, GlobalState, Method
 from fedlora.model.binding import LoRABinding
@@ -114,6 +121,7 @@ def client_round(
     client's round draws the same numbers in every runtime and whatever ran before it."""
     cid = data.client_id
     torch.manual_seed(client_seed(data.seed, state.round, cid))
+    steps = steps_for(train, len(data.indices))
     ctx = ClientContext(
         client_id=cid,
         round=state.round,
@@ -122,6 +130,7 @@ def client_round(
         memory=record.memory,
         seed=data.seed,
         grad_fn=gradient_fn(binding, data, state.round, train.grad_batches) if method.needs_gradient else None,
+        step_size=step_size_sum(train, steps, state.round, num_rounds),
     )
     start = method.client_start(state, ctx)
     binding.set_factors(start.factors)
@@ -131,6 +140,13 @@ def client_round(
     # FedProx: anchored at the factors the method started this client from (the global ones, or
     # its own start where the method gives it one: FedSA-LoRA's B, FLoRA's fresh LoRA, ...)
     regulariser = proximal_term(params, train.prox_mu) if train.prox_mu > 0 else None
+    # SCAFFOLD (methods/scaffold.py): the method's drift correction, applied after each optimizer step
+    moves = [
+        (binding.factor_parameter(m, which), d)
+        for m, f in start.correction.items()
+        for which in ("A", "B")
+        if (d := f.get(which)) is not None
+    ]
     carry = train.optimizer_state == "carry"
     with binding.shifted(start.local_shift):
         result, opt_state = train_local(
@@ -139,12 +155,13 @@ def client_round(
             data.batches(record.cursor),
             causal_or_cls_loss,
             train,
-            steps=steps_for(train, len(data.indices)),
+            steps=steps,
             round_=state.round,
             num_rounds=num_rounds,
             optimizer_state=record.optimizer if carry else None,
             on_step=on_step,
             regulariser=regulariser,
+            after_step=drift_correction(moves) if moves else None,
         )
     factors, memory = method.client_finish(state, ctx, start, binding.get_factors())
     record.cursor += result.examples
@@ -153,7 +170,8 @@ def client_round(
     stats = {"loss": result.loss, "steps": result.steps, "examples": result.examples, "seconds": result.seconds}
     if start.report:
         stats["report"] = dict(start.report)
-    return ClientOutcome(ClientUpload(cid, factors, num_examples=len(data.indices)), stats, binding.extras())
+    upload = ClientUpload(cid, factors, num_examples=len(data.indices), step_size=ctx.step_size)
+    return ClientOutcome(upload, stats, binding.extras())
 
 
 def _cpu(obj: Any) -> Any:

@@ -143,6 +143,11 @@ class TrainConfig:
         "factors, theta_start = where the method started the client this round (0 = off; any method)",
         min=0.0,
     )
+    scaffold: bool = _f(
+        False,
+        "SCAFFOLD control variates (Karimireddy et al. 2020, option II) on the factors the method averages: each "
+        "local step also moves them by -lr (c - c_i); factor-averaging methods only (fedlora/methods/scaffold.py)",
+    )
     optimizer_state: Literal["fresh", "carry"] = _f("fresh", "new optimizer each round, or carried per client")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "autocast dtype (auto: bf16 on GPU, fp32 on CPU)"
@@ -266,6 +271,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 def _check(cfg: Config) -> None:
     """Cross-field checks (the method exists and its settings parse, etc.)."""
     from fedlora.methods import build_method
+    from fedlora.methods.scaffold import check_scaffold
     from fedlora.methods.server_opt import check_server_optimizer
 
     try:
@@ -274,8 +280,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"method: {exc}") from None
     try:
         check_server_optimizer(method, cfg.server)
+        if cfg.train.scaffold:
+            check_scaffold(method)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.train.scaffold and cfg.train.lr <= 0:
+        raise ConfigError(
+            f"train.scaffold needs train.lr > 0 (its variates are per unit learning rate), got {cfg.train.lr}"
+        )
     if cfg.partition.scheme == "dirichlet" and cfg.partition.alpha <= 0:
         raise ConfigError(f"partition.alpha={cfg.partition.alpha} must be positive for the dirichlet scheme")
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:

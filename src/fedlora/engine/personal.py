@@ -29,8 +29,8 @@ from fedlora.model.binding import LoRABinding
 
 
 def has_personal_models(method: Method) -> bool:
-    """Whether ``method`` gives clients a model of their own (it overrides ``personal_factors``)."""
-    return type(method).personal_factors is not Method.personal_factors
+    """Whether ``method`` gives clients a model of their own (:attr:`Method.has_personal_models`)."""
+    return method.has_personal_models
 
 
 def personal_enabled(mode: Literal["auto", "on", "off"], method: Method) -> bool:

@@ -78,15 +78,14 @@ class ClientWorker:
 
     def __init__(self, config: dict[str, Any]) -> None:
         from fedlora.engine.config import config_from_dict
-        from fedlora.engine.setup import build_binding, device_for, prepare_data
-        from fedlora.methods import build_method
+        from fedlora.engine.setup import build_binding, build_run_method, device_for, prepare_data
 
         torch.set_num_threads(max(1, int(config.pop("_threads", 1))))
         self.cfg = config_from_dict(config)
         self.device = device_for(self.cfg.model.device)
         self.data = prepare_data(self.cfg)
         self.tokenizer, self.binding = build_binding(self.cfg, self.device)
-        self.method = build_method(self.cfg.method.name, self.cfg.method.settings)
+        self.method = build_run_method(self.cfg)
         self.applied = 0
 
     def ready(self) -> bool:
@@ -134,6 +133,7 @@ class ClientWorker:
             {
                 "factors": factors_tree(out.upload.factors),
                 "num_examples": out.upload.num_examples,
+                "step_size": out.upload.step_size,
                 "stats": out.stats,
                 "extras": out.extras,
                 "record": record_tree(record),
@@ -236,7 +236,7 @@ class RayTrainer(ClientTrainer):
                 out.fail(cid, r)
                 continue
             e.clients[cid] = record_from_tree(r["record"])
-            upload = ClientUpload(cid, factors_from_tree(r["factors"]), int(r["num_examples"]))
+            upload = ClientUpload(cid, factors_from_tree(r["factors"]), int(r["num_examples"]), float(r["step_size"]))
             out.add(upload, r["stats"], r["extras"], client_rank(e.cfg, cid))
         return out
 

@@ -48,6 +48,7 @@ from fedlora.engine.config import Config, clients_per_round
 from fedlora.engine.personal import evaluate_personal, personal_enabled
 from fedlora.engine.setup import (
     build_binding,
+    build_run_method,
     device_for,
     personal_test_sets,
     prepare_data,
@@ -55,7 +56,7 @@ from fedlora.engine.setup import (
 )
 from fedlora.engine.trainer import ClientTrainer
 from fedlora.lowrank import FactoredDelta, svd_device
-from fedlora.methods import GlobalState, Method, build_method
+from fedlora.methods import GlobalState, Method
 from fedlora.methods.server_opt import server_step
 from fedlora.methods.validation import screen_uploads
 from fedlora.progress import Progress, quiet_library_bars, terminal_width, tracking
@@ -74,7 +75,7 @@ class RoundEngine:
         self.trainer = trainer
         self.run_dir = cfg.run_dir
         self.progress_mode = "auto" if progress else "off"
-        self.method: Method = build_method(cfg.method.name, cfg.method.settings)
+        self.method: Method = build_run_method(cfg)
         if cfg.rounds.personal_eval == "on" and not trainer.holds_client_records:
             raise ValueError(
                 f"rounds.personal_eval=on: the {trainer.name} runtime does not evaluate personal models "

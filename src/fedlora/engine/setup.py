@@ -16,7 +16,17 @@ import torch
 
 from fedlora.engine.client import LocalData
 from fedlora.engine.config import Config
+from fedlora.methods import Method, build_method
+from fedlora.methods.scaffold import Scaffold
 from fedlora.model.binding import LoRABinding, LoRASettings
+
+
+def build_run_method(cfg: Config) -> Method:
+    """The run's method: ``method.name`` with its settings, wrapped in SCAFFOLD's control variates
+    when ``train.scaffold`` (:mod:`fedlora.methods.scaffold`). Every runtime's server and clients
+    build it here."""
+    method = build_method(cfg.method.name, cfg.method.settings)
+    return Scaffold(method, cfg.partition.num_clients) if cfg.train.scaffold else method
 
 
 def device_for(name: str) -> torch.device:

@@ -1,5 +1,6 @@
 """A client's local training: optimizer, learning-rate schedule, accumulation, clipping, autocast,
-and an optional regulariser of the trainable parameters (FedProx's proximal term, :func:`proximal_term`).
+an optional regulariser of the trainable parameters (FedProx's proximal term, :func:`proximal_term`)
+and an optional move after each optimizer step (SCAFFOLD's drift correction, :func:`drift_correction`).
 
 The data order is a pure function of ``(seed, client, pass)`` plus the client's cursor (how
 many examples it has consumed so far), so a resumed run replays exactly the same batches.
@@ -101,6 +102,24 @@ def steps_for(cfg: TrainConfig, num_examples: int) -> int:
     return max(1, math.ceil(cfg.epochs * num_examples / per_step))
 
 
+def step_size_sum(cfg: TrainConfig, steps: int, round_: int, num_rounds: int) -> float:
+    """``sum_k eta_k`` over the round's ``steps`` optimizer steps (SCAFFOLD's ``K eta_l``)."""
+    return math.fsum(lr_at(cfg, k, steps, round_, num_rounds) for k in range(steps))
+
+
+def drift_correction(moves: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> Callable[[float], None]:
+    """``after_step(lr)`` for :func:`train_local`: ``p <- p - lr d`` for each ``(p, d)`` (``d`` cast to
+    ``p``'s device and dtype once); SCAFFOLD's ``y <- y - eta_k (c - c_i)``."""
+    pairs = [(p, d.to(p.device, p.dtype)) for p, d in moves]
+
+    @torch.no_grad()
+    def after_step(lr: float) -> None:
+        for p, d in pairs:
+            p.add_(d, alpha=-lr)
+
+    return after_step
+
+
 def proximal_term(params: Sequence[nn.Parameter], mu: float) -> Callable[[], torch.Tensor]:
     """FedProx (Li et al., MLSys 2020): ``R(theta) = mu/2 sum_p ||p - p_start||^2`` over ``params``,
     anchored at their values now (where the client starts the round). Its gradient is
@@ -126,12 +145,14 @@ def train_local(
     optimizer_state: dict[str, Any] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     regulariser: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[float], None] | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Run ``steps`` optimizer steps; return the result and the optimizer's state dict.
 
     ``regulariser()``, a function of the parameters only, adds its gradient once per optimizer step
     (after the micro-batches' accumulated loss gradient, before clipping); the reported losses
-    are the task's loss alone."""
+    are the task's loss alone. ``after_step(lr)`` runs after each optimizer step with its
+    learning rate (a move outside the optimizer: no clipping, no preconditioning)."""
     device = params[0].device
     optimizer = make_optimizer(cfg, params, optimizer_state)
     amp = autocast_dtype(cfg, device)
@@ -166,6 +187,8 @@ def train_local(
             scaler.update()
         else:
             optimizer.step()
+        if after_step is not None:
+            after_step(optimizer.param_groups[0]["lr"])
         losses.append(total)
         if on_step:
             on_step(step, total)

@@ -55,6 +55,7 @@ from fedlora.engine.config import Config, config_from_dict
 from fedlora.engine.setup import (
     RunData,
     build_binding,
+    build_run_method,
     client_rank,
     device_for,
     local_data,
@@ -74,7 +75,7 @@ from fedlora.flower.sync import (
     seeded_state,
     unflatten_state,
 )
-from fedlora.methods import GlobalState, Method, build_method
+from fedlora.methods import GlobalState, Method
 
 CACHE_ENV = "FEDLORA_NODE_CACHE"
 ERROR_CODE = 2  # flwr's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -306,7 +307,7 @@ def train(msg: Message, context: Context) -> Message:
     folder = enter_run(context, header)
     round_ = int(header["round"])
     write_status(folder, round_ + 1, "loading")
-    method = build_method(cfg.method.name, cfg.method.settings)
+    method = build_run_method(cfg)
     loaded = model_for(cfg)
     store = NodeStore(folder)
     flat, chains = store.apply(diff_from_content(msg.content), loaded.initial, _seeded_fn(method, loaded))
@@ -339,7 +340,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     records.save(round_, record, base)
     write_status(folder, round_ + 1, "done")
-    metrics = train_metrics(out.stats, out.upload.num_examples)
+    metrics = train_metrics(out.stats, out.upload.num_examples, out.upload.step_size)
     content = RecordDict(
         {"upload": factors_record(out.upload.factors), "extras": to_record(out.extras), "metrics": metrics}
     )

@@ -118,11 +118,13 @@ def factors_from_record(record: ArrayRecord) -> Factors:
 REPORT_PREFIX = "report."
 
 
-def train_metrics(stats: Mapping[str, Any], num_examples: int) -> MetricRecord:
-    """A client's training stats (``client_round``'s) as the reply's MetricRecord."""
+def train_metrics(stats: Mapping[str, Any], num_examples: int, step_size: float = 0.0) -> MetricRecord:
+    """A client's training stats (``client_round``'s), its sample count and the sum of its steps'
+    learning rates (``ClientUpload.step_size``) as the reply's MetricRecord."""
     return MetricRecord(
         {
             "num-examples": int(num_examples),
+            "step-size": float(step_size),
             "train-loss": float(stats["loss"]),
             "steps": int(stats["steps"]),
             "examples": int(stats["examples"]),

@@ -263,7 +263,8 @@ class FlowerTrainer(ClientTrainer):
             wire["up_payload"] += payload_bytes(up)
             wire["up_extras"] += payload_bytes(ex)
             metrics = content.metric_records["metrics"]
-            upload = ClientUpload(cid, factors_from_record(up), num_examples=int(metrics["num-examples"]))
+            step_size = float(metrics["step-size"]) if "step-size" in metrics else 0.0
+            upload = ClientUpload(cid, factors_from_record(up), int(metrics["num-examples"]), step_size)
             out.add(upload, train_stats_from_metrics(metrics), from_record(ex), client_rank(self.cfg, cid))
             self.sync.acknowledge(cid)
         for k in self.wire_total:

@@ -118,6 +118,9 @@ class ClientContext:
     memory: dict[str, Tensor] = field(default_factory=dict)
     seed: int = 0
     grad_fn: GradientFn | None = None
+    step_size: float = 0.0
+    """``sum_k eta_k``: the sum of the learning rates of the client's local optimizer steps this
+    round (SCAFFOLD's ``K eta_l``), known before training (0: the runtime did not say)."""
 
 
 @dataclass
@@ -130,7 +133,11 @@ class ClientStart:
     - ``local_shift``: a client-only offset of the backbone for this round's training
       (``W_local = W + shift``), already scaled; the runtime removes it afterwards;
     - ``report``: numbers about this client's round worth logging with its training stats
-      (``client_finish`` may add to it); the runtimes log the mean over clients.
+      (``client_finish`` may add to it); the runtimes log the mean over clients;
+    - ``correction``: per module, a drift correction ``d`` of some trained factors (``None``
+      elsewhere): after each local optimizer step ``k`` the runtime moves the factor by
+      ``-eta_k d`` (``eta_k``: that step's learning rate); SCAFFOLD's ``c - c_i``
+      (:mod:`fedlora.methods.scaffold`).
     """
 
     factors: Factors
@@ -138,15 +145,18 @@ class ClientStart:
     upload: frozenset[str] = AB
     local_shift: dict[str, FactoredDelta] = field(default_factory=dict)
     report: dict[str, float] = field(default_factory=dict)
+    correction: Factors = field(default_factory=dict)
 
 
 @dataclass
 class ClientUpload:
-    """One client's reply: the factors it sent and its sample count."""
+    """One client's reply: the factors it sent, its sample count and the sum of its local steps'
+    learning rates (``ClientContext.step_size``; 0 where the runtime did not say)."""
 
     client_id: str
     factors: Factors
     num_examples: int
+    step_size: float = 0.0
 
     def nbytes(self) -> int:
         return sum(f.nbytes() for f in self.factors.values())
@@ -227,6 +237,11 @@ class Method(ABC):
         """The LoRA a client whose kept memory is ``memory`` uses as its own model, for methods
         with client-local parts (FedSA-LoRA's B); ``None``: the client's model is the global one."""
         return None
+
+    @property
+    def has_personal_models(self) -> bool:
+        """Whether clients keep models of their own (the method overrides :meth:`personal_factors`)."""
+        return type(self).personal_factors is not Method.personal_factors
 
     def needs_global(self, round_: int) -> bool:
         """Whether aggregating round ``round_`` needs the true round-start global factors (and

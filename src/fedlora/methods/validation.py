@@ -8,6 +8,7 @@ or a value is NaN/Inf. Runtimes drop rejected clients and go on; offline aggrega
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,6 +40,8 @@ def check_upload(upload: ClientUpload, state: GlobalState, method: Method, rank:
     cid = upload.client_id
     if upload.num_examples is None or upload.num_examples < 0:
         raise InvalidUpdate(cid, None, f"num_examples must be a non-negative count, got {upload.num_examples}")
+    if not math.isfinite(upload.step_size) or upload.step_size < 0:
+        raise InvalidUpdate(cid, None, f"step_size must be a finite non-negative number, got {upload.step_size}")
     expected = state.shapes()
     missing = sorted(set(expected) - set(upload.factors))
     extra = sorted(set(upload.factors) - set(expected))

@@ -196,6 +196,11 @@ class LoRABinding:
                 params.append(p)
         return params
 
+    def factor_parameter(self, module: str, which: str) -> nn.Parameter:
+        """The parameter holding factor ``which`` (``"A"`` or ``"B"``) of ``module``."""
+        layer = self.layers[module]
+        return (layer.lora_A if which == "A" else layer.lora_B)[ADAPTER].weight
+
     def extras(self) -> dict[str, torch.Tensor]:
         """Trainable non-LoRA tensors (``modules_to_save``, e.g. a classifier head), by name."""
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if "modules_to_save" in n}
