@@ -4,7 +4,6 @@ bf16/float32/float64, and Gaussian noise calibrated and reproducible from a seed
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 
@@ -23,13 +22,19 @@ from fedlora.privacy import (
     gaussian_noise,
     global_norm,
     noise_multiplier_for,
+    rdp_epsilon_floor,
     seeded_generator,
     validate,
 )
-from fedlora.privacy.accounting import _history_epsilon
+from fedlora.privacy.accounting import _history_epsilon, _rdp_orders
 
-# Opacus is the optional `privacy` extra: the accounting tests need it, clipping/noise/validate do not.
-needs_opacus = pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="needs the privacy extra (opacus)")
+try:  # Opacus is the optional `privacy` extra: the accounting tests need it, clipping/noise/validate do not
+    import opacus  # noqa: F401
+
+    HAVE_OPACUS = True
+except ImportError:
+    HAVE_OPACUS = False
+needs_opacus = pytest.mark.skipif(not HAVE_OPACUS, reason="needs the privacy extra (opacus)")
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")
 
@@ -101,6 +106,21 @@ def test_prv_and_rdp_agree_within_ten_percent(sigma: float, q: float, steps: int
 
 
 @needs_opacus
+def test_rdp_floor_and_where_prv_is_needed() -> None:
+    """Opacus's RDP orders stop at 63, so RDP's epsilon has a floor whatever the noise; PRV has none."""
+    from opacus.accountants import RDPAccountant
+
+    assert _rdp_orders() == RDPAccountant.DEFAULT_ALPHAS  # the floor is computed for Opacus's own grid
+    assert rdp_epsilon_floor(1e-5) == pytest.approx(0.10287, abs=1e-5)
+    assert epsilon(1e6, 0.01, 10, 1e-5) == pytest.approx(rdp_epsilon_floor(1e-5), rel=1e-9)
+    assert epsilon(1e6, 0.01, 10, 1e-5, "prv") < 0.01
+    with pytest.raises(ValueError, match=r"privacy\.accountant=prv"):
+        noise_multiplier_for(0.05, 1e-5, 0.01, 10, "rdp")
+    sigma = noise_multiplier_for(0.05, 1e-5, 0.01, 10, "prv")
+    assert 0.05 * 0.99 <= epsilon(sigma, 0.01, 10, 1e-5, "prv") <= 0.05
+
+
+@needs_opacus
 def test_noise_multiplier_matches_opacus_reference() -> None:
     assert noise_multiplier_for(8.0, 1e-5, 0.04, 2000) == pytest.approx(1.3562, abs=5e-5)
     assert noise_multiplier_for(8.0, 1e-5, 0.04, 2250, "rdp") == pytest.approx(1.416, abs=5e-5)
@@ -156,6 +176,12 @@ def test_epsilon_edge_cases() -> None:
     for delta in (0.0, 1.0, math.nan):
         with pytest.raises(ValueError, match=r"privacy\.delta"):
             epsilon(1.0, 0.01, 5, delta)
+
+
+@pytest.mark.skipif(HAVE_OPACUS, reason="checks the message given without the privacy extra")
+def test_accounting_without_opacus_says_which_extra() -> None:
+    with pytest.raises(ImportError, match=r"fedlora\[privacy\]"):
+        epsilon(1.0, 0.1, 10, 1e-5)
 
 
 def test_importing_fedlora_does_not_import_opacus() -> None:

@@ -23,6 +23,7 @@ from fedlora.privacy.accounting import (
     check_budget,
     epsilon,
     noise_multiplier_for,
+    rdp_epsilon_floor,
     validate,
 )
 from fedlora.privacy.clipping import clip_to_norm, gaussian_noise, global_norm, seeded_generator
@@ -36,6 +37,7 @@ __all__ = [
     "gaussian_noise",
     "global_norm",
     "noise_multiplier_for",
+    "rdp_epsilon_floor",
     "seeded_generator",
     "validate",
 ]

@@ -26,6 +26,9 @@ Accountants (``privacy.accountant``):
   is still a guarantee. Tighter than ``rdp`` (typically 5-10 % smaller ε in the regimes the tests
   pin) but slower: 0.1 s to tens of seconds per evaluation, growing with the steps and the
   sample rate (50,000 steps at q = 0.05: ~20 s on one CPU core).
+  RDP is looser where ε is small: with Opacus's orders (up to 63) it cannot report ε below
+  :func:`rdp_epsilon_floor` (0.103 at δ = 1e-5) whatever the noise, and at σ = 0.8, q = 0.001,
+  100 steps, δ = 1e-6 it says 1.37 where PRV says 0.27. Use ``prv`` for budgets below ~0.5.
 * Opacus's ``gdp`` is not offered: it is a central-limit approximation (Dong, Roth and Su 2019),
   not an upper bound on ε for finite runs.
 
@@ -80,6 +83,15 @@ def _check_step(noise_multiplier: float, sample_rate: float, steps: int) -> None
         raise ValueError(f"steps={steps!r} must be an integer >= 0")
 
 
+def _require_opacus() -> None:
+    try:
+        import opacus  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "privacy accounting needs Opacus: pip install 'fedlora[privacy]' (opacus>=1.6,<1.7)"
+        ) from e
+
+
 def _history_epsilon(history: Iterable[Iterable[float | int]], delta: float, accountant: str) -> float:
     """ε of a history (entries ``(sigma, q, steps)``) at ``delta``, by Opacus's ``accountant``."""
     _check_accountant(accountant)
@@ -92,13 +104,32 @@ def _history_epsilon(history: Iterable[Iterable[float | int]], delta: float, acc
         return 0.0
     if any(s == 0.0 for s, _, _ in entries):
         return math.inf  # no noise, no guarantee (Opacus's RDP says inf too; its PRV fails)
-    from opacus.accountants import create_accountant  # the `privacy` extra: imported on use only
+    _require_opacus()  # the `privacy` extra: imported on use only
+    from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
     acc.history = entries
     if accountant == "prv":
         return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     return float(acc.get_epsilon(delta=delta))
+
+
+def rdp_epsilon_floor(delta: float) -> float:
+    """The smallest ε Opacus's RDP accountant can report at ``delta``, however large the noise.
+
+    With RDP -> 0 at every order, Balle et al.'s conversion leaves
+    ``min_alpha [log(1/delta) - log(alpha)] / (alpha - 1) + log((alpha - 1) / alpha)``, attained
+    at Opacus's largest order ``alpha = 63``: 0.103 at delta = 1e-5, 0.140 at 1e-6.
+    """
+    _check_delta(delta)
+    return min(
+        (math.log(1 / delta) - math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in _rdp_orders()
+    )
+
+
+def _rdp_orders() -> list[float]:
+    """Opacus's ``RDPAccountant.DEFAULT_ALPHAS`` (1.1 .. 10.9, 12 .. 63), without importing Opacus."""
+    return [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
@@ -132,6 +163,7 @@ def noise_multiplier_for(
     tol = min(0.01, 0.01 * epsilon) if epsilon_tolerance is None else epsilon_tolerance
     if not (math.isfinite(tol) and 0 < tol < epsilon):
         raise ValueError(f"epsilon_tolerance={epsilon_tolerance!r} must be in (0, privacy.epsilon)")
+    _require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     kwargs: dict[str, Any] = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
@@ -146,10 +178,16 @@ def noise_multiplier_for(
             **kwargs,
         )
     except ValueError as e:  # "The privacy budget is too low." (σ would exceed 1e6)
+        floor = ""
+        if accountant == "rdp" and epsilon < rdp_epsilon_floor(delta) * 1.5:
+            floor = (
+                f"; the rdp accountant cannot state epsilon below {rdp_epsilon_floor(delta):.3g} at this delta "
+                "whatever the noise (its orders stop at 63): privacy.accountant=prv can"
+            )
         raise ValueError(
             f"privacy.epsilon={epsilon} at privacy.delta={delta} cannot be met over {steps} steps at sample rate "
             f"{sample_rate}: it would need a noise multiplier above 1e6 ({e}); raise privacy.epsilon or lower "
-            "rounds.num_rounds"
+            f"rounds.num_rounds{floor}"
         ) from e
     return float(sigma)
 
