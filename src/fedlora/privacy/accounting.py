@@ -20,15 +20,15 @@ Accountants (``privacy.accountant``):
   Zhang 2019), composed additively over orders ``alpha`` in Opacus's default grid (1.1 .. 63),
   converted to ``(epsilon, delta)`` by Balle et al. 2020, Thm. 21. An upper bound, cheap
   (milliseconds for any number of steps), and the accountant most papers report, so numbers
-  compare across papers. It is the default for those reasons.
+  compare across papers. It is the default for those reasons. It is looser where ε is small:
+  with Opacus's orders (up to 63) it cannot report ε below :func:`rdp_epsilon_floor` (0.103 at
+  δ = 1e-5) whatever the noise, and at σ = 0.8, q = 0.001, 100 steps, δ = 1e-6 it says 1.37
+  where PRV says 0.27. Use ``prv`` for budgets below ~0.5.
 * ``prv``: numerical composition of privacy loss random variables (Gopi, Lee and Wutschitz 2021)
   with Opacus's ``eps_error=0.01``; Opacus returns the *upper* end of its error interval, so it
   is still a guarantee. Tighter than ``rdp`` (typically 5-10 % smaller ε in the regimes the tests
   pin) but slower: 0.1 s to tens of seconds per evaluation, growing with the steps and the
   sample rate (50,000 steps at q = 0.05: ~20 s on one CPU core).
-  RDP is looser where ε is small: with Opacus's orders (up to 63) it cannot report ε below
-  :func:`rdp_epsilon_floor` (0.103 at δ = 1e-5) whatever the noise, and at σ = 0.8, q = 0.001,
-  100 steps, δ = 1e-6 it says 1.37 where PRV says 0.27. Use ``prv`` for budgets below ~0.5.
 * Opacus's ``gdp`` is not offered: it is a central-limit approximation (Dong, Roth and Su 2019),
   not an upper bound on ε for finite runs.
 
