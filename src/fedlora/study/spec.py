@@ -17,14 +17,20 @@ A study spec is a YAML file::
     methods:                         # per-method overrides, applied after the grid values
       fedrot_lora: {method.settings: {lam: 0.5}}
       flexlora: {lora.client_ranks: [8, 4, 2]}   # a list is cycled over client ids 0..num_clients-1
+    arms:                            # optional: named variants, on the grid's ``arm`` axis
+      fedit: {method.name: fedit}
+      fedit+scaffold: {method.name: fedit, train.scaffold: true}
     report:                          # optional
       metric: accuracy               # default: the task's headline metric (first of its eval dict)
       target: 0.8                    # rounds/MB to reach it (direction from the metric's name)
       slices: [partition.alpha, partition.num_clients]   # one table/plot per slice
       pairs: [[fedmomentum, fedit]]  # paired comparisons over seeds (a claim: first beats second)
 
-Cells are built as: base config -> ``overrides`` -> the cell's grid values -> the method's
-overrides -> (command-line ``--set``) -> ``output_dir``/``name``. When a cell's ``method.name``
+Cells are built as: base config -> ``overrides`` -> the cell's grid values (an ``arm`` value:
+that arm's overrides) -> the method's overrides -> (command-line ``--set``) ->
+``output_dir``/``name``. A study whose grid has an ``arm`` axis compares arms (several may run
+one method: FedIT with and without SCAFFOLD): the report groups cells and pairs them by arm
+name, where other studies use the method's name. When a cell's ``method.name``
 differs from the base config's, ``method.settings`` is reset to ``{}`` first (settings of one
 method are errors for another) unless the method's overrides set it. Every cell is validated
 with :func:`fedlora.engine.config.config_from_dict`; a malformed spec raises :class:`StudySpecError`
@@ -46,9 +52,12 @@ import yaml
 
 from fedlora.engine.config import Config, ConfigError, config_from_dict
 
-SPEC_KEYS = ("name", "base", "output_dir", "report_dir", "overrides", "grid", "methods", "report", "description")
+SPEC_KEYS = (
+    "name", "base", "output_dir", "report_dir", "overrides", "grid", "methods", "arms", "report", "description"
+)
 REPORT_KEYS = ("metric", "target", "slices", "pairs")
 METHOD_AXIS = "method.name"
+ARM_AXIS = "arm"
 SEED_AXIS = "seed"
 
 
@@ -71,7 +80,8 @@ class Cell:
 
     @property
     def method(self) -> str:
-        return self.config.method.name
+        """What the report groups by: the cell's arm on a study with arms, else its method."""
+        return str(self.values[ARM_AXIS]) if ARM_AXIS in self.values else self.config.method.name
 
     @property
     def seed(self) -> int:
@@ -113,6 +123,7 @@ class StudySpec:
     grid: dict[str, list[Any]]
     overrides: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     metric: str | None = None
     target: float | None = None
     slices: list[str] = field(default_factory=list)
@@ -149,7 +160,11 @@ class StudySpec:
             set_dotted(data, key, value, where=f"overrides.{key}")
         base_method = (data.get("method") or {}).get("name", "fedmomentum")
         for key, value in values.items():
-            set_dotted(data, key, value, where=f"grid.{key}")
+            if key == ARM_AXIS:
+                for k, v in self.arms[str(value)].items():
+                    set_dotted(data, k, v, where=f"arms.{value}.{k}")
+            else:
+                set_dotted(data, key, value, where=f"grid.{key}")
         method = (data.get("method") or {}).get("name", "fedmomentum")
         own = self.methods.get(str(method), {})
         if method != base_method and "method.settings" not in own:
@@ -173,7 +188,7 @@ def cell_name(values: Mapping[str, Any]) -> str:
     parts = []
     for key, value in values.items():
         text = _short(value)
-        parts.append(text if key == METHOD_AXIS else f"{key.rsplit('.', 1)[-1]}{text}")
+        parts.append(text if key in (METHOD_AXIS, ARM_AXIS) else f"{key.rsplit('.', 1)[-1]}{text}")
     return "-".join(parts)
 
 
@@ -236,8 +251,8 @@ def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _pairs(raw: Any, grid_methods: list[str]) -> list[tuple[str, str]]:
-    """``report.pairs``: a list of ``[a, b]`` method pairs, both on the grid's method axis."""
+def _pairs(raw: Any, grid_methods: list[str], axis: str = METHOD_AXIS) -> list[tuple[str, str]]:
+    """``report.pairs``: a list of ``[a, b]`` method (or arm) pairs, both on the grid's ``axis``."""
     if not isinstance(raw, list):
         raise StudySpecError(f"report.pairs: expected a list of [method, method] pairs, got {raw!r}")
     out = []
@@ -246,7 +261,7 @@ def _pairs(raw: Any, grid_methods: list[str]) -> list[tuple[str, str]]:
             raise StudySpecError(f"report.pairs: expected [method, method], got {pair!r}")
         for m in pair:
             if m not in grid_methods:
-                raise StudySpecError(f"report.pairs: {m!r} is not on the grid's {METHOD_AXIS} axis")
+                raise StudySpecError(f"report.pairs: {m!r} is not on the grid's {axis} axis")
         if pair[0] == pair[1]:
             raise StudySpecError(f"report.pairs: a method paired with itself ({pair[0]!r})")
         out.append((pair[0], pair[1]))
@@ -289,6 +304,21 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
         if m not in known:
             where = f"methods.{m}" if m in methods else f"grid.{METHOD_AXIS}"
             raise StudySpecError(f"{where}: unknown method {m!r}; available: {', '.join(sorted(known))}")
+    arms = _mapping(raw, "arms")
+    for a, over in arms.items():
+        if not isinstance(over, dict) or not over:
+            raise StudySpecError(f"arms.{a}: expected a non-empty mapping of dotted keys, got {over!r}")
+        if any(k in ("name", "output_dir", "seed") for k in over):
+            raise StudySpecError(f"arms.{a}: name, output_dir and seed are the study's, not an arm's")
+    if (ARM_AXIS in grid) != bool(arms):
+        raise StudySpecError("arms and grid.arm go together: name the arms, and list them on the grid's arm axis")
+    for a in grid.get(ARM_AXIS, []):
+        if str(a) not in arms:
+            raise StudySpecError(f"grid.{ARM_AXIS}: unknown arm {a!r}; defined: {', '.join(arms)}")
+    for a, over in arms.items():
+        m = over.get(METHOD_AXIS)
+        if m is not None and str(m) not in known:
+            raise StudySpecError(f"arms.{a}.{METHOD_AXIS}: unknown method {m!r}; available: {', '.join(sorted(known))}")
     report = _mapping(raw, "report")
     bad = [k for k in report if k not in REPORT_KEYS]
     if bad:
@@ -299,13 +329,14 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
     target = report.get("target")
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
         raise StudySpecError(f"report.target: expected a number, got {target!r}")
-    default_slices = [a for a in grid if a not in (METHOD_AXIS, SEED_AXIS)]
+    default_slices = [a for a in grid if a not in (METHOD_AXIS, ARM_AXIS, SEED_AXIS)]
     slices = report.get("slices", default_slices)
-    if not isinstance(slices, list) or any(s not in grid or s in (METHOD_AXIS, SEED_AXIS) for s in slices):
+    if not isinstance(slices, list) or any(s not in grid or s in (METHOD_AXIS, ARM_AXIS, SEED_AXIS) for s in slices):
         raise StudySpecError(
-            f"report.slices: expected grid axes other than {METHOD_AXIS} and {SEED_AXIS}, got {slices!r}"
+            f"report.slices: expected grid axes other than {METHOD_AXIS}, {ARM_AXIS} and {SEED_AXIS}, got {slices!r}"
         )
-    pairs = _pairs(report.get("pairs", []), [str(m) for m in grid.get(METHOD_AXIS, [])])
+    group_axis = ARM_AXIS if ARM_AXIS in grid else METHOD_AXIS
+    pairs = _pairs(report.get("pairs", []), [str(m) for m in grid.get(group_axis, [])], group_axis)
     spec_dir = Path(spec_dir)
     spec = StudySpec(
         name=name,
@@ -316,6 +347,7 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
         grid={k: list(v) for k, v in grid.items()},
         overrides=dict(overrides),
         methods={k: dict(v) for k, v in methods.items()},
+        arms={k: dict(v) for k, v in arms.items()},
         metric=metric,
         target=float(target) if target is not None else None,
         slices=list(slices),
