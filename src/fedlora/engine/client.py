@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from fedlora.engine.config import TrainConfig
+from fedlora.engine.privacy import NoisePlan, clip_upload
 from fedlora.engine.train import (
     drift_correction,
     example_stream,
@@ -114,8 +115,13 @@ def client_round(
     num_rounds: int,
     global_extras: dict[str, torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    noise: NoisePlan | None = None,
 ) -> ClientOutcome:
     """Train client ``data.client_id`` for one round; updates ``record`` in place.
+
+    ``noise`` (``privacy.mode``, fedlora/engine/privacy.py): client-level DP clips the round's
+    update (uploaded factors and extras) to ``noise.clip`` here, on the client; sample-level DP
+    trains with DP-SGD.
 
     Torch's RNG (LoRA dropout, any method randomness) is seeded from (seed, round, client), so a
     client's round draws the same numbers in every runtime and whatever ran before it."""
@@ -136,6 +142,7 @@ def client_round(
     binding.set_factors(start.factors)
     if global_extras:
         binding.set_extras(global_extras)
+    start_extras = binding.extras() if noise is not None else {}  # where its head starts (clip_upload's reference)
     params = binding.set_trainable(start.trainable)
     # FedProx: anchored at the factors the method started this client from (the global ones, or
     # its own start where the method gives it one: FedSA-LoRA's B, FLoRA's fresh LoRA, ...)
@@ -164,6 +171,9 @@ def client_round(
             after_step=drift_correction(moves) if moves else None,
         )
     factors, memory = method.client_finish(state, ctx, start, binding.get_factors())
+    extras = binding.extras()
+    if noise is not None and noise.mode == "client":
+        factors, extras = clip_upload(start.factors, factors, start_extras, extras, noise.clip)
     record.cursor += result.examples
     record.memory = memory
     record.optimizer = _cpu(opt_state) if carry else None
@@ -171,7 +181,7 @@ def client_round(
     if start.report:
         stats["report"] = dict(start.report)
     upload = ClientUpload(cid, factors, num_examples=len(data.indices), step_size=ctx.step_size)
-    return ClientOutcome(upload, stats, binding.extras())
+    return ClientOutcome(upload, stats, extras)
 
 
 def _cpu(obj: Any) -> Any:

@@ -182,6 +182,29 @@ class ServerConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (fedlora/engine/privacy.py says what each mode clips and noises, per method)."""
+
+    mode: Literal["none", "client", "sample"] = _f(
+        "none",
+        "none; client: client-level DP-FedAvg (each client's round update clipped to privacy.clip, Gaussian noise "
+        "on the server's mean, or on each upload for methods that combine individual factors); sample: DP-SGD on "
+        "the clients' trainable LoRA parameters (per-example clipping, noise per step)",
+    )
+    epsilon: float | None = _f(
+        None, "the privacy budget over the whole run; the noise multiplier is calibrated to it (or noise_multiplier)"
+    )
+    delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee, in (0, 1)")
+    noise_multiplier: float | None = _f(
+        None, "sigma: noise std / clip; with epsilon as well, the run is refused if it would spend more than epsilon"
+    )
+    clip: float = _f(1.0, "L2 bound C: of a client's round update (client) or of one example's gradient (sample)")
+    accountant: Literal["rdp", "prv"] = _f(
+        "rdp", "Opacus accountant: rdp (Renyi DP, the usual report) or prv (tighter, slower; for epsilon below ~0.5)"
+    )
+
+
+@dataclass
 class LoggingConfig:
     trackers: list[str] = _f(
         [],
@@ -210,6 +233,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -278,10 +302,13 @@ def _check(cfg: Config) -> None:
         method = build_method(cfg.method.name, cfg.method.settings)
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
+    from fedlora.engine.privacy import check_privacy
+
     try:
         check_server_optimizer(method, cfg.server)
         if cfg.train.scaffold:
             check_scaffold(method)
+        check_privacy(cfg, method)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.train.scaffold and cfg.train.lr <= 0:

@@ -81,6 +81,7 @@ class LocalTrainer(ClientTrainer):
             rank=client_rank(engine.cfg, cid),
             num_rounds=engine.cfg.rounds.num_rounds,
             global_extras=engine.global_extras,
+            noise=engine.noise,
             on_step=on_step,
         )
         return out.upload, out.stats, out.extras

@@ -99,6 +99,7 @@ class ClientWorker:
     def train(self, state_blob: bytes, ledger_blob: bytes, first: int, cid: str, record_blob: bytes) -> bytes:
         """Apply ledger entries ``first..`` not yet applied, train client ``cid`` from the state."""
         from fedlora.engine.client import client_round
+        from fedlora.engine.privacy import plan_noise
         from fedlora.engine.setup import local_data, packed_batches
 
         if first != self.applied:
@@ -128,6 +129,7 @@ class ClientWorker:
             rank=client_rank(self.cfg, cid),
             num_rounds=self.cfg.rounds.num_rounds,
             global_extras=tree["extras"],
+            noise=plan_noise(self.cfg, self.data.sizes),  # the server's plan: same config, same data
         )
         return trees.to_bytes(
             {

@@ -46,6 +46,14 @@ from fedlora.engine.checkpoint import (
 from fedlora.engine.client import ClientRecord
 from fedlora.engine.config import Config, clients_per_round
 from fedlora.engine.personal import evaluate_personal, personal_enabled
+from fedlora.engine.privacy import (
+    NoisePlan,
+    check_resumed_budget,
+    plan_noise,
+    private_aggregate,
+    record_round,
+    spend_report,
+)
 from fedlora.engine.setup import (
     build_binding,
     build_run_method,
@@ -59,6 +67,7 @@ from fedlora.lowrank import FactoredDelta, svd_device
 from fedlora.methods import GlobalState, Method
 from fedlora.methods.server_opt import server_step
 from fedlora.methods.validation import screen_uploads
+from fedlora.privacy import PrivacyLedger
 from fedlora.progress import Progress, quiet_library_bars, terminal_width, tracking
 from fedlora.runs.trackers import Trackers
 
@@ -89,6 +98,8 @@ class RoundEngine:
         self.clients: dict[str, ClientRecord] = {}
         self.global_extras: dict[str, torch.Tensor] = {}
         self.server_opt: dict[str, torch.Tensor] = {}  # the server optimizer's moments (methods/server_opt.py)
+        self.noise: NoisePlan | None = None  # privacy.mode's resolved noise (engine/privacy.py), set up with the data
+        self.spend = PrivacyLedger(cfg.privacy.accountant)  # the DP steps taken so far
         self.bytes_total = 0
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -103,6 +114,17 @@ class RoundEngine:
         self.task, self.train_examples, self.test_examples = data.task, data.train, data.test
         self.parts = data.parts
         self.client_ids = data.client_ids
+        self.noise = plan_noise(cfg, data.sizes)  # before the model: a budget it cannot meet costs nothing
+        if self.noise is not None:
+            log.info(
+                "privacy: %s-level DP, noise multiplier %.4g, clip %g, epsilon %.4g at delta %g over the run (%s)",
+                self.noise.mode,
+                self.noise.sigma,
+                self.noise.clip,
+                self.noise.planned_epsilon,
+                self.noise.delta,
+                self.noise.accountant,
+            )
         self.personal_sets = personal_test_sets(cfg, data) if self.personal else {}
         report = partition_report(data.groups, self.parts)
         atomic.write_json(self.run_dir / "partition.json", report)
@@ -140,6 +162,7 @@ class RoundEngine:
                 "factors": factors_tree(s.factors),
                 "method_state": s.method_state,
                 "server_opt": self.server_opt,
+                "privacy": self.spend.to_dict(),
                 "ledger": ledger_tree(self.ledger),
                 "clients": {c: record_tree(r) for c, r in self.clients.items()},
                 "extras": self.global_extras,
@@ -160,6 +183,8 @@ class RoundEngine:
             method_state=ck["method_state"],
         )
         self.server_opt = ck.get("server_opt") or {}  # absent from checkpoints written before it
+        if ck.get("privacy"):
+            self.spend = PrivacyLedger.from_dict(ck["privacy"])
         self.ledger = ledger_from_tree(ck["ledger"])
         for deltas in self.ledger:
             self.binding.apply_delta(deltas)  # replay, in order: same float ops as the original run
@@ -252,6 +277,8 @@ class RoundEngine:
         self.elapsed = 0.0
         if resume:
             lines = self._restore()
+            if self.noise is not None:
+                check_resumed_budget(self.spend, self.noise, self.state.round, cfg.rounds.num_rounds)
             _truncate_lines(metrics_path, lines)
             log.info("resumed %s at round %d", self.run_dir, self.state.round)
             for record in _read_records(metrics_path):  # the checkpointed records a killed run had not sent
@@ -260,6 +287,7 @@ class RoundEngine:
             self.state = self._initial_state()
             self.ledger = []
             self.server_opt = {}
+            self.spend = PrivacyLedger(cfg.privacy.accountant)
             self.clients = {}
             self.bytes_total = 0
             atomic.write_text(metrics_path, "")
@@ -330,9 +358,19 @@ class RoundEngine:
             self.state = GlobalState(t + 1, self.state.factors, self.state.spec, self.state.method_state)
             record.update(skipped=True, bytes_up=0, bytes_down=0)
         else:
+            keep = {u.client_id for u in accepted}
+            kept_extras = [e for u, e in zip(uploads, extras) if u.client_id in keep]
+            new_extras = None
             with svd_device(self.device):  # uploads live on the CPU; the QRs/SVDs run on the model's device
-                result = self.method.aggregate(self.state, accepted)
+                if self.noise is not None and self.noise.mode == "client":
+                    result, new_extras = private_aggregate(
+                        self.method, self.state, accepted, kept_extras, self.noise, cfg.seed
+                    )
+                else:
+                    result = self.method.aggregate(self.state, accepted)
                 result, self.server_opt = server_step(cfg.server, self.method, self.state, result, self.server_opt)
+            if self.noise is not None:
+                record_round(self.spend, self.noise, train_stats)
             deltas = dict(result.backbone_delta)
             state = result.state
             if state.round >= cfg.rounds.num_rounds:
@@ -344,9 +382,10 @@ class RoundEngine:
                 self.binding.apply_delta(deltas)
             self.ledger.append(deltas)
             self.state = state
-            keep = {u.client_id for u in accepted}
-            kept_extras = [e for u, e in zip(uploads, extras) if u.client_id in keep]
-            if kept_extras and kept_extras[0]:
+            if new_extras is not None:
+                if new_extras:
+                    self.global_extras = new_extras
+            elif kept_extras and kept_extras[0]:
                 self.global_extras = _mean_extras(kept_extras, [u.num_examples for u in accepted])
             bytes_down = result.bytes_down * k
             self.bytes_total += result.bytes_up + bytes_down
@@ -368,6 +407,10 @@ class RoundEngine:
             record["client_report"] = client_report
             log.info("round %d: clients' method report (mean): %s", t + 1, _fmt(client_report))
         record["bytes_total"] = self.bytes_total
+        if self.noise is not None:
+            record["privacy"] = spend_report(self.spend, self.noise)
+            spent = record["privacy"]["epsilon"]
+            log.info("round %d: privacy spent: epsilon %.4g at delta %g", t + 1, spent, self.noise.delta)
         every = cfg.rounds.eval_every
         eval_seconds = 0.0
         if (every and (t + 1) % every == 0) or t + 1 == cfg.rounds.num_rounds:
@@ -421,6 +464,7 @@ class RoundEngine:
             "rejected": sum(len(r.get("rejected", [])) for r in records),
             "skipped_rounds": sum(1 for r in records if r.get("skipped")),
             "protocol": self._protocol(),
+            "privacy": spend_report(self.spend, self.noise) if self.noise is not None else None,
             **self.trainer.summary(),
         }
         atomic.write_json(self.run_dir / "summary.json", summary)

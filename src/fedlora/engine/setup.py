@@ -59,6 +59,11 @@ class RunData:
     def client_ids(self) -> list[str]:
         return [str(i) for i in range(len(self.parts))]
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Each client's number of training examples."""
+        return {cid: len(p) for cid, p in zip(self.client_ids, self.parts)}
+
 
 def prepare_data(cfg: Config) -> RunData:
     """Build the task, load its data and partition the train examples (all seeded by ``cfg.seed``)."""
@@ -153,8 +158,9 @@ def client_rank(cfg: Config, cid: str) -> int:
 def packed_batches(cfg: Config, binding: LoRABinding) -> bool:
     """Whether clients train on padding-free rows (``train.packing``; :mod:`fedlora.model.packing`):
     ``pad`` never, ``auto`` where the model keeps packed sequences apart, ``flatten`` always,
-    refused by key where the model cannot."""
-    if cfg.train.packing == "pad" or cfg.model.kind != "causal_lm":
+    refused by key where the model cannot. Never under sample-level DP (per-example gradients need
+    one example per row; ``flatten`` is refused with it)."""
+    if cfg.train.packing == "pad" or cfg.model.kind != "causal_lm" or cfg.privacy.mode == "sample":
         return False
     if binding.accepts_packed_sequences:
         return True

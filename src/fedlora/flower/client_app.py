@@ -52,6 +52,7 @@ from fedlora import trees
 from fedlora.atomic import write_tensors, write_text
 from fedlora.engine.client import ClientRecord, client_round
 from fedlora.engine.config import Config, config_from_dict
+from fedlora.engine.privacy import plan_noise
 from fedlora.engine.setup import (
     RunData,
     build_binding,
@@ -337,6 +338,7 @@ def train(msg: Message, context: Context) -> Message:
         rank=client_rank(cfg, cid),
         num_rounds=cfg.rounds.num_rounds,
         global_extras=extras,
+        noise=plan_noise(cfg, data.sizes),  # the server's plan: same config, same partition
     )
     records.save(round_, record, base)
     write_status(folder, round_ + 1, "done")

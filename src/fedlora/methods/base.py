@@ -233,6 +233,14 @@ class Method(ABC):
         not a factor average (product methods), and server optimizers are refused."""
         return frozenset()
 
+    def sum_only(self, round_: int) -> bool:
+        """Whether round ``round_``'s aggregate depends on the uploads only through their weighted
+        mean ``sum_i p_i u_i`` (factor by factor), so that ``aggregate(state, [mean])`` equals
+        ``aggregate(state, uploads)`` up to rounding: its server step can run on a sum (secure
+        aggregation, docs/secure_aggregation.md) and client-level DP noises that one mean
+        (fedlora/engine/privacy.py). False, the default: it combines individual uploads."""
+        return False
+
     def personal_factors(self, state: GlobalState, memory: Mapping[str, Tensor]) -> Factors | None:
         """The LoRA a client whose kept memory is ``memory`` uses as its own model, for methods
         with client-local parts (FedSA-LoRA's B); ``None``: the client's model is the global one."""

@@ -38,6 +38,9 @@ class FedIT(Method):
     def averaged_factors(self, round_: int) -> frozenset[str]:
         return AB
 
+    def sum_only(self, round_: int) -> bool:
+        return True
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         factors = average_factors(uploads, state.factors, p)

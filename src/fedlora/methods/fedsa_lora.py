@@ -64,6 +64,9 @@ class FedSALoRA(Method):
     def averaged_factors(self, round_: int) -> frozenset[str]:
         return A_ONLY  # the shared part; each client's B is its own
 
+    def sum_only(self, round_: int) -> bool:
+        return True
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         factors = {m: ModuleFactors(A=factor_mean(uploads, m, "A", p), B=g.B.clone()) for m, g in state.factors.items()}

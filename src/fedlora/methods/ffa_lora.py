@@ -43,6 +43,9 @@ class FFALoRA(Method):
     def averaged_factors(self, round_: int) -> frozenset[str]:
         return B_ONLY
 
+    def sum_only(self, round_: int) -> bool:
+        return True
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         factors = {m: ModuleFactors(A=g.A.clone(), B=factor_mean(uploads, m, "B", p)) for m, g in state.factors.items()}

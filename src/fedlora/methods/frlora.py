@@ -55,6 +55,9 @@ class FRLoRA(Method):
             default="uniform", metadata={"help": "uniform (the official code) or samples (sample-count weights)"}
         )
 
+    def sum_only(self, round_: int) -> bool:
+        return True
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         if weights is None and self.settings.weights == "uniform":
             weights = [1.0] * len(uploads)

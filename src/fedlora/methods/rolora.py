@@ -60,6 +60,9 @@ class RoLoRA(Method):
     def averaged_factors(self, round_: int) -> frozenset[str]:
         return frozenset({active_factor(round_, self.settings.first)})
 
+    def sum_only(self, round_: int) -> bool:
+        return True
+
     def aggregate(self, state: GlobalState, uploads: Sequence[ClientUpload], weights=None) -> RoundResult:
         p = aggregation_weights(uploads, weights)
         active = active_factor(state.round, self.settings.first)

@@ -180,6 +180,9 @@ class Scaffold(Method):
     def needs_global(self, round_: int) -> bool:
         return self.inner.needs_global(round_)
 
+    def sum_only(self, round_: int) -> bool:
+        return self.inner.sum_only(round_)
+
     def seeded_factors(self, round_: int, shapes: Mapping[str, tuple[int, int]], spec: LoRASpec) -> Factors | None:
         return self.inner.seeded_factors(round_, shapes, spec)
 

@@ -1,0 +1,313 @@
+"""Differential privacy in a run (``privacy.mode``): what is clipped and noised, per method, and
+what the guarantee covers. The pieces (Opacus's accountants, clipping that holds after rounding,
+seeded Gaussian noise, per-example gradients) are :mod:`fedlora.privacy`'s; this module plans the
+noise before a model loads, clips on the client, noises on the server and keeps the spend.
+
+**client** (DP-FedAvg, McMahan et al. 2018; central DP: the server is trusted and adds the noise).
+Client ``i`` clips its round update jointly to ``C = privacy.clip``: ``u_i`` = what it uploads
+minus where the method started it (the uploaded factors: FedIT's A and B, FFA-LoRA's B, RoLoRA's
+active factor, FedSA-LoRA's A, FLoRA's fresh LoRA, ...) together with its classifier head's
+change (``modules_to_save``), and sends ``start_i + clip_C(u_i)`` (:func:`clip_upload`). The
+server, with ``m`` accepted uploads aggregated with uniform weights (a sample-count weight would
+be data-dependent), noises by the method's kind:
+
+* methods whose aggregate depends on the uploads only through their mean
+  (:meth:`~fedlora.methods.base.Method.sum_only`: fedit, ffa_lora, rolora, fedsa_lora, frlora):
+  ``mean_i(upload_i) + N(0, (sigma C / m)^2)`` per coordinate, and the method aggregates that one
+  noised mean (FRLoRA's merge of its product into the backbone is post-processing of it);
+* the methods that combine individual factors (fedrot_lora's per-client rotation, fedex_lora,
+  flora, flexlora, fedmomentum, fedsmooth_lora): every upload gets ``N(0, (sigma C)^2)`` per
+  coordinate before the method's aggregate, which is then post-processing. One client's data
+  changes only its own upload, so each round is the same subsampled Gaussian mechanism
+  ``(sigma, q)`` as the central one and spends the same epsilon, but the noise left in the
+  combined update is ``sqrt(m)`` times a mean's: the price of a nonlinear server step.
+
+Each round is one step of the mechanism at ``q = k / N`` (``k`` clients sampled of ``N``); the
+accountant treats the fixed-size sample as Poisson sampling at that rate, as Flower's DP
+wrappers and TensorFlow Federated's DP-FedAvg do (an approximation for sampling without
+replacement). The guarantee, for adding or removing one client's entire data: everything
+derived from the noised aggregates (global factors, backbone deltas, heads, checkpoints,
+evaluations on the public test set). Not covered: the per-client training statistics the
+clients report (losses, step counts in ``metrics.jsonl``: operator diagnostics; publish the
+model, not that file); SCAFFOLD (its server variate uses each raw upload) is refused.
+
+**sample** (DP-SGD, Abadi et al. 2016, inside each client): every local optimizer step's
+gradient of the trainable parameters is ``(1/B) (sum_j clip_C(g_j) + N(0, sigma^2 C^2))`` over
+the step's ``B`` examples (``train.batch_size x train.grad_accum``; per-example gradients from
+:mod:`fedlora.privacy.dpsgd`), so a client's uploads, and everything the server derives from
+them, are post-processing. Client ``i`` is its own party: its examples are sampled at
+``q_i = B / n_i`` per step (shuffled fixed-size batches, accounted as Poisson sampling at that
+rate, as Opacus's default accounting of such loaders does), ``K`` steps per round it takes part
+in; its epsilon comes from its own participation, and the run reports the largest. ``sigma`` is
+calibrated (from ``privacy.epsilon``) for the worst case: the smallest client, sampled every
+round. Refused: fedsmooth_lora (its full-weight gradient estimate reads the client's data
+outside DP-SGD) and packed batches (per-example gradients need one example per row: packing
+``auto`` pads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora.engine.config import Config, PrivacyConfig, clients_per_round
+from fedlora.methods import ClientUpload, GlobalState, Method, RoundResult
+from fedlora.methods.base import Factors, ModuleFactors, weighted_mean
+from fedlora.privacy import (
+    PrivacyLedger,
+    check_budget,
+    clip_to_norm,
+    gaussian_noise,
+    noise_multiplier_for,
+    seeded_generator,
+    validate,
+)
+
+CLIENT_PARTY = "clients"  # client-level DP: every client is protected by the same (sigma, q) steps
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The run's DP settings, resolved: ``sigma`` (from ``privacy.epsilon`` or given), and per
+    step the sample rate (client mode: ``k / N``; sample mode: per client, ``B / n_i``)."""
+
+    mode: str
+    sigma: float
+    clip: float
+    delta: float
+    accountant: str
+    planned_epsilon: float  # what the configured run spends in the worst case (the budget's check)
+    target_epsilon: float | None = None  # privacy.epsilon, if given
+    sample_rate: float = 0.0  # client mode
+    sample_rates: tuple[tuple[str, float], ...] = ()  # sample mode: (client id, B / n_i)
+    steps_per_round: int = 1  # sample mode: local optimizer steps (the worst client's)
+
+    def rate_of(self, client_id: str) -> float:
+        return dict(self.sample_rates)[client_id]
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "noise_multiplier": self.sigma,
+            "clip": self.clip,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "planned_epsilon": self.planned_epsilon,
+        }
+
+
+def check_privacy(cfg: Config, method: Method) -> None:
+    """The config's privacy rules (no data needed); ``ValueError`` naming the key."""
+    p = cfg.privacy
+    validate(p.mode, p.epsilon, p.delta, p.clip, p.noise_multiplier)
+    if p.mode == "none":
+        return
+    if cfg.train.scaffold:
+        raise ValueError(
+            f"train.scaffold with privacy.mode={p.mode}: SCAFFOLD's server variate is computed from every client's "
+            "raw upload and sent to all clients, outside what the DP guarantee covers"
+        )
+    if p.mode == "sample":
+        if method.needs_gradient:
+            raise ValueError(
+                f"privacy.mode=sample with method {method.name}: its full-weight gradient estimate "
+                "(train.grad_batches) reads the client's data outside DP-SGD and cannot be privatised"
+            )
+        if cfg.train.packing == "flatten":
+            raise ValueError(
+                "privacy.mode=sample needs one example per row (per-example gradients): train.packing=flatten "
+                "packs several into one; use auto or pad"
+            )
+
+
+def plan_noise(cfg: Config, sizes: Mapping[str, int]) -> NoisePlan | None:
+    """The run's noise plan from the config and the clients' example counts (``None`` without DP);
+    refuses (``ValueError`` naming the keys) a setting that would spend more than ``privacy.epsilon``
+    over ``rounds.num_rounds``. Called before the model loads."""
+    return _plan(
+        _privacy_key(cfg.privacy),
+        cfg.rounds.num_rounds,
+        clients_per_round(cfg, len(sizes)),
+        tuple(sorted(sizes.items())),
+        _step_examples(cfg),
+        _local_steps(cfg, min(sizes.values(), default=1)),
+    )
+
+
+def _privacy_key(p: PrivacyConfig) -> tuple[Any, ...]:
+    return (p.mode, p.epsilon, p.delta, p.noise_multiplier, p.clip, p.accountant)
+
+
+def _step_examples(cfg: Config) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum
+
+
+def _local_steps(cfg: Config, n: int) -> int:
+    from fedlora.engine.train import steps_for
+
+    return steps_for(cfg.train, n)
+
+
+@lru_cache(maxsize=16)
+def _plan(
+    key: tuple[Any, ...],
+    rounds: int,
+    k: int,
+    sizes: tuple[tuple[str, int], ...],
+    batch: int,
+    worst_steps: int,
+) -> NoisePlan | None:
+    mode, eps, delta, sigma, clip, accountant = key
+    if mode == "none":
+        return None
+    if mode == "client":
+        q, steps = k / len(sizes), rounds
+        rates: tuple[tuple[str, float], ...] = ()
+    else:
+        smallest = min(n for _, n in sizes)
+        if smallest <= 0:
+            raise ValueError("privacy.mode=sample: a client has no training examples")
+        rates = tuple((cid, min(1.0, batch / n)) for cid, n in sizes)
+        q, steps = min(1.0, batch / smallest), rounds * worst_steps
+    if sigma is None:
+        sigma = noise_multiplier_for(eps, delta, q, steps, accountant)
+    planned = check_budget(eps if eps is not None else math.inf, delta, sigma, q, steps, accountant)
+    return NoisePlan(
+        mode, float(sigma), float(clip), float(delta), accountant, planned, eps, q, rates, worst_steps
+    )
+
+
+# ---- client side ---------------------------------------------------------------------------------
+def clip_upload(
+    start: Factors,
+    upload: Factors,
+    start_extras: Mapping[str, Tensor],
+    extras: Mapping[str, Tensor],
+    bound: float,
+) -> tuple[Factors, dict[str, Tensor]]:
+    """``start + clip_C(upload - start)`` jointly over the uploaded factors and the extras (a
+    classifier head: its change from ``start_extras``), computed in float32 (the upload itself
+    where it is within the bound). Factors not uploaded stay ``None``."""
+    deltas: dict[str, Tensor] = {}
+    for m, f in upload.items():
+        for which in ("A", "B"):
+            t = f.get(which)
+            if t is not None:
+                s = start[m].get(which)
+                assert s is not None, f"module {m}: no start for factor {which}"
+                deltas[f"factor/{m}/{which}"] = t.to(torch.float32) - s.to(t.device, torch.float32)
+    for k, t in extras.items():
+        deltas[f"extra/{k}"] = t.to(torch.float32) - start_extras[k].to(t.device, torch.float32)
+    clipped, _, scale = clip_to_norm(deltas, bound)
+    if scale == 1.0:  # within the bound: sent as trained, bit for bit
+        return dict(upload), dict(extras)
+    factors: Factors = {}
+    for m, f in upload.items():
+        parts: dict[str, Tensor | None] = {"A": None, "B": None}
+        for which in ("A", "B"):
+            t = f.get(which)
+            if t is not None:
+                s = start[m].get(which)
+                assert s is not None
+                parts[which] = (s.to(t.device, torch.float32) + clipped[f"factor/{m}/{which}"]).to(t.dtype)
+        factors[m] = ModuleFactors(A=parts["A"], B=parts["B"])
+    out_extras = {
+        k: (start_extras[k].to(t.device, torch.float32) + clipped[f"extra/{k}"]).to(t.dtype) for k, t in extras.items()
+    }
+    return factors, out_extras
+
+
+# ---- server side ---------------------------------------------------------------------------------
+def _flat(factors: Factors, extras: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out = {f"factor/{m}/{w}": t for m, f in factors.items() for w in ("A", "B") if (t := f.get(w)) is not None}
+    out.update({f"extra/{k}": t for k, t in extras.items()})
+    return out
+
+
+def _unflat(flat: Mapping[str, Tensor], like: Factors) -> tuple[Factors, dict[str, Tensor]]:
+    factors = {
+        m: ModuleFactors(
+            A=flat.get(f"factor/{m}/A") if f.A is not None else None,
+            B=flat.get(f"factor/{m}/B") if f.B is not None else None,
+        )
+        for m, f in like.items()
+    }
+    extras = {k[len("extra/") :]: t for k, t in flat.items() if k.startswith("extra/")}
+    return factors, extras
+
+
+def private_aggregate(
+    method: Method,
+    state: GlobalState,
+    uploads: Sequence[ClientUpload],
+    extras: Sequence[Mapping[str, Tensor]],
+    plan: NoisePlan,
+    seed: int,
+) -> tuple[RoundResult, dict[str, Tensor]]:
+    """Client-level DP's server step (the module docstring): the round's result and the noised
+    mean of the clients' extras (``{}`` without extras). Uniform weights; noise from
+    ``(seed, "client-dp", round)`` (central) or ``(seed, "client-dp", round, client)`` (per upload)."""
+    m = len(uploads)
+    t = state.round
+    flats = [_flat(u.factors, e) for u, e in zip(uploads, extras)]
+    if method.sum_only(t):
+        mean = {k: weighted_mean([f[k] for f in flats], [1.0 / m] * m) for k in flats[0]}
+        noise = gaussian_noise(mean, plan.sigma * plan.clip / m, seeded_generator(seed, "client-dp", t))
+        noised = {k: (mean[k] + noise[k]).to(flats[0][k].dtype) for k in mean}
+        factors, mean_extras = _unflat(noised, uploads[0].factors)
+        result = method.aggregate(state, [ClientUpload("noised-mean", factors, 1)], [1.0])
+    else:
+        noised_uploads, noised_extras = [], []
+        for u, f in zip(uploads, flats):
+            noise = gaussian_noise(f, plan.sigma * plan.clip, seeded_generator(seed, "client-dp", t, u.client_id))
+            noised = {k: (v.to(torch.float32) + noise[k].to(torch.float32)).to(v.dtype) for k, v in f.items()}
+            factors, ex = _unflat(noised, u.factors)
+            noised_uploads.append(replace(u, factors=factors))
+            noised_extras.append(ex)
+        result = method.aggregate(state, noised_uploads, [1.0] * m)
+        first = noised_extras[0]
+        mean_extras = {k: weighted_mean([e[k] for e in noised_extras], [1.0 / m] * m).to(first[k].dtype) for k in first}
+    return replace(result, bytes_up=sum(u.nbytes() for u in uploads)), mean_extras
+
+
+def record_round(ledger: PrivacyLedger, plan: NoisePlan, trained: Mapping[str, Mapping[str, Any]]) -> None:
+    """Add one round's DP steps: client mode, one step at ``q = k/N``; sample mode, each client that
+    trained (``trained``: its stats, ``steps`` taken) its steps at its own ``B / n_i``."""
+    if plan.mode == "client":
+        ledger.record(CLIENT_PARTY, plan.sigma, plan.sample_rate, 1)
+        return
+    for cid, stats in trained.items():
+        ledger.record(cid, plan.sigma, plan.rate_of(cid), int(stats.get("steps", 0)))
+
+
+def check_resumed_budget(ledger: PrivacyLedger, plan: NoisePlan, rounds_done: int, num_rounds: int) -> None:
+    """At a resume: what was spent plus the remaining rounds at today's plan must stay within
+    ``privacy.epsilon`` (a run resumed with more rounds recalibrates sigma for the new total,
+    but its first rounds ran at the old one). ``ValueError`` naming the keys."""
+    target = plan.target_epsilon
+    if target is None or rounds_done >= num_rounds:
+        return
+    left = num_rounds - rounds_done
+    projected = PrivacyLedger.from_dict(ledger.to_dict())
+    if plan.mode == "client":
+        projected.record(CLIENT_PARTY, plan.sigma, plan.sample_rate, left)
+    else:
+        for cid, q in plan.sample_rates:  # every client, taking part in every remaining round
+            projected.record(cid, plan.sigma, q, left * plan.steps_per_round)
+    spent = projected.epsilon(plan.delta)
+    if spent > target:
+        raise ValueError(
+            f"resuming to rounds.num_rounds={num_rounds} would spend epsilon={spent:.4g} > privacy.epsilon={target}: "
+            f"the {rounds_done} rounds done ran at the noise planned for their run; keep rounds.num_rounds, raise "
+            "privacy.epsilon, or set privacy.noise_multiplier for the remaining rounds"
+        )
+
+
+def spend_report(ledger: PrivacyLedger, plan: NoisePlan) -> dict[str, Any]:
+    """What metrics.jsonl and the summary say about the spend so far."""
+    return {"epsilon": ledger.epsilon(plan.delta), **plan.report()}
