@@ -1,4 +1,5 @@
-"""Differential privacy's pieces: accounting (:mod:`.accounting`), clipping and noise (:mod:`.clipping`).
+"""Differential privacy's pieces: accounting (:mod:`.accounting`), clipping and noise (:mod:`.clipping`),
+per-example gradients and the DP-SGD step (:mod:`.dpsgd`, imported by name: it needs Opacus).
 
 A low-level package: it imports torch and the standard library, and Opacus (the optional
 ``privacy`` extra) only inside :mod:`.accounting`'s functions that compute ε or σ, so importing
