@@ -365,6 +365,12 @@ def test_arms_group_and_pair_variants_of_one_method(tmp_path):
         "fedit", "fedit+fedprox", "fedit+scaffold", "fedit+fedadam", "fedmomentum"
     }
     assert all(c.config.partition.alpha == 0.5 and c.config.partition.num_clients == 10 for c in shipped)
+    dp = load_spec("study_dp").cells()  # arms and methods: grouped as <method>@<arm>
+    assert len(dp) == 36 and {c.method for c in dp if c.values["seed"] == 0} == {
+        f"{m}@{a}" for m in ("fedit", "ffa_lora", "fedmomentum", "fedrot_lora") for a in ("eps_inf", "eps8", "eps3")
+    }
+    eps3 = next(c for c in dp if c.method == "ffa_lora@eps3")
+    assert (eps3.config.privacy.mode, eps3.config.privacy.epsilon, eps3.config.method.name) == ("sample", 3.0, "ffa_lora")
 
 
 # ---- real runs on the offline MiniLM --------------------------------------------------------------

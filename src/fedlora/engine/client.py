@@ -16,6 +16,7 @@ import torch
 from fedlora.engine.config import TrainConfig
 from fedlora.engine.privacy import NoisePlan, clip_upload
 from fedlora.engine.train import (
+    DPSGD,
     drift_correction,
     example_stream,
     proximal_term,
@@ -27,6 +28,7 @@ from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientContext, ClientUpload, GlobalState, Method
 from fedlora.model.binding import LoRABinding
 from fedlora.model.packing import flatten_padded, is_right_padded, model_inputs
+from fedlora.privacy import seeded_generator
 
 
 def causal_or_cls_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -169,6 +171,7 @@ def client_round(
             on_step=on_step,
             regulariser=regulariser,
             after_step=drift_correction(moves) if moves else None,
+            dp=_dpsgd(noise, data.seed, state.round, cid),
         )
     factors, memory = method.client_finish(state, ctx, start, binding.get_factors())
     extras = binding.extras()
@@ -182,6 +185,13 @@ def client_round(
         stats["report"] = dict(start.report)
     upload = ClientUpload(cid, factors, num_examples=len(data.indices), step_size=ctx.step_size)
     return ClientOutcome(upload, stats, extras)
+
+
+def _dpsgd(noise: NoisePlan | None, seed: int, round_: int, cid: str) -> DPSGD | None:
+    """Sample-level DP's settings for this client's round: noise from ``(seed, "dp-sgd", round, client)``."""
+    if noise is None or noise.mode != "sample":
+        return None
+    return DPSGD(noise.sigma, noise.clip, seeded_generator(seed, "dp-sgd", round_, cid))
 
 
 def _cpu(obj: Any) -> Any:

@@ -118,6 +118,15 @@ def check_privacy(cfg: Config, method: Method) -> None:
                 f"privacy.mode=sample with method {method.name}: its full-weight gradient estimate "
                 "(train.grad_batches) reads the client's data outside DP-SGD and cannot be privatised"
             )
+        if cfg.train.gradient_checkpointing:
+            raise ValueError(
+                "privacy.mode=sample with train.gradient_checkpointing=true: the recomputed forward breaks the "
+                "per-example gradients' hooks (silently wrong gradients); turn checkpointing off"
+            )
+        if cfg.train.precision == "float16":
+            raise ValueError(
+                "privacy.mode=sample with train.precision=float16: DP-SGD does no loss scaling; use bfloat16"
+            )
         if cfg.train.packing == "flatten":
             raise ValueError(
                 "privacy.mode=sample needs one example per row (per-example gradients): train.packing=flatten "

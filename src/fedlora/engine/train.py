@@ -8,6 +8,7 @@ many examples it has consumed so far), so a resumed run replays exactly the same
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -19,6 +20,17 @@ from torch import nn
 
 from fedlora.engine.config import TrainConfig
 from fedlora.model.packing import sequences_in
+
+
+@dataclass
+class DPSGD:
+    """Sample-level DP's step (``privacy.mode=sample``, fedlora/engine/privacy.py): every optimizer
+    step's gradient is DP-SGD's privatised one (:func:`fedlora.privacy.dpsgd.dp_gradient`), noise
+    from ``generator`` (seeded per client and round)."""
+
+    noise_multiplier: float
+    clip: float
+    generator: torch.Generator
 
 
 @dataclass
@@ -146,13 +158,16 @@ def train_local(
     on_step: Callable[[int, float], None] | None = None,
     regulariser: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[float], None] | None = None,
+    dp: DPSGD | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Run ``steps`` optimizer steps; return the result and the optimizer's state dict.
 
     ``regulariser()``, a function of the parameters only, adds its gradient once per optimizer step
     (after the micro-batches' accumulated loss gradient, before clipping); the reported losses
     are the task's loss alone. ``after_step(lr)`` runs after each optimizer step with its
-    learning rate (a move outside the optimizer: no clipping, no preconditioning)."""
+    learning rate (a move outside the optimizer: no clipping, no preconditioning). With ``dp``,
+    each step's gradient is DP-SGD's over its ``grad_accum`` micro-batches (per-example clipping
+    and noise replace ``train.clip``; the reported loss is the mean of the examples' own losses)."""
     device = params[0].device
     optimizer = make_optimizer(cfg, params, optimizer_state)
     amp = autocast_dtype(cfg, device)
@@ -161,40 +176,95 @@ def train_local(
     losses: list[float] = []
     examples = 0
     start = time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step, steps, round_, num_rounds)
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = next(batches)
-            examples += sequences_in(batch)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = loss_fn(model, batch) / cfg.grad_accum
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at step {step}")
-            (scaler.scale(loss) if scaler else loss).backward()
-            total += float(loss.detach())
-        if regulariser is not None:
-            reg = regulariser()
-            (scaler.scale(reg) if scaler else reg).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if after_step is not None:
-            after_step(optimizer.param_groups[0]["lr"])
-        losses.append(total)
-        if on_step:
-            on_step(step, total)
+    with contextlib.ExitStack() as stack:
+        hooks = None
+        if dp is not None:
+            from fedlora.privacy.dpsgd import PerExampleGradients
+
+            hooks = stack.enter_context(PerExampleGradients(model, params))
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step, steps, round_, num_rounds)
+            optimizer.zero_grad(set_to_none=True)
+            if dp is not None:
+                total, seen = _dp_step(model, params, batches, cfg, dp, amp, hooks)
+                examples += seen
+            else:
+                total, seen = _step_gradient(model, batches, loss_fn, cfg, device, amp, scaler, step)
+                examples += seen
+            if regulariser is not None:
+                reg = regulariser()
+                (scaler.scale(reg) if scaler else reg).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.clip > 0 and dp is None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if after_step is not None:
+                after_step(optimizer.param_groups[0]["lr"])
+            losses.append(total)
+            if on_step:
+                on_step(step, total)
     model.eval()
     seconds = time.perf_counter() - start
     result = TrainResult(
         loss=sum(losses) / max(1, len(losses)), steps=steps, examples=examples, seconds=seconds, losses=losses
     )
     return result, optimizer.state_dict()
+
+
+def _step_gradient(
+    model: nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+    amp: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    step: int,
+) -> tuple[float, int]:
+    """The step's loss gradient accumulated over ``grad_accum`` micro-batches: ``(loss, sequences)``."""
+    total, examples = 0.0, 0
+    for _ in range(cfg.grad_accum):
+        batch = next(batches)
+        examples += sequences_in(batch)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = loss_fn(model, batch) / cfg.grad_accum
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {step}")
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += float(loss.detach())
+    return total, examples
+
+
+def _dp_step(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batches: Iterator[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    dp: DPSGD,
+    amp: torch.dtype | None,
+    hooks: Any,
+) -> tuple[float, int]:
+    """DP-SGD's privatised gradient over the step's micro-batches, written into ``p.grad``."""
+    from fedlora.privacy.dpsgd import dp_gradient
+
+    micro = [next(batches) for _ in range(cfg.grad_accum)]
+    out = dp_gradient(
+        model,
+        params,
+        micro,
+        clip=dp.clip,
+        noise_multiplier=dp.noise_multiplier,
+        generator=dp.generator,
+        expected_batch_size=cfg.batch_size * cfg.grad_accum,
+        autocast=amp,
+        hooks=hooks,
+    )
+    if not math.isfinite(out.loss):
+        raise FloatingPointError("non-finite training loss in a DP-SGD step")
+    return out.loss, out.examples

@@ -30,7 +30,8 @@ Cells are built as: base config -> ``overrides`` -> the cell's grid values (an `
 that arm's overrides) -> the method's overrides -> (command-line ``--set``) ->
 ``output_dir``/``name``. A study whose grid has an ``arm`` axis compares arms (several may run
 one method: FedIT with and without SCAFFOLD): the report groups cells and pairs them by arm
-name, where other studies use the method's name. When a cell's ``method.name``
+name, where other studies use the method's name; with a ``method.name`` axis as well, by
+``<method>@<arm>`` (each method at each privacy level). When a cell's ``method.name``
 differs from the base config's, ``method.settings`` is reset to ``{}`` first (settings of one
 method are errors for another) unless the method's overrides set it. Every cell is validated
 with :func:`fedlora.engine.config.config_from_dict`; a malformed spec raises :class:`StudySpecError`
@@ -80,8 +81,9 @@ class Cell:
 
     @property
     def method(self) -> str:
-        """What the report groups by: the cell's arm on a study with arms, else its method."""
-        return str(self.values[ARM_AXIS]) if ARM_AXIS in self.values else self.config.method.name
+        """What the report groups by: its method; on a study with arms, its arm, or
+        ``<method>@<arm>`` where the grid has both axes."""
+        return group_label(self.values) or self.config.method.name
 
     @property
     def seed(self) -> int:
@@ -181,6 +183,14 @@ class StudySpec:
                 raise StudySpecError(f"lora.client_ranks must be positive integers, got {ranks!r}")
             lora["client_ranks"] = {str(c): ranks[c % len(ranks)] for c in range(num)}
         return data
+
+
+def group_label(values: Mapping[str, Any]) -> str | None:
+    """The arm, ``<method>@<arm>`` on a grid with both axes, or ``None`` (no arm axis)."""
+    if ARM_AXIS not in values:
+        return None
+    arm = str(values[ARM_AXIS])
+    return f"{values[METHOD_AXIS]}@{arm}" if METHOD_AXIS in values else arm
 
 
 def cell_name(values: Mapping[str, Any]) -> str:
@@ -335,8 +345,13 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
         raise StudySpecError(
             f"report.slices: expected grid axes other than {METHOD_AXIS}, {ARM_AXIS} and {SEED_AXIS}, got {slices!r}"
         )
-    group_axis = ARM_AXIS if ARM_AXIS in grid else METHOD_AXIS
-    pairs = _pairs(report.get("pairs", []), [str(m) for m in grid.get(group_axis, [])], group_axis)
+    if ARM_AXIS in grid and METHOD_AXIS in grid:
+        labels = [f"{m}@{a}" for m in grid[METHOD_AXIS] for a in grid[ARM_AXIS]]
+        group_axis = f"{METHOD_AXIS} x {ARM_AXIS} (<method>@<arm>)"
+    else:
+        group_axis = ARM_AXIS if ARM_AXIS in grid else METHOD_AXIS
+        labels = [str(m) for m in grid.get(group_axis, [])]
+    pairs = _pairs(report.get("pairs", []), labels, group_axis)
     spec_dir = Path(spec_dir)
     spec = StudySpec(
         name=name,
