@@ -370,7 +370,8 @@ def test_arms_group_and_pair_variants_of_one_method(tmp_path):
         f"{m}@{a}" for m in ("fedit", "ffa_lora", "fedmomentum", "fedrot_lora") for a in ("eps_inf", "eps8", "eps3")
     }
     eps3 = next(c for c in dp if c.method == "ffa_lora@eps3")
-    assert (eps3.config.privacy.mode, eps3.config.privacy.epsilon, eps3.config.method.name) == ("sample", 3.0, "ffa_lora")
+    privacy = eps3.config.privacy
+    assert (privacy.mode, privacy.epsilon, eps3.config.method.name) == ("sample", 3.0, "ffa_lora")
 
 
 # ---- real runs on the offline MiniLM --------------------------------------------------------------
