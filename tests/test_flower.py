@@ -598,24 +598,23 @@ def test_failed_silent_and_wiped_nodes_are_reported_and_recover(tmp_path, monkey
         assert info is not None and info["state_digest"] == server.sync.state_digests[info["round"]]
 
 
-@needs_model
-def test_scaffold_a_server_optimizer_and_a_tracker_on_nodes_equal_the_local_run(tmp_path, monkeypatch):
-    """FedIT with SCAFFOLD and FedAdam, TensorBoard on, through an in-process Grid and as ``fedlora
-    run``: the same records (losses to float rounding), final factors and server variate; each
-    node keeps its own variate in its record on disk, the server's travels in the state."""
+def _nodes_and_local(tmp_path, monkeypatch, sets: str):
+    """The same config (the ci preset on a tiny LLaMA, ``sets`` on top) through an in-process Grid
+    of 3 nodes and as ``fedlora run``: ``(flower engine, node records, local records)``."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedlora.engine.local import run_experiment
     from fedlora.flower import client_app
     from fedlora.flower.server_app import flower_run
-    from fedlora.methods.scaffold import CLIENT, SERVER
+    from helpers import tiny_llama
 
     monkeypatch.setenv("FEDLORA_NODE_CACHE", str(tmp_path / "node-cache"))
     for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
-    sets = TINY + (
-        "; method.name=fedit; train.scaffold=true; server.optimizer=fedadam; server.lr=0.01; "
-        "logging.trackers=[tensorboard]"
+    model = tiny_llama(tmp_path / "tiny-llama")
+    sets = (
+        f"model.name={model}; task.settings={{n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}}; "
+        f"rounds.eval_baseline=false; train.lr=1e-2; {sets}"
     )
     run_config = {"fedlora-config": "ci", "fedlora-set": sets, "train.max-steps": 2, "output-dir": str(tmp_path)}
     cfg, opts = resolve({**run_config, "name": "nodes"})
@@ -625,33 +624,66 @@ def test_scaffold_a_server_optimizer_and_a_tracker_on_nodes_equal_the_local_run(
     try:
         engine = flower_run(cfg, LoopbackGrid(client_app.app, 3), opts)
         engine.run()
-        local = run_experiment(local_cfg, progress=False)
+        assert run_experiment(local_cfg, progress=False)["rounds"] == 2
     finally:
         torch.set_num_threads(threads)
-    assert local["rounds"] == 2
     nodes, here = _records(tmp_path / "nodes" / "metrics.jsonl"), _records(tmp_path / "local" / "metrics.jsonl")
+    assert len(nodes) == len(here) == 2
     for a, b in zip(here, nodes):
         assert a["clients"] == b["clients"] and not b["rejected"]
         for c in a["train"]:
             assert b["train"][c]["loss"] == pytest.approx(a["train"][c]["loss"], rel=1e-5)
-        assert b["report"] == pytest.approx(a["report"], rel=1e-4, abs=1e-6) and a["report"]["control_norm"] > 0
+        assert b["report"] == pytest.approx(a["report"], rel=1e-4, abs=1e-6)
+    return engine, nodes, here
+
+
+def _same_final_state(tmp_path):
     from fedlora.engine.checkpoint import load_checkpoint
 
     ka, kb = load_checkpoint(tmp_path / "local" / "checkpoint"), load_checkpoint(tmp_path / "nodes" / "checkpoint")
+    for m in ka["factors"]:
+        for f in "AB":
+            torch.testing.assert_close(kb["factors"][m][f], ka["factors"][m][f], rtol=1e-4, atol=1e-6)
+    return ka, kb
+
+
+def test_scaffold_a_server_optimizer_and_a_tracker_on_nodes_equal_the_local_run(tmp_path, monkeypatch):
+    """FedIT with SCAFFOLD and FedAdam, TensorBoard on, through an in-process Grid and as ``fedlora
+    run``: the same records (losses to float rounding), final factors and server variate; each
+    node keeps its own variate in its record on disk, the server's travels in the state."""
+    from fedlora.flower import client_app
+    from fedlora.methods.scaffold import CLIENT, SERVER
+
+    sets = "method.name=fedit; train.scaffold=true; server.optimizer=fedadam; server.lr=0.01; "
+    sets += "logging.trackers=[tensorboard]"
+    _, nodes, here = _nodes_and_local(tmp_path, monkeypatch, sets)
+    assert all(r["report"]["control_norm"] > 0 for r in here)
+    ka, kb = _same_final_state(tmp_path)
     c = {k: v for k, v in ka["method_state"].items() if k.startswith(SERVER)}
     assert c and sorted(c) == sorted(k for k in kb["method_state"] if k.startswith(SERVER))
     for k, v in c.items():
         torch.testing.assert_close(kb["method_state"][k], v, rtol=1e-4, atol=1e-7)
     assert kb["server_opt"] and sorted(kb["server_opt"]) == sorted(ka["server_opt"])
-    for m in ka["factors"]:
-        for f in "AB":
-            torch.testing.assert_close(kb["factors"][m][f], ka["factors"][m][f], rtol=1e-4, atol=1e-6)
-    trained = sorted({cid for r in nodes for cid in r["clients"]})
-    for cid in trained:  # each node's record on its own disk holds its variate
+    for cid in sorted({cid for r in nodes for cid in r["clients"]}):  # each node's record on its own disk
         records = client_app.RecordStore(next((tmp_path / "node-cache").glob(f"*/client-{cid}")))
         _, record = records.load(before=10)
         assert any(k.startswith(CLIENT) for k in record.memory)
     assert list((tmp_path / "nodes" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="needs opacus (the privacy extra)")
+@pytest.mark.parametrize(("mode", "method"), [("client", "fedit"), ("client", "fedmomentum"), ("sample", "ffa_lora")])
+def test_differential_privacy_on_nodes_equals_the_local_run(tmp_path, monkeypatch, mode, method):
+    """Client-level DP (nodes clip, the server noises: the mean for FedIT, each upload for
+    FedMomentum) and sample-level DP (each node runs DP-SGD with the noise plan it derives from the
+    same config and partition): the same records and spend as ``fedlora run``, epsilon within the
+    budget."""
+    sets = f"method.name={method}; privacy.mode={mode}; privacy.epsilon=8; privacy.clip=0.05"
+    _, nodes, here = _nodes_and_local(tmp_path, monkeypatch, sets)
+    assert [r["privacy"] for r in nodes] == [r["privacy"] for r in here]
+    assert 0 < nodes[0]["privacy"]["epsilon"] < nodes[1]["privacy"]["epsilon"] <= 8.0
+    ka, kb = _same_final_state(tmp_path)
+    assert ka["privacy"] == kb["privacy"]
 
 
 class ServerKilled(RuntimeError):
