@@ -248,3 +248,44 @@ def tiny_llama(folder, **kwargs):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# ---- a tiny LoRA binding and completion rows (client-round tests) -----------------------------------
+class CompletionTask:
+    """Random completion rows as a task: the prompt's tokens masked."""
+
+    def collate(self, rows, tokenizer):
+        from fedlora.tasks.common import completion_batch
+
+        return completion_batch([(r["prompt"], r["completion"]) for r in rows], pad=0)
+
+
+def completion_rows(n: int = 12, seed: int = 0) -> list[dict]:
+    """``n`` rows of random token ids (5-11 tokens; the first two the prompt)."""
+    g = gen(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 300, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
+        out.append({"prompt": ids[:2], "completion": ids[2:]})
+    return out
+
+
+def tiny_lora_binding():
+    """A LoRA (rank 4 on q/v) binding of :func:`tiny_lm` with non-zero B, so both factors move
+    from the first step."""
+    from fedlora.model.binding import LoRABinding, LoRASettings
+
+    model, _ = tiny_lm()
+    torch.manual_seed(0)
+    b = LoRABinding(model, LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj")), task_type="CAUSAL_LM")
+    for layer in b.layers.values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    return b
+
+
+def completion_data(n: int = 12, batch_size: int = 3):
+    """Client "0"'s :class:`~fedlora.engine.client.LocalData` over :func:`completion_rows` (CPU, seed 0)."""
+    from fedlora.engine.client import LocalData
+
+    rows = completion_rows(n)
+    return LocalData("0", rows, list(range(n)), CompletionTask(), None, torch.device("cpu"), 0, batch_size)

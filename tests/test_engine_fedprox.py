@@ -11,13 +11,11 @@ import pytest
 import torch
 
 import fedlora.engine.client as client_mod
-from fedlora.engine.client import ClientRecord, LocalData, client_round
+from fedlora.engine.client import ClientRecord, client_round
 from fedlora.engine.config import TrainConfig
 from fedlora.engine.train import proximal_term
 from fedlora.methods import GlobalState, build_method
-from fedlora.model.binding import LoRABinding, LoRASettings
-from fedlora.tasks.common import completion_batch
-from helpers import F64, assert_close, gen, randn, tiny_lm
+from helpers import F64, assert_close, completion_data, gen, randn, tiny_lora_binding
 
 
 def test_gradient_is_mu_times_the_distance_to_the_start():
@@ -36,36 +34,18 @@ def test_gradient_is_mu_times_the_distance_to_the_start():
         assert_close(p.grad, 0.37 * (p.detach() - s), 1e-15, "mu (theta - theta_start)")
 
 
-class Task:
-    """Random completion rows; the prompt's tokens masked."""
 
-    def collate(self, rows, tokenizer):
-        return completion_batch([(r["prompt"], r["completion"]) for r in rows], pad=0)
-
-
-def rows(n=12, seed=0):
-    g = gen(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 300, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
-        out.append({"prompt": ids[:2], "completion": ids[2:]})
-    return out
 
 
 @pytest.fixture(scope="module")
 def binding():
-    model, _ = tiny_lm()
-    torch.manual_seed(0)
-    b = LoRABinding(model, LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj")), task_type="CAUSAL_LM")
-    for layer in b.layers.values():  # non-zero B: both factors move from the first step
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    return b
+    return tiny_lora_binding()
 
 
 def one_round(binding, method_name, mu):
     method = build_method(method_name)
     state = GlobalState(round=0, factors=binding.get_factors(), spec=binding.spec)
-    data = LocalData("0", rows(), list(range(12)), Task(), None, torch.device("cpu"), seed=0, batch_size=3)
+    data = completion_data()
     train = TrainConfig(optimizer="sgd", lr=0.5, max_steps=6, clip=0.0, precision="float32", prox_mu=mu)
     out = client_round(binding, method, state, ClientRecord(), data, train, rank=4, num_rounds=1)
     binding.set_factors(state.factors)  # leave the module's model as found

@@ -14,15 +14,23 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from fedlora.engine.client import ClientRecord, LocalData, client_round
+from fedlora.engine.client import ClientRecord, client_round
 from fedlora.engine.config import ConfigError, TrainConfig, load_config
 from fedlora.engine.privacy import NoisePlan, clip_upload, plan_noise, private_aggregate
 from fedlora.methods import ClientUpload, GlobalState, available_methods, build_method
 from fedlora.methods.base import ModuleFactors
-from fedlora.model.binding import LoRABinding, LoRASettings
 from fedlora.privacy import global_norm
-from fedlora.tasks.common import completion_batch
-from helpers import F64, gen, make_state, make_uploads, module_shapes, randn, tiny_llama, tiny_lm
+from helpers import (
+    F64,
+    completion_data,
+    gen,
+    make_state,
+    make_uploads,
+    module_shapes,
+    randn,
+    tiny_llama,
+    tiny_lora_binding,
+)
 
 needs_opacus = pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="needs opacus (privacy extra)")
 SHAPES = module_shapes(24, 16)
@@ -58,28 +66,12 @@ def test_clip_upload_bounds_the_update_and_leaves_small_ones_alone(dtype):
             assert after <= 1.0 + 4 * torch.finfo(dtype).eps and after > 0.9, (before, after)
 
 
-class Task:
-    def collate(self, rows, tokenizer):
-        return completion_batch([(r["prompt"], r["completion"]) for r in rows], pad=0)
 
-
-def rows(n=12, seed=0):
-    g = gen(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 300, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
-        out.append({"prompt": ids[:2], "completion": ids[2:]})
-    return out
 
 
 @pytest.fixture(scope="module")
 def binding():
-    model, _ = tiny_lm()
-    torch.manual_seed(0)
-    b = LoRABinding(model, LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj")), task_type="CAUSAL_LM")
-    for layer in b.layers.values():
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    return b
+    return tiny_lora_binding()
 
 
 def plan(mode="client", sigma=1.0, clip=0.05) -> NoisePlan:
@@ -93,7 +85,7 @@ def test_every_clients_upload_is_within_the_bound(binding, name):
     for bit."""
     method = build_method(name)
     state = GlobalState(round=0, factors=binding.get_factors(), spec=binding.spec)
-    data = LocalData("0", rows(), list(range(12)), Task(), None, torch.device("cpu"), seed=0, batch_size=3)
+    data = completion_data()
     train = TrainConfig(lr=5e-2, max_steps=4, precision="float32")
     outs = {}
     for key, noise in (("plain", None), ("clipped", plan(clip=0.05)), ("loose", plan(clip=1e6))):
@@ -353,7 +345,7 @@ def test_dp_sgd_steps_are_clipped_and_noised_from_the_seed(binding):
     most K lr C; noise from (seed, round, client): the same again, another round differs."""
     method = build_method("fedit")
     state = GlobalState(round=0, factors=binding.get_factors(), spec=binding.spec)
-    data = LocalData("0", rows(), list(range(12)), Task(), None, torch.device("cpu"), seed=0, batch_size=3)
+    data = completion_data()
     train = TrainConfig(optimizer="sgd", lr=0.5, max_steps=3, clip=0.0, precision="float32")
 
     def run(noise, round_=0):

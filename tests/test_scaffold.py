@@ -13,15 +13,23 @@ import random
 import pytest
 import torch
 
-from fedlora.engine.client import ClientRecord, LocalData, causal_or_cls_loss, client_round
+from fedlora.engine.client import ClientRecord, causal_or_cls_loss, client_round
 from fedlora.engine.config import ConfigError, TrainConfig, load_config
 from fedlora.methods import ClientContext, ClientUpload, GlobalState, available_methods, build_method
 from fedlora.methods.base import ModuleFactors
 from fedlora.methods.scaffold import CLIENT, SERVER, Scaffold, check_scaffold
 from fedlora.methods.server_opt import factor_averaging_methods
-from fedlora.model.binding import LoRABinding, LoRASettings
-from fedlora.tasks.common import completion_batch
-from helpers import F64, assert_close, gen, make_state, module_shapes, randn, tiny_llama, tiny_lm
+from helpers import (
+    F64,
+    assert_close,
+    completion_data,
+    gen,
+    make_state,
+    module_shapes,
+    randn,
+    tiny_llama,
+    tiny_lora_binding,
+)
 
 SHAPES = module_shapes(9, 5)
 
@@ -166,28 +174,12 @@ def test_only_factor_averaging_methods_combine_and_the_error_names_the_key(tmp_p
 
 
 # ---- the local step, on a real model -------------------------------------------------------------
-class Task:
-    def collate(self, rows, tokenizer):
-        return completion_batch([(r["prompt"], r["completion"]) for r in rows], pad=0)
 
-
-def rows(n=12, seed=0):
-    g = gen(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 300, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
-        out.append({"prompt": ids[:2], "completion": ids[2:]})
-    return out
 
 
 @pytest.fixture(scope="module")
 def binding():
-    model, _ = tiny_lm()
-    torch.manual_seed(0)
-    b = LoRABinding(model, LoRASettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj")), task_type="CAUSAL_LM")
-    for layer in b.layers.values():
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    return b
+    return tiny_lora_binding()
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
@@ -207,7 +199,7 @@ def test_the_local_step_is_the_papers_sgd_step(binding, schedule):
     c_i = {k: 0.3 * randn(*v.shape, g=g, dtype=torch.float32) for k, v in c.items()}
     state.method_state = {SERVER + k: v for k, v in c.items()}
     record = ClientRecord(memory={CLIENT + k: v for k, v in c_i.items()})
-    data = LocalData("0", rows(), list(range(12)), Task(), None, torch.device("cpu"), seed=0, batch_size=3)
+    data = completion_data()
     train = TrainConfig(optimizer="sgd", lr=0.3, max_steps=5, clip=0.0, precision="float32", schedule=schedule)
     method = Scaffold(build_method("fedit"), num_clients=4)
     out = client_round(binding, method, state, record, data, train, rank=4, num_rounds=3)
@@ -247,7 +239,7 @@ def test_without_variates_the_client_trains_as_without_scaffold(binding):
     """Round 0 (every variate zero): the wrapper adds no correction and uploads what the plain
     method uploads, bit for bit; only the memory gains the client's first variate."""
     state = GlobalState(round=0, factors=binding.get_factors(), spec=binding.spec)
-    data = LocalData("0", rows(), list(range(12)), Task(), None, torch.device("cpu"), seed=0, batch_size=3)
+    data = completion_data()
     train = TrainConfig(lr=1e-2, max_steps=3, precision="float32")
     outs = []
     for method in (build_method("fedit"), Scaffold(build_method("fedit"), 3)):
