@@ -289,3 +289,18 @@ def completion_data(n: int = 12, batch_size: int = 3):
 
     rows = completion_rows(n)
     return LocalData("0", rows, list(range(n)), CompletionTask(), None, torch.device("cpu"), 0, batch_size)
+
+
+def run_records(run_dir) -> list[dict]:
+    """A run's ``metrics.jsonl`` records without their timings (what two equal runs share)."""
+    import json
+    from pathlib import Path
+
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        r.pop("seconds", None)
+        for s in r.get("train", {}).values():
+            s.pop("seconds", None)
+        out.append(r)
+    return out

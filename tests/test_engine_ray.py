@@ -5,7 +5,6 @@ client for the round, a fresh worker takes over; bad engine settings are refused
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 
@@ -16,7 +15,7 @@ from fedlora.configs import preset_path
 from fedlora.engine.config import ConfigError, load_config
 from fedlora.engine.local import local_run
 from fedlora.model.adapter_io import read_adapter
-from helpers import tiny_llama
+from helpers import run_records, tiny_llama
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray (the flower extra)")
 
@@ -43,17 +42,6 @@ def config(tmp_path, model, name: str, **sets):
     return load_config(preset_path("ci"), {**base, **sets})
 
 
-def records(path):
-    out = []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        r.pop("seconds", None)
-        for s in r.get("train", {}).values():
-            s.pop("seconds", None)
-        out.append(r)
-    return out
-
-
 def test_ray_workers_reproduce_the_local_run(tmp_path, tiny):
     """With what travels beside the factors: each client's own B, its carried optimizer state and
     its SCAFFOLD variate (records), the server's variate (method state), FedAdam's moments (the
@@ -65,11 +53,11 @@ def test_ray_workers_reproduce_the_local_run(tmp_path, tiny):
         config(tmp_path, tiny, "ray", **{"engine.backend": "ray", "engine.workers": "2", **extra}), progress=False
     )
     engine.run()
-    assert all(r["report"]["control_norm"] > 0 for r in records(tmp_path / "ray" / "metrics.jsonl"))
+    assert all(r["report"]["control_norm"] > 0 for r in run_records(tmp_path / "ray"))
     assert any(k.startswith("scaffold/c_i/") for r in engine.clients.values() for k in r.memory)
     assert engine.server_opt and list((tmp_path / "ray" / "tensorboard").glob("events.out.tfevents.*"))
     assert type(engine.trainer).__name__ == "RayTrainer" and not engine.trainer.workers  # closed
-    a, b = records(tmp_path / "local" / "metrics.jsonl"), records(tmp_path / "ray" / "metrics.jsonl")
+    a, b = run_records(tmp_path / "local"), run_records(tmp_path / "ray")
     assert [r["clients"] for r in a] == [r["clients"] for r in b] and len(a) == 3
     assert a == b
     fa, fb = read_adapter(tmp_path / "local" / "final"), read_adapter(tmp_path / "ray" / "final")
@@ -86,7 +74,7 @@ def test_on_a_4bit_base_the_workers_rebuild_the_side_path_and_equal_the_local_ru
     engine = local_run(config(tmp_path, tiny, "ray4", **sets, **{"engine.backend": "ray"}), progress=False)
     engine.run()
     assert engine.binding.backbone_mode == "side" and engine.binding.backbone_report()["side_rank_max"] > 0
-    assert records(tmp_path / "local4" / "metrics.jsonl") == records(tmp_path / "ray4" / "metrics.jsonl")
+    assert run_records(tmp_path / "local4") == run_records(tmp_path / "ray4")
 
 
 def test_a_killed_worker_fails_its_client_and_is_replaced(tmp_path, tiny, monkeypatch):
@@ -104,7 +92,7 @@ def test_a_killed_worker_fails_its_client_and_is_replaced(tmp_path, tiny, monkey
     monkeypatch.setattr(RayTrainer, "train", kill_first_worker_in_round_2)
     cfg = config(tmp_path, tiny, "killed", **{"engine.backend": "ray", "engine.workers": "2"})
     local_run(cfg, progress=False).run()
-    lines = records(tmp_path / "killed" / "metrics.jsonl")
+    lines = run_records(tmp_path / "killed")
     assert [r["round"] for r in lines] == [1, 2, 3]
     failed = lines[1]["rejected"]
     assert (

@@ -7,7 +7,6 @@ reproducible from the seed and resumed identically, the bases users run."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 
 import pytest
@@ -28,6 +27,7 @@ from helpers import (
     make_uploads,
     module_shapes,
     randn,
+    run_records,
     tiny_llama,
     tiny_lora_binding,
 )
@@ -64,9 +64,6 @@ def test_clip_upload_bounds_the_update_and_leaves_small_ones_alone(dtype):
             assert all(torch.equal(factors[m].A, up[m].A) for m in up) or dtype != torch.float32
         else:
             assert after <= 1.0 + 4 * torch.finfo(dtype).eps and after > 0.9, (before, after)
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +270,7 @@ def test_epsilon_per_round_is_the_accountants_and_a_resumed_run_is_identical(tmp
     whole = run_experiment(cfg_for(tmp_path, tiny, "whole", **sets), progress=False)
     run_experiment(cfg_for(tmp_path, tiny, "split", **sets, **{"rounds.num_rounds": "2"}), progress=False)
     split = run_experiment(cfg_for(tmp_path, tiny, "split", **sets), resume=True, progress=False)
-    a, b = records(tmp_path / "whole"), records(tmp_path / "split")
+    a, b = run_records(tmp_path / "whole"), run_records(tmp_path / "split")
     b[1].pop("eval")
     for r in a[:2] + b[:2]:  # what the whole run planned to spend: 3 rounds' epsilon, the split run's first part 2
         r["privacy"].pop("planned_epsilon")
@@ -293,17 +290,6 @@ def test_epsilon_per_round_is_the_accountants_and_a_resumed_run_is_identical(tmp
     run_experiment(cfg_for(tmp_path, tiny, "budget", **{"rounds.num_rounds": "2"}), progress=False)
     with pytest.raises(ValueError, match=r"privacy\.epsilon=8.*rounds\.num_rounds"):
         run_experiment(cfg_for(tmp_path, tiny, "budget", **{"rounds.num_rounds": "4"}), resume=True, progress=False)
-
-
-def records(run):
-    out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        r.pop("seconds", None)
-        for s in r.get("train", {}).values():
-            s.pop("seconds", None)
-        out.append(r)
-    return out
 
 
 @needs_opacus
@@ -334,7 +320,7 @@ def test_client_level_dp_runs_on_the_bases_users_run(tmp_path, tiny, quantizatio
         cfg = cfg_for(tmp_path, tiny, f"{name}-{quantization}", **sets)
         summary = run_experiment(cfg, progress=False)
         assert summary["privacy"]["epsilon"] <= 8.0 and summary["rounds"] == 2
-        assert all(math.isfinite(s["loss"]) for r in records(tmp_path / cfg.name) for s in r["train"].values())
+        assert all(math.isfinite(s["loss"]) for r in run_records(tmp_path / cfg.name) for s in r["train"].values())
 
 
 # ---- sample-level DP (DP-SGD inside client_round) -------------------------------------------------
@@ -376,7 +362,7 @@ def test_sample_level_epsilon_is_the_largest_clients_own_and_resumes_identically
 
     sets = {"privacy.mode": "sample", "privacy.epsilon": "6", "privacy.clip": "1.0", "rounds.num_rounds": "2"}
     run_experiment(cfg_for(tmp_path, tiny, "whole", **sets), progress=False)
-    lines = records(tmp_path / "whole")
+    lines = run_records(tmp_path / "whole")
     from fedlora.engine.setup import prepare_data
 
     cfg = cfg_for(tmp_path, tiny, "whole", **sets)
@@ -398,7 +384,7 @@ def test_sample_level_epsilon_is_the_largest_clients_own_and_resumes_identically
     run_experiment(cfg_for(tmp_path, tiny, "again", **fixed), progress=False)
     run_experiment(cfg_for(tmp_path, tiny, "split", **{**fixed, "rounds.num_rounds": "1"}), progress=False)
     run_experiment(cfg_for(tmp_path, tiny, "split", **fixed), resume=True, progress=False)
-    again, split = records(tmp_path / "again"), records(tmp_path / "split")
+    again, split = run_records(tmp_path / "again"), run_records(tmp_path / "split")
     split[0].pop("eval")
     for r in lines + again + split:
         r["privacy"].pop("planned_epsilon")

@@ -6,7 +6,6 @@ resumes identically with the variates checkpointed; the bases users run (bf16, n
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import random
 
@@ -27,6 +26,7 @@ from helpers import (
     make_state,
     module_shapes,
     randn,
+    run_records,
     tiny_llama,
     tiny_lora_binding,
 )
@@ -176,7 +176,6 @@ def test_only_factor_averaging_methods_combine_and_the_error_names_the_key(tmp_p
 # ---- the local step, on a real model -------------------------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def binding():
     return tiny_lora_binding()
@@ -283,17 +282,6 @@ def run_config(tmp_path, model, name, **sets):
     return load_config(preset_path("ci"), {**base, **sets})
 
 
-def lines(path):
-    out = []
-    for line in (path / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        r.pop("seconds", None)
-        for s in r.get("train", {}).values():
-            s.pop("seconds", None)
-        out.append(r)
-    return out
-
-
 def test_a_run_resumes_identically_with_the_variates_checkpointed(tmp_path, tiny):
     """FedIT + SCAFFOLD + FedAdam, 3 rounds at once vs 2 rounds then ``--resume`` to 3: the same
     records and final state; the checkpoint holds c (the method state) and each trained client's
@@ -305,7 +293,7 @@ def test_a_run_resumes_identically_with_the_variates_checkpointed(tmp_path, tiny
     run_experiment(run_config(tmp_path, tiny, "whole", **sets), progress=False)
     run_experiment(run_config(tmp_path, tiny, "split", **sets, **{"rounds.num_rounds": "2"}), progress=False)
     run_experiment(run_config(tmp_path, tiny, "split", **sets), resume=True, progress=False)
-    whole, split = lines(tmp_path / "whole"), lines(tmp_path / "split")
+    whole, split = run_records(tmp_path / "whole"), run_records(tmp_path / "split")
     split[1].pop("eval")  # the 2-round run evaluated its last round
     assert whole == split and len(whole) == 3
     assert all(r["report"]["control_norm"] > 0 for r in whole)
@@ -340,7 +328,7 @@ def test_scaffold_runs_on_the_bases_users_run(tmp_path, tiny, quantization, dtyp
         )
         engine = local_run(cfg, progress=False)
         engine.run()
-        records = lines(tmp_path / cfg.name)
+        records = run_records(tmp_path / cfg.name)
         assert all(math.isfinite(s["loss"]) for r in records for s in r["train"].values())
         c = controls(engine.state.method_state, SERVER)
         kinds = {k.rpartition("/")[2] for k in c}
