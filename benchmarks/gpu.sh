@@ -12,6 +12,8 @@
 #   6. padding-free batches against padded rows (packing.py: useful tokens/s, SDPA and, where
 #      flash-attn is installed, flash-attention 2), and a model reload per client call against a
 #      factor swap (reload.py, nf4);
+#   7. DP-SGD's step against a plain local step (dpsgd.py: 1B nf4 and 7B nf4, bf16, r=16 on all
+#      linear layers, seq 512, batch 4: time and peak memory);
 # and writes their JSON and a short summary.md into OUT_DIR. --smoke runs the same steps on the
 # CPU at toy shapes in about a minute (the test suite runs it, so the script cannot rot).
 set -euo pipefail
@@ -101,6 +103,20 @@ for attn in "${ATTENTIONS[@]}"; do
   log "packing ($attn)"
   "$PY" benchmarks/packing.py --device "$DEV" "${PACKING[@]}" --set model.attention="$attn" \
     --json "$OUT/packing-$attn.json" > "$OUT/packing-$attn.txt" 2>&1 || log "packing ($attn) FAILED"
+done
+
+if [ "$MODE" = "--smoke" ]; then
+  DPSGD=("micro float32 none --steps 2 --seq 32 --batch 2 --rank 4")
+else
+  DPSGD=("1b bfloat16 nf4 --steps 10 --seq 512 --batch 4 --rank 16" "7b bfloat16 nf4 --steps 5 --seq 512 --batch 4 --rank 16")
+fi
+for spec in "${DPSGD[@]}"; do
+  read -r shape dtype quant rest <<< "$spec"
+  name="dpsgd-$shape-$quant"
+  log "$name"
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/dpsgd.py --device "$DEV" --shape "$shape" --dtype "$dtype" --quantization "$quant" $rest \
+    --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 || log "$name FAILED (see $name.txt)"
 done
 
 "$PY" benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md"

@@ -117,6 +117,24 @@ def summary(out: Path) -> str:
             "",
             f"reload {reload['reload_s']:.2f} s, swap {1000 * reload['swap_s']:.1f} ms",
         ]
+    dps = sorted(out.glob("dpsgd-*.json"))
+    if dps:
+        lines += [
+            "",
+            "## DP-SGD against a plain local step (dpsgd.py): seconds per step, peak MiB",
+            "",
+            "| run | plain s | DP-SGD s | DP / plain | peak MiB plain / DP |",
+            "|---|---|---|---|---|",
+        ]
+        for path in dps:
+            d = _load(path)
+            if not d:
+                lines.append(f"| {path.stem} | failed (see {path.stem}.txt) ||||")
+                continue
+            lines.append(
+                f"| {path.stem} | {d['plain']['step_s']:.3g} | {d['dp']['step_s']:.3g} | "
+                f"{d['dp_over_plain_time']:.2f}x | {d['plain']['peak_mib']:.0f} / {d['dp']['peak_mib']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -34,8 +34,12 @@ def test_gpu_script_smoke_mode_writes_every_result(tmp_path):
     assert memory["measured"]["lora_params"] == memory["predicted"]["lora_params"]  # the formula's count
     packing = json.loads((tmp_path / "packing-auto.json").read_text())
     assert packing[0]["first_step_loss_gap"] < 1e-4 and packing[0]["flatten"]["useful_tokens_per_s"] > 0
+    dp = json.loads((tmp_path / "dpsgd-micro-none.json").read_text())
+    assert dp["plain"]["step_s"] > 0 and dp["dp"]["step_s"] > 0
+    assert dp["dp"]["lora_params"] == dp["plain"]["lora_params"] > 0
     summary = (tmp_path / "summary.md").read_text()
     for needle in (
+        "## DP-SGD",
         "## Aggregation",
         "round-micro-nf4ckpt",
         "memory-micro-nf4ckpt",
