@@ -7,6 +7,7 @@ reproducible from the seed and resumed identically, the bases users run."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -389,3 +390,16 @@ def test_sample_level_epsilon_is_the_largest_clients_own_and_resumes_identically
     for r in lines + again + split:
         r["privacy"].pop("planned_epsilon")
     assert again == split == lines  # the same noise, from the seed, whether sigma was calibrated or given
+
+
+@needs_opacus
+def test_fedlora_run_prints_the_spend(tmp_path, tiny, capsys):
+    from fedlora.cli import main
+
+    sets = ["rounds.num_rounds=1", "rounds.eval_baseline=false", "method.name=ffa_lora", "privacy.mode=client"]
+    sets += ["privacy.epsilon=5", f"model.name={tiny}", f"output_dir={tmp_path}", "name=cli", "train.max_steps=1"]
+    sets += ["task.settings={n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}"]
+    assert main(["run", "--preset", "ci", "--no-progress", *[x for s in sets for x in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert f"privacy: client-level DP, epsilon {summary['privacy']['epsilon']:.3g} at delta 1e-05 (rdp;" in out

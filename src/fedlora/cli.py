@@ -116,6 +116,12 @@ def _print_summary(summary: dict, run_dir) -> None:
             b = f"{base[k]:.4f}" if k in base else "-"
             f = f"{final[k]:.4f}" if k in final else "-"
             print(f"{k:<16}{b:>14}{f:>12}")
+    privacy = summary.get("privacy")
+    if privacy:
+        print(
+            f"privacy: {privacy['mode']}-level DP, epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} "
+            f"({privacy['accountant']}; noise multiplier {privacy['noise_multiplier']:.3g}, clip {privacy['clip']:g})"
+        )
     print(f"results: {run_dir}/ (metrics.jsonl, summary.json, curves.png, final/)")
 
 
