@@ -68,13 +68,19 @@ def test_ray_workers_reproduce_the_local_run(tmp_path, tiny):
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 def test_on_a_4bit_base_the_workers_rebuild_the_side_path_and_equal_the_local_run(tmp_path, tiny):
     """FLoRA puts a backbone delta on the nf4 base's side path every round; each worker replays the
-    ledger onto its own model, so round 3's clients train on the server's backbone exactly."""
+    ledger onto its own model, so round 3's clients train on the server's backbone exactly. With
+    sample-level DP where Opacus is installed: each worker derives the server's noise plan and
+    runs DP-SGD with the same seeded noise."""
     sets = {"model.dtype": "bfloat16", "model.quantization": "nf4", "method.name": "flora", "method.settings": "{}"}
+    dp = importlib.util.find_spec("opacus") is not None
+    if dp:
+        sets.update({"privacy.mode": "sample", "privacy.epsilon": "8"})
     local_run(config(tmp_path, tiny, "local4", **sets), progress=False).run()
     engine = local_run(config(tmp_path, tiny, "ray4", **sets, **{"engine.backend": "ray"}), progress=False)
     engine.run()
     assert engine.binding.backbone_mode == "side" and engine.binding.backbone_report()["side_rank_max"] > 0
     assert run_records(tmp_path / "local4") == run_records(tmp_path / "ray4")
+    assert not dp or 0 < run_records(tmp_path / "ray4")[-1]["privacy"]["epsilon"] <= 8
 
 
 def test_a_killed_worker_fails_its_client_and_is_replaced(tmp_path, tiny, monkeypatch):
