@@ -105,6 +105,7 @@ def clean_run(tmp_path_factory) -> Path:
     return root / "clean"
 
 
+@pytest.mark.drill  # real SIGKILLs of `fedlora run` and resumes (~2.5 minutes on 2 cores): `pytest -m drill`
 @pytest.mark.parametrize("fault", ["after_client:1:0", "after_checkpoint:1"])
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(tmp_path, clean_run, fault):
     env = _env()

@@ -394,6 +394,7 @@ def _comparable(r: dict) -> dict:
 
 
 @needs_model
+@pytest.mark.drill  # a Ray-backed Flower simulation in a subprocess beside a local run (~1 minute)
 def test_flower_simulation_reproduces_fedlora_run_and_wire_bytes_match_the_accounting(tmp_path):
     """The ci preset (3 clients, 2 sampled per round, 2 rounds, tiny task) with LoRA dropout 0.1
     as a Flower simulation (run_simulation: Ray, a ClientApp per SuperNode) and as ``fedlora
@@ -991,6 +992,7 @@ def test_supernode_killed_mid_round_rejoins_in_a_later_round(tmp_path):
 
 @needs_model
 @pytest.mark.slow
+@pytest.mark.drill  # `flwr run` in simulation mode, a separate process tree (~1 minute)
 def test_flwr_run_flower_app_in_simulation_mode(tmp_path):
     """``flwr run flower_app --federation-config num-supernodes=3`` with a temporary FLWR_HOME: the
     CLI starts a local simulation SuperLink (detached; stopped here by its pid), which runs the

@@ -149,8 +149,8 @@ def test_noise_multiplier_for_inverts_epsilon(target: float, delta: float, q: fl
 def test_noise_multiplier_for_edge_cases() -> None:
     assert noise_multiplier_for(math.inf, 1e-5, 0.01, 100) == 0.0  # epsilon = inf: no noise
     assert noise_multiplier_for(1.0, 1e-5, 0.01, 0) == 0.0  # no step, nothing to protect
-    with pytest.raises(ValueError, match=r"privacy\.epsilon.*rounds\.num_rounds"):
-        noise_multiplier_for(1e-4, 1e-5, 1.0, 100_000)  # would need sigma > 1e6
+    with pytest.raises(ValueError, match=r"privacy\.epsilon=0\.0001 .*below.*privacy\.accountant=prv"):
+        noise_multiplier_for(1e-4, 1e-5, 1.0, 100_000)  # under RDP's floor: refused at once, without a search
     for bad in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match=r"privacy\.epsilon"):
             noise_multiplier_for(bad, 1e-5, 0.01, 100)

@@ -163,6 +163,12 @@ def noise_multiplier_for(
     tol = min(0.01, 0.01 * epsilon) if epsilon_tolerance is None else epsilon_tolerance
     if not (math.isfinite(tol) and 0 < tol < epsilon):
         raise ValueError(f"epsilon_tolerance={epsilon_tolerance!r} must be in (0, privacy.epsilon)")
+    if accountant == "rdp" and epsilon <= rdp_epsilon_floor(delta):  # unreachable: say so now, not after a search
+        raise ValueError(
+            f"privacy.epsilon={epsilon} at privacy.delta={delta} is below what the rdp accountant can state "
+            f"({rdp_epsilon_floor(delta):.3g}, whatever the noise: its orders stop at 63): raise privacy.epsilon "
+            "or use privacy.accountant=prv"
+        )
     _require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
