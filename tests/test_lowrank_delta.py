@@ -184,3 +184,21 @@ def test_apply_to_noop_cases():
     assert torch.equal(W, W0)
     FactoredDelta.from_factors(torch.ones(5, 1, dtype=F64), torch.ones(1, 4, dtype=F64)).apply_to(W, alpha=0.0)
     assert torch.equal(W, W0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+def test_inner_product_is_the_dense_frobenius_inner_product(dtype):
+    """``<D1, D2>_F`` from the factors (different ranks, several terms each) equals the dense
+    float64 one; ``inner(self)`` is ``energy()``; an empty delta gives 0; shapes must agree."""
+    g = gen(3)
+    a, b = FactoredDelta(13, 9), FactoredDelta(13, 9)
+    for q in (2, 5):
+        a.add(randn(13, q, g=g, dtype=dtype), randn(q, 9, g=g, dtype=dtype))
+    b.add(randn(13, 3, g=g, dtype=dtype), randn(3, 9, g=g, dtype=dtype), scale=-0.7)
+    ref = float((a.dense() * b.dense()).sum())
+    assert abs(a.inner(b) - ref) <= 1e-12 * (a.energy() * b.energy()) ** 0.5
+    assert a.inner(b) == pytest.approx(b.inner(a), rel=1e-12)
+    assert a.inner(a) == pytest.approx(a.energy(), rel=1e-12)
+    assert FactoredDelta(13, 9).inner(a) == 0.0 == a.inner(FactoredDelta(13, 9))
+    with pytest.raises(ValueError, match="shapes differ"):
+        a.inner(FactoredDelta(9, 13))

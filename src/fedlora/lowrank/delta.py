@@ -108,6 +108,17 @@ class FactoredDelta:
             return 0.0
         return product_energy(*self.factors(torch.float64))
 
+    def inner(self, other: FactoredDelta) -> float:
+        """``<Delta, Other>_F = sum((up^T up_o) * (down down_o^T))``: a q x q_o pair of small
+        products (float64), never the dense matrices; ``inner(self) == energy()``."""
+        if (self.d_out, self.d_in) != (other.d_out, other.d_in):
+            raise ValueError(f"shapes differ: {self.d_out}x{self.d_in} and {other.d_out}x{other.d_in}")
+        if self.is_empty or other.is_empty:
+            return 0.0
+        up, down = self.factors(torch.float64)
+        up_o, down_o = other.factors(torch.float64)
+        return float(((up.T @ up_o) * (down @ down_o.T)).sum())
+
     def nbytes(self, bytes_per_element: int | None = None) -> int:
         """Bytes to send the factors (``(d_out + d_in) * rank`` elements)."""
         n = 0
