@@ -144,7 +144,8 @@ def client_round(
     binding.set_factors(start.factors)
     if global_extras:
         binding.set_extras(global_extras)
-    start_extras = binding.extras() if noise is not None else {}  # where its head starts (clip_upload's reference)
+    clip_update = noise is not None and noise.mode == "client"
+    start_extras = binding.extras() if clip_update else {}  # where its head starts (clip_upload's reference)
     params = binding.set_trainable(start.trainable)
     # FedProx: anchored at the factors the method started this client from (the global ones, or
     # its own start where the method gives it one: FedSA-LoRA's B, FLoRA's fresh LoRA, ...)
@@ -175,7 +176,7 @@ def client_round(
         )
     factors, memory = method.client_finish(state, ctx, start, binding.get_factors())
     extras = binding.extras()
-    if noise is not None and noise.mode == "client":
+    if clip_update:
         factors, extras = clip_upload(start.factors, factors, start_extras, extras, noise.clip)
     record.cursor += result.examples
     record.memory = memory

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from fedlora.engine.config import Config, PrivacyConfig, clients_per_round
+from fedlora.engine.train import steps_for
 from fedlora.methods import ClientUpload, GlobalState, Method, RoundResult
 from fedlora.methods.base import Factors, ModuleFactors, weighted_mean
 from fedlora.privacy import (
@@ -144,7 +145,7 @@ def plan_noise(cfg: Config, sizes: Mapping[str, int]) -> NoisePlan | None:
         clients_per_round(cfg, len(sizes)),
         tuple(sorted(sizes.items())),
         _step_examples(cfg),
-        _local_steps(cfg, min(sizes.values(), default=1)),
+        steps_for(cfg.train, min(sizes.values(), default=1)),
     )
 
 
@@ -154,12 +155,6 @@ def _privacy_key(p: PrivacyConfig) -> tuple[Any, ...]:
 
 def _step_examples(cfg: Config) -> int:
     return cfg.train.batch_size * cfg.train.grad_accum
-
-
-def _local_steps(cfg: Config, n: int) -> int:
-    from fedlora.engine.train import steps_for
-
-    return steps_for(cfg.train, n)
 
 
 @lru_cache(maxsize=16)
@@ -202,33 +197,13 @@ def clip_upload(
     """``start + clip_C(upload - start)`` jointly over the uploaded factors and the extras (a
     classifier head: its change from ``start_extras``), computed in float32 (the upload itself
     where it is within the bound). Factors not uploaded stay ``None``."""
-    deltas: dict[str, Tensor] = {}
-    for m, f in upload.items():
-        for which in ("A", "B"):
-            t = f.get(which)
-            if t is not None:
-                s = start[m].get(which)
-                assert s is not None, f"module {m}: no start for factor {which}"
-                deltas[f"factor/{m}/{which}"] = t.to(torch.float32) - s.to(t.device, torch.float32)
-    for k, t in extras.items():
-        deltas[f"extra/{k}"] = t.to(torch.float32) - start_extras[k].to(t.device, torch.float32)
+    sent, origin = _flat(upload, extras), _flat(start, start_extras)
+    deltas = {k: t.to(torch.float32) - origin[k].to(t.device, torch.float32) for k, t in sent.items()}
     clipped, _, scale = clip_to_norm(deltas, bound)
     if scale == 1.0:  # within the bound: sent as trained, bit for bit
         return dict(upload), dict(extras)
-    factors: Factors = {}
-    for m, f in upload.items():
-        parts: dict[str, Tensor | None] = {"A": None, "B": None}
-        for which in ("A", "B"):
-            t = f.get(which)
-            if t is not None:
-                s = start[m].get(which)
-                assert s is not None
-                parts[which] = (s.to(t.device, torch.float32) + clipped[f"factor/{m}/{which}"]).to(t.dtype)
-        factors[m] = ModuleFactors(A=parts["A"], B=parts["B"])
-    out_extras = {
-        k: (start_extras[k].to(t.device, torch.float32) + clipped[f"extra/{k}"]).to(t.dtype) for k, t in extras.items()
-    }
-    return factors, out_extras
+    out = {k: (origin[k].to(t.device, torch.float32) + clipped[k]).to(t.dtype) for k, t in sent.items()}
+    return _unflat(out, upload)
 
 
 # ---- server side ---------------------------------------------------------------------------------

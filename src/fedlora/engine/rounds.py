@@ -360,7 +360,6 @@ class RoundEngine:
         else:
             keep = {u.client_id for u in accepted}
             kept_extras = [e for u, e in zip(uploads, extras) if u.client_id in keep]
-            new_extras = None
             with svd_device(self.device):  # uploads live on the CPU; the QRs/SVDs run on the model's device
                 if self.noise is not None and self.noise.mode == "client":
                     result, new_extras = private_aggregate(
@@ -368,6 +367,8 @@ class RoundEngine:
                     )
                 else:
                     result = self.method.aggregate(self.state, accepted)
+                    weights = [u.num_examples for u in accepted]
+                    new_extras = _mean_extras(kept_extras, weights) if kept_extras and kept_extras[0] else {}
                 result, self.server_opt = server_step(cfg.server, self.method, self.state, result, self.server_opt)
             if self.noise is not None:
                 record_round(self.spend, self.noise, train_stats)
@@ -382,11 +383,8 @@ class RoundEngine:
                 self.binding.apply_delta(deltas)
             self.ledger.append(deltas)
             self.state = state
-            if new_extras is not None:
-                if new_extras:
-                    self.global_extras = new_extras
-            elif kept_extras and kept_extras[0]:
-                self.global_extras = _mean_extras(kept_extras, [u.num_examples for u in accepted])
+            if new_extras:
+                self.global_extras = new_extras
             bytes_down = result.bytes_down * k
             self.bytes_total += result.bytes_up + bytes_down
             record.update(

@@ -188,10 +188,9 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             if dp is not None:
                 total, seen = _dp_step(model, params, batches, cfg, dp, amp, hooks)
-                examples += seen
             else:
                 total, seen = _step_gradient(model, batches, loss_fn, cfg, device, amp, scaler, step)
-                examples += seen
+            examples += seen
             if regulariser is not None:
                 reg = regulariser()
                 (scaler.scale(reg) if scaler else reg).backward()

@@ -379,19 +379,9 @@ class StudyReport:
             "- grid: " + "; ".join(f"`{k}` ∈ {{{', '.join(_inline(v) for v in vs)}}}" for k, vs in spec.grid.items()),
         ]
         if spec.methods:
-            out.append(
-                "- per-method overrides: "
-                + "; ".join(
-                    f"{m}: " + ", ".join(f"`{k}={_inline(v)}`" for k, v in o.items()) for m, o in spec.methods.items()
-                )
-            )
+            out.append("- per-method overrides: " + _named_overrides(spec.methods))
         if spec.arms:
-            out.append(
-                "- arms (grouped and paired by name): "
-                + "; ".join(
-                    f"{a}: " + ", ".join(f"`{k}={_inline(v)}`" for k, v in o.items()) for a, o in spec.arms.items()
-                )
-            )
+            out.append("- arms (grouped and paired by name): " + _named_overrides(spec.arms))
         out += [
             f"- cells: {len(self.cells)} ({counts['finished']} finished, {counts['partial']} unfinished, "
             f"{counts['failed']} failed, {counts['missing']} not run); only finished cells enter the tables"
@@ -526,6 +516,11 @@ class StudyReport:
 
 def slice_name(values: dict[str, Any]) -> str:
     return cell_name(values) if values else "all"
+
+
+def _named_overrides(named: dict[str, dict[str, Any]]) -> str:
+    """``name: `key=value`, ...; name: ...`` (per-method overrides, arms)."""
+    return "; ".join(f"{n}: " + ", ".join(f"`{k}={_inline(v)}`" for k, v in o.items()) for n, o in named.items())
 
 
 def slice_label(values: dict[str, Any]) -> str:

@@ -346,7 +346,7 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
             f"report.slices: expected grid axes other than {METHOD_AXIS}, {ARM_AXIS} and {SEED_AXIS}, got {slices!r}"
         )
     if ARM_AXIS in grid and METHOD_AXIS in grid:
-        labels = [f"{m}@{a}" for m in grid[METHOD_AXIS] for a in grid[ARM_AXIS]]
+        labels = [str(group_label({METHOD_AXIS: m, ARM_AXIS: a})) for m in grid[METHOD_AXIS] for a in grid[ARM_AXIS]]
         group_axis = f"{METHOD_AXIS} x {ARM_AXIS} (<method>@<arm>)"
     else:
         group_axis = ARM_AXIS if ARM_AXIS in grid else METHOD_AXIS
