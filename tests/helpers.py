@@ -304,3 +304,26 @@ def run_records(run_dir) -> list[dict]:
             s.pop("seconds", None)
         out.append(r)
     return out
+
+
+def tiny_run_config(tmp_path, model, name: str, sets):
+    """The ci preset on ``model`` (a :func:`tiny_llama` folder), small: FedIT, 4 clients, 2 sampled
+    per round, 3 rounds of 2 steps, no evaluation until the end; ``sets`` on top."""
+    from fedlora.configs import preset_path
+    from fedlora.engine.config import load_config
+
+    base = {
+        "output_dir": str(tmp_path),
+        "name": name,
+        "model.name": str(model),
+        "method.name": "fedit",
+        "task.settings": "{n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}",
+        "partition.num_clients": "4",
+        "rounds.num_rounds": "3",
+        "rounds.clients_per_round": "2",
+        "rounds.eval_baseline": "false",
+        "rounds.eval_every": "0",
+        "train.max_steps": "2",
+        "train.lr": "0.01",
+    }
+    return load_config(preset_path("ci"), {**base, **sets})

@@ -31,6 +31,7 @@ from helpers import (
     run_records,
     tiny_llama,
     tiny_lora_binding,
+    tiny_run_config,
 )
 
 needs_opacus = pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="needs opacus (privacy extra)")
@@ -187,26 +188,8 @@ def test_sum_only_methods_aggregate_through_the_mean(name):
 
 # ---- accounting and refusals --------------------------------------------------------------------
 def cfg_for(tmp_path, model, name="run", **sets):
-    from fedlora.configs import preset_path
-
-    base = {
-        "output_dir": str(tmp_path),
-        "name": name,
-        "model.name": str(model),
-        "method.name": "fedit",
-        "task.settings": "{n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}",
-        "partition.num_clients": "4",
-        "rounds.num_rounds": "3",
-        "rounds.clients_per_round": "2",
-        "rounds.eval_baseline": "false",
-        "rounds.eval_every": "0",
-        "train.max_steps": "2",
-        "train.lr": "0.01",
-        "privacy.mode": "client",
-        "privacy.epsilon": "8",
-        "privacy.clip": "0.05",
-    }
-    return load_config(preset_path("ci"), {**base, **sets})
+    dp = {"privacy.mode": "client", "privacy.epsilon": "8", "privacy.clip": "0.05"}
+    return tiny_run_config(tmp_path, model, name, {**dp, **sets})
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from helpers import (
     run_records,
     tiny_llama,
     tiny_lora_binding,
+    tiny_run_config,
 )
 
 SHAPES = module_shapes(9, 5)
@@ -262,24 +263,7 @@ def tiny(tmp_path_factory):
 
 
 def run_config(tmp_path, model, name, **sets):
-    from fedlora.configs import preset_path
-
-    base = {
-        "output_dir": str(tmp_path),
-        "name": name,
-        "model.name": str(model),
-        "method.name": "fedit",
-        "train.scaffold": "true",
-        "task.settings": "{n_train: 24, n_test: 2, max_new_tokens: 4, max_length: 64}",
-        "partition.num_clients": "4",
-        "rounds.num_rounds": "3",
-        "rounds.clients_per_round": "2",
-        "rounds.eval_baseline": "false",
-        "rounds.eval_every": "0",
-        "train.max_steps": "2",
-        "train.lr": "0.01",
-    }
-    return load_config(preset_path("ci"), {**base, **sets})
+    return tiny_run_config(tmp_path, model, name, {"train.scaffold": "true", **sets})
 
 
 def test_a_run_resumes_identically_with_the_variates_checkpointed(tmp_path, tiny):
