@@ -117,6 +117,11 @@ class RoundsConfig:
         "also evaluate each client's own model (methods with client-local parts, e.g. fedsa_lora) "
         "on a test set with its data's group mix; auto = on for those methods",
     )
+    momentum: bool = _f(
+        True,
+        "log each round's momentum diagnostics (update cosine, path efficiency, aggregation error; "
+        "engine/momentum.py), computed from factors in float64",
+    )
     personal_test_size: int = _f(
         0, "most test examples per client in personal evaluation (0 = the size of the global test set)", min=0
     )

@@ -7,6 +7,7 @@ One round, as data::
       -> screen_uploads (bad ones rejected by client and module)
       -> method.aggregate -> new global state + backbone delta (applied once, kept in a ledger)
       -> server optimizer on the averaged factors, if ``server.optimizer`` (methods/server_opt.py)
+      -> momentum diagnostics of the global update (``engine/momentum.py``)
       -> evaluation (the global model; also each client's own model for methods with
          client-local parts, see ``engine/personal.py``) -> metrics.jsonl line -> atomic checkpoint
 
@@ -45,6 +46,7 @@ from fedlora.engine.checkpoint import (
 )
 from fedlora.engine.client import ClientRecord
 from fedlora.engine.config import Config, clients_per_round
+from fedlora.engine.momentum import MomentumTracker, initial_tracker
 from fedlora.engine.personal import evaluate_personal, personal_enabled
 from fedlora.engine.privacy import (
     NoisePlan,
@@ -101,6 +103,7 @@ class RoundEngine:
         self.noise: NoisePlan | None = None  # privacy.mode's resolved noise (engine/privacy.py), set up with the data
         self.spend = PrivacyLedger(cfg.privacy.accountant)  # the DP steps taken so far
         self.bytes_total = 0
+        self.momentum: MomentumTracker | None = None  # rounds.momentum's running sums (engine/momentum.py)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -164,6 +167,7 @@ class RoundEngine:
                 "server_opt": self.server_opt,
                 "privacy": self.spend.to_dict(),
                 "ledger": ledger_tree(self.ledger),
+                "momentum": self.momentum.to_tree() if self.momentum is not None else None,
                 "clients": {c: record_tree(r) for c, r in self.clients.items()},
                 "extras": self.global_extras,
                 "bytes_total": self.bytes_total,
@@ -188,6 +192,12 @@ class RoundEngine:
         self.ledger = ledger_from_tree(ck["ledger"])
         for deltas in self.ledger:
             self.binding.apply_delta(deltas)  # replay, in order: same float ops as the original run
+        self.momentum = None
+        if self.cfg.rounds.momentum:
+            if ck.get("momentum"):
+                self.momentum = MomentumTracker.from_tree(ck["momentum"], self.ledger)
+            else:
+                log.warning("the checkpoint has no momentum sums (written without rounds.momentum): none logged")
         self.clients = {c: record_from_tree(r) for c, r in ck["clients"].items()}
         self.global_extras = ck["extras"]
         self.bytes_total = ck["bytes_total"]
@@ -286,6 +296,7 @@ class RoundEngine:
         else:
             self.state = self._initial_state()
             self.ledger = []
+            self.momentum = initial_tracker(self.state.factors) if cfg.rounds.momentum else None
             self.server_opt = {}
             self.spend = PrivacyLedger(cfg.privacy.accountant)
             self.clients = {}
@@ -329,6 +340,7 @@ class RoundEngine:
 
     def _round(self, k: int, bar: Progress) -> dict[str, Any]:
         cfg, t = self.cfg, self.state.round
+        before = self.state
         sampled = sample_clients(cfg.seed, t, self.client_ids, k)
         t_train = time.perf_counter()
         trained = self.trainer.train(sampled, bar)
@@ -357,6 +369,8 @@ class RoundEngine:
             )
             self.state = GlobalState(t + 1, self.state.factors, self.state.spec, self.state.method_state)
             record.update(skipped=True, bytes_up=0, bytes_down=0)
+            if self.momentum is not None:
+                record["momentum"] = self.momentum.skip()
         else:
             keep = {u.client_id for u in accepted}
             kept_extras = [e for u, e in zip(uploads, extras) if u.client_id in keep]
@@ -382,6 +396,8 @@ class RoundEngine:
             if deltas:
                 self.binding.apply_delta(deltas)
             self.ledger.append(deltas)
+            if self.momentum is not None:
+                record["momentum"] = self.momentum.observe(self.method, before, state, deltas, accepted, result.report)
             self.state = state
             if new_extras:
                 self.global_extras = new_extras

@@ -246,6 +246,31 @@ class Method(ABC):
         with client-local parts (FedSA-LoRA's B); ``None``: the client's model is the global one."""
         return None
 
+    def client_factors(self, state: GlobalState, upload: ClientUpload) -> Factors | None:
+        """Client ``upload``'s LoRA as the server can rebuild it: the factors it sent, completed by
+        the global ones it trained against (FFA-LoRA's A, RoLoRA's frozen factor). Its own
+        effective update is then ``s_i B_i A_i - s B^t A^t`` (``s_i`` the scale of its rank,
+        ``B^t A^t`` the round's starting global LoRA); the momentum diagnostics
+        (``engine/momentum.py``) compare a round's aggregate with the weighted mean of these.
+        ``None`` where the upload does not determine it (a factor the client keeps: FedSA-LoRA's B)."""
+        out = {}
+        for m, g in state.factors.items():
+            f = upload.factors.get(m)
+            if f is None:
+                return None
+            B = g.B if f.B is None else f.B
+            A = g.A if f.A is None else f.A
+            if B is None or A is None or B.shape[1] != A.shape[0]:
+                return None  # a missing factor of another rank: the upload does not say
+            out[m] = ModuleFactors(A=A, B=B)
+        return out
+
+    def energy_split(self, report: Mapping[str, Mapping[str, float]]) -> dict[str, float] | None:
+        """Where round's aggregate went, as shares of its energy (FedMomentum: kept in the LoRA,
+        merged into the backbone, dropped), from :attr:`RoundResult.report`; ``None`` (the
+        default) for methods without such a split."""
+        return None
+
     @property
     def has_personal_models(self) -> bool:
         """Whether clients keep models of their own (the method overrides :meth:`personal_factors`)."""

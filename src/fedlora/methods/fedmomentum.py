@@ -44,7 +44,7 @@ Choices where the sources are silent (methods.md, open questions 1-4), each a se
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 
@@ -136,6 +136,7 @@ class FedMomentum(Method):
                 "r_eff": float(r_eff),
                 "residual_rank": float(band.rank),
                 "lora_energy": float((S[:r] ** 2).sum()) / total if total > 0 else 1.0,
+                "residual_energy": float((S[r:keep] ** 2).sum()) / total if total > 0 else 0.0,
                 "dropped_energy": float((S[keep:] ** 2).sum()) / total if total > 0 else 0.0,
                 "dropped_of_change": float((S[keep:] ** 2).sum()) / change[m] if change[m] > 0 else 0.0,
             }
@@ -147,6 +148,20 @@ class FedMomentum(Method):
             bytes_down=factors_nbytes(factors) + deltas_nbytes(merged),
             report=report,
         )
+
+    def energy_split(self, report: Mapping[str, Mapping[str, float]]) -> dict[str, float] | None:
+        """Shares of ``||M||^2`` (means over modules): ``kept`` in the rank-r LoRA, ``merged`` into
+        the backbone as the residual (now, or pending with ``merge_every != 1``), ``dropped``; and
+        ``dropped_of_change``, the dropped energy over the round's change ``||M - B^t A^t||^2``."""
+        if not report:
+            return None
+        keys = {
+            "kept": "lora_energy",
+            "merged": "residual_energy",
+            "dropped": "dropped_energy",
+            "dropped_of_change": "dropped_of_change",
+        }
+        return {k: sum(r[v] for r in report.values()) / len(report) for k, v in keys.items()}
 
     def _schedule(
         self, state: GlobalState, residuals: dict[str, FactoredDelta]

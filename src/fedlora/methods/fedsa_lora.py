@@ -51,6 +51,10 @@ class FedSALoRA(Method):
         """Client i's model: ``W + s B_i A^t`` (global A, its own last B; the global B if it has none)."""
         return {m: ModuleFactors(A=g.A.clone(), B=memory.get(f"{m}.B", g.B).clone()) for m, g in state.factors.items()}
 
+    def client_factors(self, state: GlobalState, upload: ClientUpload) -> Factors | None:
+        """Unknown to the server: the client's LoRA is ``(B_i, A_i)`` with a B it keeps."""
+        return None
+
     def client_finish(
         self, state: GlobalState, ctx: ClientContext, start: ClientStart, trained: Factors
     ) -> tuple[Factors, dict[str, Tensor]]:

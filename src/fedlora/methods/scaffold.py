@@ -171,6 +171,12 @@ class Scaffold(Method):
     def has_personal_models(self) -> bool:
         return self.inner.has_personal_models
 
+    def client_factors(self, state: GlobalState, upload: ClientUpload) -> Factors | None:
+        return self.inner.client_factors(self._inner_state(state), upload)
+
+    def energy_split(self, report: Mapping[str, Mapping[str, float]]) -> dict[str, float] | None:
+        return self.inner.energy_split(report)
+
     def uploaded_factors(self, state: GlobalState) -> frozenset[str]:
         return self.inner.uploaded_factors(self._inner_state(state))
 
