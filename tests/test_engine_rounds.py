@@ -44,6 +44,11 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+# methods whose global update is the exact mean of the clients' updates (FFA-LoRA, RoLoRA: one
+# factor is shared; FLoRA, FedEx-LoRA: the rest goes to the backbone)
+EXACT = {"ffa_lora", "rolora", "flora", "fedex_lora"}
+
+
 @pytest.mark.parametrize("method", available_methods())
 def test_two_rounds_of_every_method(tmp_path, method):
     cfg = tiny(tmp_path, method, method__name=method)
@@ -55,6 +60,17 @@ def test_two_rounds_of_every_method(tmp_path, method):
         assert not r["skipped"] and not r["rejected"]
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert all(s["steps"] == 1 for s in r["train"].values())
+    for r in lines:  # the momentum diagnostics (engine/momentum.py; tests/test_momentum.py has the math)
+        m = r["momentum"]
+        assert m["update_norm"] > 0 or method == "fedsa_lora"  # FedSA-LoRA's global B stays 0
+        assert (m["update_cosine"] is None) == (r["round"] == 1 or method == "fedsa_lora")
+        if method == "fedsa_lora":  # the server cannot know a client's update (its B is private)
+            assert m["aggregation_error"] is None
+        elif method in EXACT:
+            assert m["aggregation_error"] < 1e-5
+        elif r["round"] == 2:  # round 1 from B = 0: A gets no gradient in one step, every A_i = A^0
+            assert m["aggregation_error"] > 1e-5
+        assert ("energy" in m) == (method == "fedmomentum")
     if method == "fedsmooth_lora":  # what its rank-r init (from round 2) and upload drop, per client and mean
         assert [sorted(r["client_report"]) for r in lines] == [["upload_dropped"], ["rm_dropped", "upload_dropped"]]
         for r in lines:

@@ -202,3 +202,21 @@ def test_inner_product_is_the_dense_frobenius_inner_product(dtype):
     assert FactoredDelta(13, 9).inner(a) == 0.0 == a.inner(FactoredDelta(13, 9))
     with pytest.raises(ValueError, match="shapes differ"):
         a.inner(FactoredDelta(9, 13))
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "ranks"), [(13, 9, (2, 5)), (6, 20, (4, 4, 3))])  # stored rank > d_out too
+def test_norm_is_the_dense_frobenius_norm_and_survives_cancellation(d_out, d_in, ranks):
+    """``norm()`` from QRs equals the dense float64 norm; for a difference of two nearly equal
+    updates (relative gap 1e-9) it keeps the digits that ``sqrt(energy())`` loses to its Gram sum."""
+    a = FactoredDelta(d_out, d_in)
+    for up, down in terms(d_out, d_in, ranks, seed=4):
+        a.add(up, down)
+    assert a.norm() == pytest.approx(float(torch.linalg.matrix_norm(a.dense())), rel=1e-13)
+    assert FactoredDelta(d_out, d_in).norm() == 0.0
+    up, down = a.factors()
+    tweak = randn(d_out, 1, g=gen(5)) * 1e-9, randn(1, d_in, g=gen(6))
+    near = FactoredDelta(d_out, d_in).add(up, down).add(*tweak)
+    gap = near.extend(a, scale=-1.0)  # = tweak, formed from terms 1e9 times its size
+    want = float(torch.linalg.matrix_norm(tweak[0] @ tweak[1]))
+    assert gap.norm() == pytest.approx(want, rel=1e-5)
+    assert abs(max(gap.energy(), 0.0) ** 0.5 - want) > 1e-3 * want  # the Gram route cannot

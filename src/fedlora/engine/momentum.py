@@ -15,8 +15,9 @@ Over every adapted module at once (the model's update read as one vector), round
     energy            = the method's own split of its aggregate (Method.energy_split; FedMomentum:
                         kept in the LoRA, merged into the backbone, dropped)
 
-Exact and never dense: every norm and inner product comes from Gram matrices of stacked factors in
-float64 (:meth:`FactoredDelta.inner`), cost ``(d_out + d_in) q q'`` for ranks ``q, q'``.
+Exact and never dense, in float64: norms from thin QRs of the stacked factors
+(:meth:`FactoredDelta.norm`, accurate where terms cancel), inner products from their Gram
+matrices (:meth:`FactoredDelta.inner`); cost ``(d_out + d_in) q q'`` for ranks ``q, q'``.
 ``dW_t - U_t = D_t + s B^{t+1} A^{t+1} - sum_i p_i s_i B_i A_i``: the common ``s B^t A^t`` cancels
 before any arithmetic (``sum_i p_i = 1``), so an exact method reports float32 rounding of its own
 factors (~1e-7), not the difference of two large numbers. The precision is the factors' (float32
@@ -54,9 +55,9 @@ def total_inner(x: Deltas, y: Deltas) -> float:
     return sum(d.inner(y[m]) for m, d in x.items() if m in y)
 
 
-def total_energy(x: Deltas) -> float:
-    """``sum_m ||x_m||_F^2``."""
-    return sum(d.energy() for d in x.values())
+def total_norm(x: Deltas) -> float:
+    """``sqrt(sum_m ||x_m||_F^2)``, each module's norm from QRs (:meth:`FactoredDelta.norm`)."""
+    return math.sqrt(sum(d.norm() ** 2 for d in x.values()))
 
 
 def lora_change(before: Factors, after: Factors, scale: float) -> dict[str, FactoredDelta]:
@@ -131,18 +132,15 @@ class MomentumTracker:
         """
         scale = after.spec.scale()
         update = effective_update(before, after, backbone)
-        norm_sq = total_energy(update)
-        norm = math.sqrt(max(norm_sq, 0.0))
+        norm = total_norm(update)
         # ||S_t||^2 from ||S_{t-1}||^2, S_{t-1} = L_{t-1} + s (B^t A^t - B^0 A^0)
         path_before = lora_change(self.start, before.factors, scale)
         for m, d in self.backbone.items():
             path_before[m] = FactoredDelta(d.d_out, d.d_in).extend(d).extend(path_before[m])
-        self.path_sq = max(self.path_sq + 2.0 * total_inner(path_before, update) + norm_sq, 0.0)
+        self.path_sq = max(self.path_sq + 2.0 * total_inner(path_before, update) + norm**2, 0.0)
         self.path_length += norm
-        prev_sq = total_energy(self.previous)
-        cosine = None
-        if norm > 0 and prev_sq > 0:
-            cosine = total_inner(update, self.previous) / (norm * math.sqrt(prev_sq))
+        prev = total_norm(self.previous)
+        cosine = total_inner(update, self.previous) / (norm * prev) if norm > 0 and prev > 0 else None
         out: dict[str, Any] = {
             "update_norm": norm,
             "update_cosine": cosine,
@@ -163,10 +161,9 @@ class MomentumTracker:
                 if m in backbone:
                     d.extend(backbone[m])
                 gap[m] = d.add(a.B, a.A, scale).extend(mean[m], -1.0)
-            exact_sq = total_energy(exact)
-            out["client_update_norm"] = math.sqrt(max(exact_sq, 0.0))
-            if exact_sq > 0:
-                out["aggregation_error"] = math.sqrt(max(total_energy(gap), 0.0) / exact_sq)
+            out["client_update_norm"] = exact_norm = total_norm(exact)
+            if exact_norm > 0:
+                out["aggregation_error"] = total_norm(gap) / exact_norm
         if report:
             energy = method.energy_split(report)
             if energy is not None:

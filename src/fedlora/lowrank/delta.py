@@ -108,6 +108,18 @@ class FactoredDelta:
             return 0.0
         return product_energy(*self.factors(torch.float64))
 
+    def norm(self) -> float:
+        """``||Delta||_F = ||R_up R_down^T||_F`` from thin QRs ``up = Q R_up``, ``down^T = Q' R_down``
+        (float64). Accurate to rounding of the terms' size even where they cancel (a difference of
+        nearly equal updates), where ``sqrt(energy())`` keeps only half the digits (its Gram sum
+        cancels at ``eps`` of the squared terms)."""
+        if self.is_empty:
+            return 0.0
+        up, down = self.factors(torch.float64)
+        r_up = torch.linalg.qr(up, mode="r")[1]
+        r_down = torch.linalg.qr(down.mT, mode="r")[1]
+        return float(torch.linalg.matrix_norm(r_up @ r_down.mT))
+
     def inner(self, other: FactoredDelta) -> float:
         """``<Delta, Other>_F = sum((up^T up_o) * (down down_o^T))``: a q x q_o pair of small
         products (float64), never the dense matrices; ``inner(self) == energy()``."""
