@@ -260,11 +260,12 @@ def test_momentum_panels_draw_the_recorded_numbers(tmp_path, monkeypatch):
 def test_momentum_readers_skip_nulls_and_old_records():
     records = with_momentum(make_records([0.2, 0.3, 0.4]), energy=True)
     records[2]["momentum"]["aggregation_error"] = None
+    records[1]["momentum"]["update_cosine"] = -0.9  # round 1: not in the mean (rounds >= 2)
     del records[3]["momentum"]  # a line without the section
     by_round = momentum_by_round(records)
     assert sorted(by_round) == [1, 2]
     assert by_round[2]["energy.dropped"] == 0.1 and "aggregation_error" not in by_round[2]
-    assert "update_cosine" not in by_round[1]
+    assert by_round[1]["update_cosine"] == -0.9
     assert momentum_series(by_round, "path_efficiency") == [(1, 1.0), (2, 0.95)]
     summary = momentum_summary(by_round)
     assert summary == {
