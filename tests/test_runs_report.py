@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.runs.report import RunData, compare_runs, load_run, lower_is_better, write_plots
+from fedlora.runs.report import (
+    RunData,
+    compare_runs,
+    load_run,
+    lower_is_better,
+    momentum_by_round,
+    momentum_series,
+    momentum_summary,
+    write_plots,
+)
 
 MIN_PNG_BYTES = 10_000
 
@@ -171,6 +180,101 @@ def test_write_plots_leaves_pyplot_alone(tmp_path):
     before = plt.get_fignums()
     write_plots(make_records([0.2, 0.3]), tmp_path, title="x")
     assert plt.get_fignums() == before
+
+
+def with_momentum(records: list[dict], *, energy: bool = False, error: bool = True) -> list[dict]:
+    """``records`` with a ``momentum`` section in every train line, as the runtime writes it."""
+    for r in records:
+        if r.get("phase") != "train":
+            continue
+        t = r["round"]
+        r["momentum"] = {
+            "update_norm": 0.0 if r["skipped"] else 1.0 / t,
+            "update_cosine": None if t == 1 or r["skipped"] else 0.4 + 0.1 * t,
+            "path_efficiency": 1.0 - 0.05 * (t - 1),
+            "aggregation_error": 10.0 ** (-7 + t) if error and not r["skipped"] else None,
+            "client_update_norm": None if r["skipped"] else 1.1 / t,
+        }
+        if energy and not r["skipped"]:
+            r["momentum"]["energy"] = {"kept": 0.6, "merged": 0.3, "dropped": 0.1, "dropped_of_change": 0.2}
+    return records
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        pytest.param(with_momentum(make_records([0.2, None, 0.3, 0.4], skipped=(2,))), id="exact-method"),
+        pytest.param(with_momentum(make_records([0.2, 0.3, 0.4]), energy=True), id="fedmomentum-energy"),
+        pytest.param(with_momentum(make_records([0.2, 0.3]), error=False), id="fedsa-no-error"),
+        pytest.param(with_momentum(make_records([0.5])), id="single-round"),
+    ],
+)
+def test_write_plots_draws_the_training_momentum(tmp_path, records):
+    paths = write_plots(records, tmp_path, title="momentum")
+    assert paths == [tmp_path / "curves.png", tmp_path / "momentum.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert_png(path)
+
+
+def test_a_run_from_before_momentum_has_no_momentum_plot(tmp_path):
+    paths = write_plots(make_records([0.2, 0.3, 0.4]), tmp_path, title="old run")
+    assert paths == [tmp_path / "curves.png"] and not (tmp_path / "momentum.png").exists()
+    assert_png(paths[0])
+
+
+def test_momentum_panels_draw_the_recorded_numbers(tmp_path, monkeypatch):
+    """The aggregation error on a log axis without its nulls; the energy split when there is one;
+    a note, not a crash, where every aggregation error is null."""
+    import matplotlib.axes
+
+    drawn: dict[str, list] = {}
+    notes: list[str] = []
+    original_plot, original_text = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.text
+
+    def plot(self, *args, **kwargs):
+        if kwargs.get("label") and len(args) == 2:
+            drawn[kwargs["label"]] = [list(args[0]), list(args[1]), self.get_yscale()]
+        return original_plot(self, *args, **kwargs)
+
+    def text(self, x, y, s, *args, **kwargs):
+        notes.append(s)
+        return original_text(self, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", text)
+    write_plots(with_momentum(make_records([0.2, 0.3, 0.4, 0.5], skipped=(3,))), tmp_path / "a", title="fedex")
+    error = next(v for k, v in drawn.items() if k.startswith("‖update − clients' exact mean‖"))
+    assert error == [[1, 2, 4], pytest.approx([1e-6, 1e-5, 1e-3]), "log"]
+    assert drawn["cos(update t, update t-1)"][:2] == [[2, 4], pytest.approx([0.6, 0.8])]
+    assert drawn["‖global update‖"][:2] == [[1, 2, 3, 4], [1.0, 0.5, 0.0, 0.25]]
+    assert not any("aggregation error" in n for n in notes)
+
+    drawn.clear()
+    write_plots(with_momentum(make_records([0.2, 0.3]), energy=True, error=False), tmp_path / "b", title="fedsa")
+    assert drawn["kept in the LoRA"][:2] == [[1, 2], [0.6, 0.6]] and "dropped / the round's change" in drawn
+    assert "‖global update‖" not in drawn and not any("exact mean‖ /" in k for k in drawn)
+    assert any(n.startswith("no aggregation error recorded") for n in notes)
+
+
+def test_momentum_readers_skip_nulls_and_old_records():
+    records = with_momentum(make_records([0.2, 0.3, 0.4]), energy=True)
+    records[2]["momentum"]["aggregation_error"] = None
+    records[1]["momentum"]["update_cosine"] = -0.9  # round 1: not in the mean (rounds >= 2)
+    del records[3]["momentum"]  # a line without the section
+    by_round = momentum_by_round(records)
+    assert sorted(by_round) == [1, 2]
+    assert by_round[2]["energy.dropped"] == 0.1 and "aggregation_error" not in by_round[2]
+    assert by_round[1]["update_cosine"] == -0.9
+    assert momentum_series(by_round, "path_efficiency") == [(1, 1.0), (2, 0.95)]
+    summary = momentum_summary(by_round)
+    assert summary == {
+        "aggregation_error": pytest.approx(1e-6),
+        "path_efficiency": 0.95,
+        "update_cosine": pytest.approx(0.6),
+    }
+    assert momentum_by_round(make_records([0.2])) == {}
+    assert momentum_summary({}) == {"aggregation_error": None, "path_efficiency": None, "update_cosine": None}
 
 
 # ---- load_run -------------------------------------------------------------------------------------

@@ -145,9 +145,9 @@ def test_shipped_specs_expand():
 
 
 # ---- the report on hand-written runs (no model) ---------------------------------------------------
-def fake_run(cell, values: list[float], base: float = 0.5, mb: float = 2.0, reports=None) -> None:
+def fake_run(cell, values: list[float], base: float = 0.5, mb: float = 2.0, reports=None, momentum=None) -> None:
     """A finished run folder for ``cell`` with the given metric per round (as the runtime writes it),
-    and ``reports[t]`` as round t+1's ``client_report`` when given."""
+    and ``reports[t]`` / ``momentum[t]`` as round t+1's ``client_report`` / ``momentum`` when given."""
     run = cell.run_dir
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cell.config.to_dict(), sort_keys=False))
@@ -156,6 +156,8 @@ def fake_run(cell, values: list[float], base: float = 0.5, mb: float = 2.0, repo
         lines.append({"round": t, "phase": "train", "eval": {"accuracy": v, "n": 10}, "bytes_total": int(t * mb * 1e6)})
         if reports and reports[t - 1]:
             lines[-1]["client_report"] = reports[t - 1]
+        if momentum:
+            lines[-1]["momentum"] = momentum[t - 1]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     summary = {"name": cell.name, "method": cell.method, "rounds": len(values), "seconds": 3.0}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -256,6 +258,96 @@ def test_cells_run_on_another_machine_are_carried_from_the_previous_report_unles
     # another study's report in the same folder is never read as this one's
     other = parse_spec(spec_dict(tmp_path, name="other", grid={"seed": [0, 1], "method.name": ["fedit"]}))
     assert not any(c.carried for c in build_report(other, plots=False).cells)
+
+
+def momentum(errors, paths, cosines) -> list[dict]:
+    """Per-round ``momentum`` sections as the runtime writes them (update_cosine is null in round 1)."""
+    return [
+        {
+            "update_norm": 1.0,
+            "update_cosine": c,
+            "path_efficiency": p,
+            "aggregation_error": e,
+            "client_update_norm": 1.0,
+        }
+        for e, p, c in zip(errors, paths, cosines)
+    ]
+
+
+def test_the_report_has_a_training_momentum_table_and_plot(tmp_path):
+    d = spec_dict(
+        tmp_path, overrides={"rounds.num_rounds": 3}, grid={"seed": [0, 1], "method.name": ["fedit", "fedsa_lora"]}
+    )
+    spec = parse_spec(d, path=tmp_path / "spec.yaml")
+    cells = {c.name: c for c in spec.cells()}
+    fake_run(
+        cells["seed0-fedit"], [0.6, 0.7, 0.8], momentum=momentum([0.1, 0.2, 0.3], [1.0, 0.9, 0.8], [None, 0.5, 0.7])
+    )
+    fake_run(
+        cells["seed1-fedit"], [0.6, 0.7, 0.8], momentum=momentum([0.3, 0.3, 0.3], [1.0, 0.8, 0.6], [None, 0.2, 0.4])
+    )
+    fake_run(cells["seed0-fedsa_lora"], [0.6, 0.7, 0.8])  # a run from before the momentum section
+    fake_run(
+        cells["seed1-fedsa_lora"], [0.6, 0.7, 0.8], momentum=momentum([None] * 3, [1.0, 0.9, 0.8], [None, 0.1, 0.3])
+    )
+    report = write_report(spec)
+    by_name = {c.name: c for c in report.cells}
+    assert by_name["seed0-fedit"].momentum[3] == {
+        "update_cosine": 0.7,
+        "path_efficiency": 0.8,
+        "aggregation_error": 0.3,
+    }
+    assert (
+        by_name["seed1-fedsa_lora"].momentum[1] == {"path_efficiency": 1.0}
+        and by_name["seed0-fedsa_lora"].momentum == {}
+    )
+    g = {x.method: x for x in report.groups}
+    assert g["fedit"].momentum["aggregation_error"] == pytest.approx((0.25, 0.0707107, 2), rel=1e-5)
+    assert g["fedit"].momentum["path_efficiency"] == pytest.approx((0.7, 0.1414214, 2), rel=1e-5)
+    assert g["fedit"].momentum["update_cosine"] == pytest.approx((0.45, 0.2121320, 2), rel=1e-5)  # rounds 2, 3
+    assert g["fedsa_lora"].momentum["aggregation_error"] == (None, None, 0)
+    md = report.markdown()
+    assert "### Training momentum" in md
+    head = "| method | n | mean aggregation error | final path efficiency | mean update cosine (rounds ≥ 2) |"
+    assert head in md
+    assert "| fedit | 2 | 2.50e-01 ± 7.07e-02 | 0.700 ± 0.141 | 0.450 ± 0.212 |" in md
+    assert "| fedsa_lora | 1 | - | 0.800 | 0.200 |" in md
+    png = spec.report_dir / "all_momentum.png"
+    assert "(all_momentum.png)" in md and md.index("(all.png)") < md.index("(all_momentum.png)")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    data = json.loads((spec.report_dir / "report.json").read_text())
+    cell = next(c for c in data["cells"] if c["name"] == "seed0-fedit")
+    assert cell["momentum"]["2"] == {"update_cosine": 0.5, "path_efficiency": 0.9, "aggregation_error": 0.2}
+    assert data["momentum_plots"] == {"all": str(png)}
+
+    # the run folders are elsewhere: the cells' momentum is carried with their numbers
+    (tmp_path / "runs").rename(tmp_path / "runs-elsewhere")
+    carried = build_report(spec, plots=False)
+    assert all(c.carried for c in carried.cells)
+    assert {c.name: c.momentum for c in carried.cells} == {c.name: c.momentum for c in report.cells}
+    assert carried.markdown().count("| fedit | 2 | 2.50e-01 ± 7.07e-02 | 0.700 ± 0.141 | 0.450 ± 0.212 |") == 1
+
+    # a report.json from before the momentum numbers: its cells still load, without them
+    for c in data["cells"]:
+        del c["momentum"]
+    (spec.report_dir / "report.json").write_text(json.dumps(data))
+    old = write_report(spec)
+    assert all(c.carried and c.momentum == {} for c in old.cells)
+    assert old.groups[0].final_mean == pytest.approx(0.8)
+    assert "Training momentum" not in old.markdown() and not png.exists()
+
+
+def test_a_study_without_momentum_has_no_momentum_table_or_plot(tmp_path):
+    spec = parse_spec(spec_dict(tmp_path, grid={"seed": [0], "method.name": ["fedit"]}))
+    (cell,) = spec.cells()
+    fake_run(cell, [0.6, 0.7])
+    spec.report_dir.mkdir(parents=True)
+    stale = spec.report_dir / "all_momentum.png"
+    stale.write_bytes(b"an earlier report's plot")
+    report = write_report(spec)
+    md = report.markdown()
+    assert "Training momentum" not in md and "_momentum.png" not in md and report.groups[0].momentum == {}
+    assert (spec.report_dir / "all.png").is_file() and not stale.exists()
 
 
 def test_a_cells_digest_ignores_schema_defaults_and_sees_every_change():
@@ -362,7 +454,11 @@ def test_arms_group_and_pair_variants_of_one_method(tmp_path):
             parse_spec({**d, **patch})
     shipped = load_spec("study_fl_baselines").cells()
     assert len(shipped) == 15 and {c.method for c in shipped} == {
-        "fedit", "fedit+fedprox", "fedit+scaffold", "fedit+fedadam", "fedmomentum"
+        "fedit",
+        "fedit+fedprox",
+        "fedit+scaffold",
+        "fedit+fedadam",
+        "fedmomentum",
     }
     assert all(c.config.partition.alpha == 0.5 and c.config.partition.num_clients == 10 for c in shipped)
     dp = load_spec("study_dp").cells()  # arms and methods: grouped as <method>@<arm>

@@ -1,6 +1,7 @@
 """Pictures and tables of finished (or interrupted) simulation runs.
 
-* :func:`write_plots` draws one run's ``curves.png`` (the runner calls it at the end of a run).
+* :func:`write_plots` draws one run's ``curves.png`` (the runner calls it at the end of a run), and
+  its ``momentum.png`` when the records have the ``momentum`` section (:func:`momentum_by_round`).
 * :func:`load_run` reads a run folder (``metrics.jsonl`` + ``summary.json`` + ``config.yaml``).
 * :func:`compare_runs` prints one table row per run and optionally draws all runs on shared axes.
 * The record readers (:func:`train_records`, :func:`eval_series`, :func:`primary_metric`, ...) and
@@ -224,6 +225,52 @@ def _final_and_best(
     sign = -1.0 if lower_is_better(metric) else 1.0
     best = max(finite, key=lambda rv: (sign * rv[1], -rv[0]))
     return final, best
+
+
+# Training momentum (``momentum`` in the train records, see fedlora.engine.momentum): a run's three
+# headline numbers, by key: the words they are shown under and their format.
+MOMENTUM_SUMMARY = {
+    "aggregation_error": ("mean aggregation error", ".2e"),
+    "path_efficiency": ("final path efficiency", ".3f"),
+    "update_cosine": ("mean update cosine (rounds ≥ 2)", ".3f"),
+}
+
+
+def momentum_by_round(records: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Round -> the finite numbers of its ``momentum`` section (``energy`` flattened to
+    ``energy.kept``, ...; nulls left out); rounds without a section (older runs) are absent."""
+    out: dict[int, dict[str, float]] = {}
+    for r in train_records(records):
+        section = r.get("momentum")
+        if not isinstance(section, dict):
+            continue
+        flat: dict[str, float] = {}
+        for key, value in section.items():
+            inner = value if isinstance(value, dict) else {"": value}
+            flat.update({f"{key}.{k}" if k else key: float(v) for k, v in inner.items() if _finite(v)})
+        out[int(r["round"])] = flat
+    return out
+
+
+def momentum_series(by_round: dict[int, dict[str, float]], key: str) -> list[tuple[int, float]]:
+    """(round, value) of ``key`` in every round of :func:`momentum_by_round`'s result that has it."""
+    return [(rnd, nums[key]) for rnd, nums in sorted(by_round.items()) if key in nums]
+
+
+def momentum_summary(by_round: dict[int, dict[str, float]]) -> dict[str, float | None]:
+    """The :data:`MOMENTUM_SUMMARY` numbers: the mean aggregation error over the rounds that have
+    one, the path efficiency at the last round that has one, the mean update cosine over rounds >= 2
+    (``None`` where there is nothing)."""
+
+    def mean(pts: list[tuple[int, float]]) -> float | None:
+        return sum(v for _, v in pts) / len(pts) if pts else None
+
+    path = momentum_series(by_round, "path_efficiency")
+    return {
+        "aggregation_error": mean(momentum_series(by_round, "aggregation_error")),
+        "path_efficiency": path[-1][1] if path else None,
+        "update_cosine": mean([(r, v) for r, v in momentum_series(by_round, "update_cosine") if r >= 2]),
+    }
 
 
 # ---- one run's curves ---------------------------------------------------------------------------
@@ -460,6 +507,95 @@ def _headline(records: Sequence[dict[str, Any]]) -> str:
     return "  ·  ".join(parts)
 
 
+# ---- one run's momentum -----------------------------------------------------------------------------
+# momentum key -> (legend label, colour, line style)
+_MOMENTUM_LINES = {
+    "update_cosine": ("cos(update t, update t-1)", "#4c72b0", "-"),
+    "path_efficiency": ("‖Σ updates‖ / Σ ‖updates‖", "#55a868", "-"),
+    "aggregation_error": ("‖update − clients' exact mean‖ / ‖exact mean‖", "#c44e52", "-"),
+    "energy.kept": ("kept in the LoRA", "#4c72b0", "-"),
+    "energy.merged": ("merged into the backbone", "#55a868", "-"),
+    "energy.dropped": ("dropped", "#c44e52", "-"),
+    "energy.dropped_of_change": ("dropped / the round's change", "0.3", "--"),
+    "update_norm": ("‖global update‖", "#4c72b0", "-"),
+    "client_update_norm": ("‖clients' exact mean update‖", "#dd8452", "--"),
+}
+_ENERGY = ("energy.kept", "energy.merged", "energy.dropped", "energy.dropped_of_change")
+
+
+def _momentum_lines(ax, by_round, keys: Sequence[str], rounds: int, *, empty: str, positive: bool = False) -> None:
+    """One line per momentum key (see ``_MOMENTUM_LINES``) against round; ``empty`` noted when no
+    key has a value (``positive``: only values > 0 count, for a log axis)."""
+    drew = False
+    for key in keys:
+        pts = [(r, v) for r, v in momentum_series(by_round, key) if v > 0 or not positive]
+        if pts:
+            label, color, ls = _MOMENTUM_LINES[key]
+            ms = 4.5 if len(pts) <= 40 else 0
+            ax.plot(*zip(*pts), marker="o", ms=ms, lw=1.8, ls=ls, color=color, label=label, zorder=3)
+            drew = True
+    if not drew:
+        _note(ax, empty)
+    ax.set_xlabel("round")
+    ax.set_xlim(0.5, rounds + 0.5)
+    int_ticks(ax)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
+
+
+def _aggregation_error_panel(ax, by_round, rounds: int) -> None:
+    """Panel (c): the aggregation error on a log axis; says why when there is nothing to draw."""
+    values = [v for _, v in momentum_series(by_round, "aggregation_error")]
+    log_axis = any(v > 0 for v in values)
+    if log_axis:
+        ax.set_yscale("log")
+    empty = (
+        "aggregation error 0 in every round"
+        if values
+        else "no aggregation error recorded\n(the uploads do not determine the clients' own updates)"
+    )
+    _momentum_lines(ax, by_round, ["aggregation_error"], rounds, empty=empty, positive=True)
+    ax.set_ylabel("relative error (log scale)" if log_axis else "relative error")
+
+
+def _momentum_headline(by_round) -> str:
+    summary = momentum_summary(by_round)
+    parts = [
+        f"{label} {format(summary[k], fmt)}" for k, (label, fmt) in MOMENTUM_SUMMARY.items() if summary[k] is not None
+    ]
+    return "  ·  ".join(parts) or "no momentum numbers recorded"
+
+
+def _momentum_plot(records, out: Path, title: str, skipped: list[int]) -> Path:
+    """``out``: a run's training momentum (``momentum`` in its train records) against round."""
+    import matplotlib
+
+    by_round = momentum_by_round(records)
+    rounds = max((int(r["round"]) for r in train_records(records)), default=1)
+    energy = any(k in nums for nums in by_round.values() for k in _ENERGY)
+    with matplotlib.rc_context(STYLE):
+        fig, axes = new_figure(2, 2, (13, 9))
+        (a, b), (c, d) = axes
+        for ax in (a, b, c, d):
+            _shade_skipped(ax, skipped)
+        a.axhline(0.0, lw=0.8, color="0.5", zorder=1)
+        _momentum_lines(a, by_round, ["update_cosine"], rounds, empty="no update cosine recorded")
+        a.set(title="(a) cosine of consecutive global updates", ylabel="cosine", ylim=(-1.05, 1.05))
+        _momentum_lines(b, by_round, ["path_efficiency"], rounds, empty="no path efficiency recorded")
+        b.set(title="(b) path efficiency (1 = a straight path)", ylabel="path efficiency", ylim=(0.0, 1.05))
+        _aggregation_error_panel(c, by_round, rounds)
+        c.set_title("(c) aggregation error against the exact mean of the clients' updates")
+        if energy:
+            _momentum_lines(d, by_round, _ENERGY, rounds, empty="no energy split recorded")
+            d.set(title="(d) where the aggregate's energy went", ylabel="share of the energy")
+        else:
+            _momentum_lines(d, by_round, ["update_norm", "client_update_norm"], rounds, empty="no norms recorded")
+            d.set(title="(d) update norms", ylabel="Frobenius norm")
+        fig.suptitle(f"{title}: training momentum\n{_momentum_headline(by_round)}", fontsize=12)
+        atomic.save_figure(out, fig, dpi=110)
+    return out
+
+
 def write_plots(records: list[dict], run_dir: Path, title: str) -> list[Path]:
     """Draw ``run_dir/curves.png`` from a run's metrics records; return the written paths.
 
@@ -469,6 +605,11 @@ def write_plots(records: list[dict], run_dir: Path, title: str) -> list[Path]:
     each client's loss as faint dots (rounds with rejected updates marked on top); (d) seconds per
     round stacked by phase. Skipped rounds are shaded grey. Copes with no evaluations, one round
     and skipped rounds.
+
+    When the train records have a ``momentum`` section (runs from before it have none), also
+    ``run_dir/momentum.png``, against round: (a) the cosine of consecutive global updates, (b) the
+    path efficiency, (c) the aggregation error (log axis), (d) the method's energy split where it
+    reports one (FedMomentum), else the norms of the global update and of the clients' exact mean.
     """
     use_agg_backend()
     import matplotlib
@@ -496,7 +637,9 @@ def write_plots(records: list[dict], run_dir: Path, title: str) -> list[Path]:
             d.set_title("(d) wall time per round")
         fig.suptitle(f"{title}\n{_headline(records)}", fontsize=12)
         atomic.save_figure(out, fig, dpi=110)
-    return [out]
+    if not any(isinstance(r.get("momentum"), dict) for r in train):
+        return [out]
+    return [out, _momentum_plot(records, run_dir / "momentum.png", title, skipped)]
 
 
 # ---- several runs ---------------------------------------------------------------------------------
@@ -793,6 +936,7 @@ def _compare_plot(rows: list[_Row], out: Path) -> None:
 
 __all__ = [
     "MB",
+    "MOMENTUM_SUMMARY",
     "STYLE",
     "RunData",
     "baseline_metrics",
@@ -806,6 +950,9 @@ __all__ = [
     "lower_is_better",
     "metric_keys",
     "metrics_of",
+    "momentum_by_round",
+    "momentum_series",
+    "momentum_summary",
     "new_figure",
     "primary_metric",
     "train_records",

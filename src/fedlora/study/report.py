@@ -16,6 +16,9 @@ picking the best round on the test set is an evaluation bug). Per (slice, method
   FedSA-LoRA's clients' own models) when the runtime records one;
 * a method's client report (``client_report`` in the records, e.g. FedSmoothLoRA's
   ``rm_dropped``): each number's mean over the rounds that report it.
+* training momentum (``momentum`` in the records, :mod:`fedlora.engine.momentum`), when recorded:
+  the mean aggregation error over rounds, the final path efficiency and the mean update cosine
+  over rounds >= 2 (:func:`fedlora.runs.report.momentum_summary`), in a "Training momentum" table.
 
 A study may be run over several machines (run folders are not tracked; the report is): a cell with
 no run folder here keeps the numbers the previous ``report.json`` of the same study holds for it,
@@ -24,8 +27,10 @@ before digests were recorded are taken as this spec's). Such cells are marked ``
 folder, when present, always wins.
 
 Plots (one PNG per slice): metric vs round and metric vs cumulative MB, one line per method (the
-mean over seeds) with a ±1 std band, the untuned base model at round 0. Reading runs and the
-plotting style are :mod:`fedlora.runs.report`'s; nothing here needs torch.
+mean over seeds) with a ±1 std band, the untuned base model at round 0; where the cells recorded
+momentum, ``<slice>_momentum.png`` too: aggregation error (log axis), path efficiency and update
+cosine vs round, one mean line per method. Reading runs and the plotting style are
+:mod:`fedlora.runs.report`'s; nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from typing import Any
 from fedlora import atomic
 from fedlora.runs.report import (
     MB,
+    MOMENTUM_SUMMARY,
     STYLE,
+    _note,
     baseline_metrics,
     eval_series,
     fmt_value,
@@ -50,6 +57,9 @@ from fedlora.runs.report import (
     load_run,
     lower_is_better,
     metrics_of,
+    momentum_by_round,
+    momentum_series,
+    momentum_summary,
     new_figure,
     primary_metric,
     train_records,
@@ -75,11 +85,13 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)), n
 
 
-def fmt_mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
-    """``0.812 ± 0.010``; just the mean when there is no std; ``-`` when there is nothing."""
+def fmt_mean_std(mean: float | None, std: float | None, digits: int = 3, fmt: str | None = None) -> str:
+    """``0.812 ± 0.010``; just the mean when there is no std; ``-`` when there is nothing. ``fmt``: a
+    format spec for both numbers instead of ``digits`` decimals (``".2e"``: ``1.20e-07 ± 3.00e-08``)."""
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    fmt = fmt or f".{digits}f"
+    return f"{mean:{fmt}}" if std is None else f"{mean:{fmt}} ± {std:{fmt}}"
 
 
 def reach(curve: Sequence[tuple[int, float, float]], target: float, lower: bool) -> tuple[int, float] | None:
@@ -107,6 +119,8 @@ class CellResult:
     seconds: float | None = None
     personal: dict[str, float] = field(default_factory=dict)
     client_report: dict[str, float] = field(default_factory=dict)  # mean over the rounds reporting it
+    # round -> its training momentum numbers (MOMENTUM_SUMMARY's keys, where recorded); {} before them
+    momentum: dict[int, dict[str, float]] = field(default_factory=dict)
     error: str | None = None
     digest: str | None = None  # the cell's config digest (Cell.digest) when it was read
     carried: bool = False  # read from the previous report.json: its run folder is not here
@@ -172,7 +186,15 @@ def read_cell(cell: Cell, metric: str | None) -> tuple[CellResult, str | None]:
         for k, v in metrics_of(r.get("client_report")).items():
             reported.setdefault(k, []).append(v)
     res.client_report = {k: sum(v) / len(v) for k, v in reported.items()}
+    res.momentum = _momentum_numbers(momentum_by_round(run.records).items())
     return res, metric
+
+
+def _momentum_numbers(by_round: Any) -> dict[int, dict[str, float]]:
+    """Round -> the :data:`MOMENTUM_SUMMARY` numbers of ``by_round`` ((round, numbers) pairs, read from
+    the records or from a report.json, whose keys are strings); rounds without any are left out."""
+    out = {int(r): {k: float(v) for k, v in nums.items() if k in MOMENTUM_SUMMARY} for r, nums in by_round}
+    return {r: nums for r, nums in sorted(out.items()) if nums}
 
 
 def previous_cells(spec: StudySpec) -> tuple[str | None, dict[str, dict[str, Any]]]:
@@ -215,10 +237,11 @@ def carried_cell(cell: Cell, entry: dict[str, Any] | None) -> CellResult | None:
             seconds=entry.get("seconds"),
             personal=dict(entry.get("personal") or {}),
             client_report=dict(entry.get("client_report") or {}),
+            momentum=_momentum_numbers((entry.get("momentum") or {}).items()),
             digest=cell.digest,
             carried=True,
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         return None
 
 
@@ -243,6 +266,7 @@ class Group:
     mb_to_target: float | None = None
     personal: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
     client_report: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
+    momentum: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)  # MOMENTUM_SUMMARY's
 
 
 def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Sequence[str], target, lower) -> list[Group]:
@@ -273,6 +297,8 @@ def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Seque
             g.personal = {k: mean_std([c.personal[k] for c in done if k in c.personal]) for k in names}
             names = sorted({k for c in done for k in c.client_report})
             g.client_report = {k: mean_std([c.client_report[k] for c in done if k in c.client_report]) for k in names}
+            runs = [momentum_summary(c.momentum) for c in done if c.momentum]
+            g.momentum = {k: mean_std([r[k] for r in runs]) for k in MOMENTUM_SUMMARY} if runs else {}
             groups.append(g)
     return groups
 
@@ -333,6 +359,7 @@ class StudyReport:
     groups: list[Group]
     methods: list[str]
     plots: dict[str, Path] = field(default_factory=dict)
+    momentum_plots: dict[str, Path] = field(default_factory=dict)  # by slice name, as plots
     pairs: list[Paired] = field(default_factory=list)
 
     def slice_keys(self, finished_only: bool = False) -> list[dict[str, Any]]:
@@ -362,6 +389,7 @@ class StudyReport:
             "groups": [asdict(g) for g in self.groups],
             "pairs": [asdict(p) for p in self.pairs],
             "plots": {k: str(v) for k, v in self.plots.items()},
+            "momentum_plots": {k: str(v) for k, v in self.momentum_plots.items()},
         }
 
     def markdown(self, image_prefix: str = "", heading: str = "#") -> str:
@@ -433,6 +461,9 @@ class StudyReport:
             png = self.plots.get(slice_name(s))
             if png is not None:
                 out += [f"![{metric} vs round and vs MB, {label}]({image_prefix}{png.name})", ""]
+            png = self.momentum_plots.get(slice_name(s))
+            if png is not None:
+                out += [f"![training momentum vs round, {label}]({image_prefix}{png.name})", ""]
             personal = sorted({k for g in self.groups if slice_name(g.slice) == slice_name(s) for k in g.personal})
             reported = sorted({k for g in self.groups if slice_name(g.slice) == slice_name(s) for k in g.client_report})
             head = ["method", f"final {metric}", "n", "mean over rounds", "mean abs. change / round"]
@@ -464,6 +495,7 @@ class StudyReport:
             if bs:
                 out += [f"Untuned base model: {metric} {sum(bs) / len(bs):.3f}.", ""]
             out += [*_md_table(head, rows), ""]
+            out += self._momentum_markdown(s, heading)
         bad = [c for c in self.cells if c.status in ("failed", "partial")]
         if bad:
             out += [f"{heading}# Cells not in the tables", ""]
@@ -509,6 +541,34 @@ class StudyReport:
             rows.append(row)
         return [*out, *_md_table(head, rows), ""]
 
+    def _momentum_markdown(self, s: dict[str, Any], heading: str) -> list[str]:
+        """Slice ``s``'s "Training momentum" table (nothing when no cell of it recorded momentum)."""
+        groups = self.momentum_groups(s)
+        if not groups:
+            return []
+        out = [
+            f"{heading}## Training momentum",
+            "",
+            "Per round (`momentum` in the records): the cosine of consecutive global updates, the path "
+            "efficiency ‖Σ updates‖ / Σ ‖updates‖ (1 = a straight path) and the aggregation error "
+            "‖update − exact mean of the clients' updates‖ / ‖exact mean‖ (about 1e-7 for exact methods, "
+            "unknown where the uploads do not determine the clients' updates); mean ± std over seeds "
+            "(n = seeds that recorded it).",
+            "",
+        ]
+        head = ["method", "n", *(label for label, _ in MOMENTUM_SUMMARY.values())]
+        rows = []
+        for g in groups:
+            n = max(k for _, _, k in g.momentum.values())
+            row = [g.method, str(n)]
+            row += [fmt_mean_std(*g.momentum[k][:2], fmt=fmt) for k, (_, fmt) in MOMENTUM_SUMMARY.items()]
+            rows.append(row)
+        return [*out, *_md_table(head, rows), ""]
+
+    def momentum_groups(self, s: dict[str, Any]) -> list[Group]:
+        """Slice ``s``'s groups (in method order) with training momentum numbers."""
+        return [g for m in self.methods if (g := self._group(s, m)) is not None and g.momentum]
+
     def _group(self, s: dict[str, Any], method: str) -> Group | None:
         key = slice_name(s)
         return next((g for g in self.groups if g.method == method and slice_name(g.slice) == key), None)
@@ -538,22 +598,32 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # ---- plots ----------------------------------------------------------------------------------------
+def _mean_by_round(series: Sequence[dict[int, float]]) -> list[tuple[int, float, float]]:
+    """(round, mean, std) over ``series`` (round -> value, one per cell) at the rounds every one of
+    them has, where some value is finite."""
+    out = []
+    for rnd in sorted(set().union(*series)) if series else []:
+        if all(rnd in one for one in series):
+            m, s, _ = mean_std([one[rnd] for one in series])
+            if m is not None:
+                out.append((rnd, m, s or 0.0))
+    return out
+
+
 def _mean_curve(cells: Sequence[CellResult]) -> list[tuple[int, float, float, float]]:
     """(round, mean MB, mean, std) over ``cells`` at the rounds every one of them evaluated."""
-    by_round: dict[int, list[tuple[float, float]]] = {}
-    for c in cells:
-        for rnd, mb, v in c.curve:
-            by_round.setdefault(rnd, []).append((mb, v))
-    out = []
-    for rnd in sorted(by_round):
-        pts = by_round[rnd]
-        if len(pts) < len(cells):
-            continue
-        m, s, _ = mean_std([v for _, v in pts])
-        if m is None:
-            continue
-        out.append((rnd, sum(mb for mb, _ in pts) / len(pts), m, s or 0.0))
-    return out
+    mbs = {r: m for r, m, _ in _mean_by_round([{r: mb for r, mb, _ in c.curve} for c in cells])}
+    return [(r, mbs[r], m, s) for r, m, s in _mean_by_round([{r: v for r, _, v in c.curve} for c in cells])]
+
+
+def _finished(report: StudyReport, s: dict[str, Any], method: str) -> list[CellResult]:
+    """The finished cells of ``method`` in slice ``s``."""
+    key = slice_name(s)
+    return [
+        c
+        for c in report.cells
+        if c.method == method and c.status == "finished" and slice_name({k: c.values.get(k) for k in s}) == key
+    ]
 
 
 def plot_slice(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
@@ -563,18 +633,13 @@ def plot_slice(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     palette = matplotlib.colormaps["tab10"]
-    key = slice_name(s)
     metric = report.metric or "metric"
     with matplotlib.rc_context(STYLE):
         fig, axes = new_figure(1, 2, (12, 5.0))
         a, b = axes[0]
         bases = []
         for i, m in enumerate(report.methods):
-            done = [
-                c
-                for c in report.cells
-                if c.method == m and c.status == "finished" and slice_name({k: c.values.get(k) for k in s}) == key
-            ]
+            done = _finished(report, s, m)
             curve = _mean_curve(done)
             if not curve:
                 continue
@@ -601,12 +666,55 @@ def plot_slice(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
         b.set_xscale("log")
         b.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         b.xaxis.set_minor_formatter(NullFormatter())
-        handles, labels = a.get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
-        fig.suptitle(f"{report.spec.name}: {slice_label(s) or 'all cells'} (mean ± std over seeds)", fontsize=11)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic.save_figure(out, fig, dpi=PNG_DPI)
+        _finish_slice_figure(fig, a, report, s, out)
+    return out
+
+
+def _finish_slice_figure(fig, ax, report: StudyReport, s: dict[str, Any], out: Path) -> None:
+    """One legend (``ax``'s lines) under the panels, the slice as the title; save to ``out``."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
+    fig.suptitle(f"{report.spec.name}: {slice_label(s) or 'all cells'} (mean ± std over seeds)", fontsize=11)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.save_figure(out, fig, dpi=PNG_DPI)
+
+
+# momentum key -> (panel title, y label, log axis)
+_MOMENTUM_PANELS = {
+    "aggregation_error": ("aggregation error vs the clients' exact mean", "relative error (log scale)", True),
+    "path_efficiency": ("path efficiency (1 = a straight path)", "‖Σ updates‖ / Σ ‖updates‖", False),
+    "update_cosine": ("cosine of consecutive global updates", "cosine", False),
+}
+
+
+def plot_slice_momentum(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
+    """``out``: one slice's training momentum against round, a line (mean over seeds) + band (±std,
+    on the linear axes) per method: aggregation error (log axis), path efficiency, update cosine."""
+    use_agg_backend()
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"]
+    with matplotlib.rc_context(STYLE):
+        fig, axes = new_figure(1, len(_MOMENTUM_PANELS), (15, 4.6))
+        for ax, (key, (title, ylabel, log_axis)) in zip(axes[0], _MOMENTUM_PANELS.items()):
+            for i, m in enumerate(report.methods):
+                done = [c for c in _finished(report, s, m) if c.momentum]
+                curve = _mean_by_round([dict(momentum_series(c.momentum, key)) for c in done])
+                curve = [(r, v, sd) for r, v, sd in curve if v > 0 or not log_axis]
+                if curve:
+                    rs, ms, ss = zip(*curve)
+                    ax.plot(rs, ms, lw=1.6, marker="o", ms=3, color=palette(i % 10), label=f"{m} (n={len(done)})")
+                    if not log_axis:
+                        lo, hi = [x - y for x, y in zip(ms, ss)], [x + y for x, y in zip(ms, ss)]
+                        ax.fill_between(rs, lo, hi, color=palette(i % 10), alpha=0.12, lw=0)
+            if ax.lines and log_axis:
+                ax.set_yscale("log")
+            if not ax.lines:
+                _note(ax, f"no {key.replace('_', ' ')} recorded")
+            ax.set(title=title, xlabel="round", ylabel=ylabel)
+            int_ticks(ax)
+        _finish_slice_figure(fig, axes[0][1], report, s, out)  # every run with momentum has a path efficiency
     return out
 
 
@@ -636,10 +744,15 @@ def build_report(spec: StudySpec, extra: dict[str, Any] | None = None, *, plots:
     if plots:
         for s in report.slice_keys():
             png = spec.report_dir / f"{slice_name(s)}.png"
+            momentum_png = spec.report_dir / f"{slice_name(s)}_momentum.png"
             if s in done:
                 report.plots[slice_name(s)] = plot_slice(report, s, png)
             else:
                 png.unlink(missing_ok=True)  # an earlier report's plot of cells that are gone
+            if s in done and report.momentum_groups(s):
+                report.momentum_plots[slice_name(s)] = plot_slice_momentum(report, s, momentum_png)
+            else:
+                momentum_png.unlink(missing_ok=True)
     return report
 
 
