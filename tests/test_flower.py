@@ -635,7 +635,20 @@ def _nodes_and_local(tmp_path, monkeypatch, sets: str):
         for c in a["train"]:
             assert b["train"][c]["loss"] == pytest.approx(a["train"][c]["loss"], rel=1e-5)
         assert b["report"] == pytest.approx(a["report"], rel=1e-4, abs=1e-6)
+        ma, mb = _flat(a["momentum"]), _flat(b["momentum"])
+        assert {k for k, v in mb.items() if v is None} == {k for k, v in ma.items() if v is None}
+        assert {k: v for k, v in mb.items() if v is not None} == pytest.approx(
+            {k: v for k, v in ma.items() if v is not None}, rel=1e-4, abs=1e-6
+        )
     return engine, nodes, here
+
+
+def _flat(section: dict, prefix: str = "") -> dict:
+    """A nested record section as ``{"a.b": number or None}`` (for ``pytest.approx``)."""
+    out = {}
+    for k, v in section.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _same_final_state(tmp_path):
