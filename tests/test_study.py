@@ -561,3 +561,19 @@ def test_results_doc_tables_are_the_reports_tables():
     assert not stale, f"docs/results.md rows not in any docs/results/*/report.md (rerun --report-only?): {stale[:3]}"
     for link in ("results/glue/report.md", "results/glue/alpha0.5-num_clients3.png"):
         assert f"({link})" in doc and (root / "docs" / link).is_file()
+
+
+@pytest.mark.parametrize("name", ["study_momentum", "study_momentum_math"])
+def test_the_momentum_studies_expand_to_their_grid(name):
+    """Issue #18's grid: 3 seeds x 2 skews x {5, 20, 50} local steps x 8 arms, 40 rounds each; the
+    tau = 1 arm is FedMomentum with nothing dropped, FedRot-LoRA keeps lam 0.5, the others their defaults."""
+    cells = load_spec(name).cells()
+    assert len(cells) == 144
+    assert {c.config.train.max_steps for c in cells} == {5, 20, 50}
+    assert {c.config.partition.alpha for c in cells} == {0.5, 100}
+    assert {c.config.rounds.num_rounds for c in cells} == {40}
+    arms = {c.values["arm"]: (c.config.method.name, c.config.method.settings) for c in cells}
+    assert arms["fedmomentum-tau1"] == ("fedmomentum", {"tau": 1.0})  # not reset by another base method
+    assert arms["fedrot_lora"] == ("fedrot_lora", {"lam": 0.5})
+    assert arms["fedmomentum"][1].get("tau", 0.99) == 0.99 and arms["fedit"] == ("fedit", {})
+    assert len(arms) == 8 and len({c.config.method.name for c in cells}) == 7

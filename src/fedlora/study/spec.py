@@ -161,16 +161,19 @@ class StudySpec:
         for key, value in self.overrides.items():
             set_dotted(data, key, value, where=f"overrides.{key}")
         base_method = (data.get("method") or {}).get("name", "fedmomentum")
+        sets: list[tuple[str, Any, str]] = []  # the cell's own keys, in order: arms expanded
         for key, value in values.items():
             if key == ARM_AXIS:
-                for k, v in self.arms[str(value)].items():
-                    set_dotted(data, k, v, where=f"arms.{value}.{k}")
+                sets += [(k, v, f"arms.{value}.{k}") for k, v in self.arms[str(value)].items()]
             else:
-                set_dotted(data, key, value, where=f"grid.{key}")
-        method = (data.get("method") or {}).get("name", "fedmomentum")
+                sets.append((key, value, f"grid.{key}"))
+        method = next((v for k, v, _ in reversed(sets) if k == "method.name"), base_method)
         own = self.methods.get(str(method), {})
         if method != base_method and "method.settings" not in own:
+            # another method than the base's: its settings start empty, before the cell's own apply
             set_dotted(data, "method.settings", {}, where="grid.method.name")
+        for key, value, where in sets:
+            set_dotted(data, key, value, where=where)
         for key, value in own.items():
             set_dotted(data, key, value, where=f"methods.{method}.{key}")
         for key, value in (extra or {}).items():
