@@ -13,10 +13,10 @@ import torch
 from fedlora.methods.base import ModuleFactors
 from fedlora.model.binding import LoRABinding, LoRASettings
 from fedlora.model.packing import flatten_padded
+from fedlora.privacy.clipping import gaussian_tensor
 from fedlora.privacy.dpsgd import (
     PerExampleGradients,
     dp_gradient,
-    gaussian_noise,
     iter_micro_batches,
     per_example_gradients,
     per_example_loss,
@@ -218,7 +218,7 @@ def test_noise_is_seeded_and_its_std_is_sigma_c_over_b():
     # exactly the generator's float64 draws, parameter by parameter in order
     g = torch.Generator().manual_seed(11)
     for x, y, p in zip(a, clean, params):
-        draw = gaussian_noise(p.shape, sigma * clip, g)
+        draw = gaussian_tensor(p.shape, sigma * clip, g)
         assert torch.allclose((x - y).to(F64), draw / B, atol=1e-6)
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -113,9 +113,14 @@ def gaussian_noise(like: Mapping[str, Tensor], std: float, generator: torch.Gene
     out: dict[str, Tensor] = {}
     for key in sorted(like):
         t = like[key]
-        z = torch.randn(tuple(t.shape), generator=generator, dtype=torch.float64, device="cpu")
-        out[key] = (z * std).to(dtype=t.dtype, device=t.device)
+        out[key] = gaussian_tensor(t.shape, std, generator).to(dtype=t.dtype, device=t.device)
     return {k: out[k] for k in like}  # the caller's key order
+
+
+def gaussian_tensor(shape: Sequence[int], std: float, generator: torch.Generator) -> Tensor:
+    """``N(0, std^2)`` of ``shape``, drawn in float64 on the CPU from ``generator`` (the one draw
+    both client-level noise and DP-SGD's use)."""
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float64, device="cpu") * std
 
 
 def seeded_generator(seed: int, *labels: str | int) -> torch.Generator:

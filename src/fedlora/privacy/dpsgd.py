@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlora.model.packing import IGNORE_INDEX, model_inputs, sequences_in
+from fedlora.privacy.clipping import gaussian_tensor
 
 LossFn = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 CLIP_EPS = 1e-6  # clip factor min(1, C / (||g|| + eps)), as Opacus's optimizer
@@ -311,11 +312,6 @@ def clip_factors(norms: Tensor, clip: float) -> Tensor:
     return (clip / (norms + CLIP_EPS)).clamp(max=1.0)
 
 
-def gaussian_noise(shape: torch.Size, std: float, generator: torch.Generator) -> Tensor:
-    """``N(0, std^2)`` of ``shape`` drawn in float64 on the CPU from ``generator``."""
-    return torch.normal(0.0, std, size=tuple(shape), generator=generator, dtype=torch.float64)
-
-
 def dp_gradient(
     model: nn.Module,
     params: Sequence[nn.Parameter],
@@ -369,7 +365,7 @@ def dp_gradient(
     std = noise_multiplier * clip
     for p, s in zip(params, sums):
         if std > 0:
-            s.add_(gaussian_noise(p.shape, std, generator).to(s.device, torch.float32))
+            s.add_(gaussian_tensor(p.shape, std, generator).to(s.device, torch.float32))
         p.grad = (s / denom).to(p.dtype)
     return DPStep(losses=torch.cat(all_losses), norms=norms, clip=clip, batch_size=denom, noise_std=std / denom)
 
