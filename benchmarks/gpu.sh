@@ -14,6 +14,8 @@
 #      factor swap (reload.py, nf4);
 #   7. DP-SGD's step against a plain local step (dpsgd.py: 1B nf4 and 7B nf4, bf16, r=16 on all
 #      linear layers, seq 512, batch 4: time and peak memory);
+#   8. the momentum diagnostics' cost per round against the aggregation (momentum.py: LLaMA-2-7B
+#      shapes, 10 clients, r=16, float64 reductions on the GPU);
 # and writes their JSON and a short summary.md into OUT_DIR. --smoke runs the same steps on the
 # CPU at toy shapes in about a minute (the test suite runs it, so the script cannot rot).
 set -euo pipefail
@@ -118,6 +120,15 @@ for spec in "${DPSGD[@]}"; do
   "$PY" benchmarks/dpsgd.py --device "$DEV" --shape "$shape" --dtype "$dtype" --quantization "$quant" $rest \
     --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 || log "$name FAILED (see $name.txt)"
 done
+
+if [ "$MODE" = "--smoke" ]; then
+  MOMENTUM=(--layers 1 --hidden 32 --intermediate 64 --clients 2 --rank 2 --rounds 2)
+else
+  MOMENTUM=(--layers 32 --hidden 4096 --intermediate 11008 --clients 10 --rank 16 --rounds 4)
+fi
+log "momentum diagnostics against the aggregation"
+"$PY" benchmarks/momentum.py --device "$DEV" "${MOMENTUM[@]}" --json "$OUT/momentum.json" \
+  > "$OUT/momentum.txt" 2>&1 || log "momentum FAILED (see momentum.txt)"
 
 "$PY" benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md"
 log "done: $OUT/summary.md"

@@ -135,6 +135,19 @@ def summary(out: Path) -> str:
                 f"| {path.stem} | {d['plain']['step_s']:.3g} | {d['dp']['step_s']:.3g} | "
                 f"{d['dp_over_plain_time']:.2f}x | {d['plain']['peak_mib']:.0f} / {d['dp']['peak_mib']:.0f} |"
             )
+    mom = _load(out / "momentum.json")
+    if mom:
+        a = mom["args"]
+        lines += [
+            "",
+            f"## Momentum diagnostics against the aggregation (momentum.py: {a['layers']} layers at "
+            f"{a['hidden']}/{a['intermediate']}, {a['clients']} clients, r={a['rank']}): seconds per round",
+            "",
+            "| method | aggregate s | momentum s | momentum / aggregate |",
+            "|---|---|---|---|",
+        ]
+        for name, r in mom["methods"].items():
+            lines.append(f"| {name} | {r['aggregate_s']:.3g} | {r['observe_s']:.3g} | {r['ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,8 +37,12 @@ def test_gpu_script_smoke_mode_writes_every_result(tmp_path):
     dp = json.loads((tmp_path / "dpsgd-micro-none.json").read_text())
     assert dp["plain"]["step_s"] > 0 and dp["dp"]["step_s"] > 0
     assert dp["dp"]["lora_params"] == dp["plain"]["lora_params"] > 0
+    mom = json.loads((tmp_path / "momentum.json").read_text())
+    assert set(mom["methods"]) == {"fedit", "ffa_lora", "flora", "fedex_lora", "fedmomentum"}
+    assert all(r["observe_s"] > 0 for r in mom["methods"].values())
     summary = (tmp_path / "summary.md").read_text()
     for needle in (
+        "## Momentum diagnostics",
         "## DP-SGD",
         "## Aggregation",
         "round-micro-nf4ckpt",

@@ -15,9 +15,13 @@ Over every adapted module at once (the model's update read as one vector), round
     energy            = the method's own split of its aggregate (Method.energy_split; FedMomentum:
                         kept in the LoRA, merged into the backbone, dropped)
 
-Exact and never dense, in float64: norms from thin QRs of the stacked factors
-(:meth:`FactoredDelta.norm`, accurate where terms cancel), inner products from their Gram
-matrices (:meth:`FactoredDelta.inner`); cost ``(d_out + d_in) q q'`` for ranks ``q, q'``.
+Exact and never dense, in float64 on the model's CUDA device (else the CPU): norms and inner
+products from Gram matrices of the stacked factors (:meth:`FactoredDelta.energy`, ``inner``;
+cost ``(d_out + d_in) q q'`` for ranks ``q, q'``), except the aggregation error's numerator,
+which is zero up to rounding for the exact methods and so comes from thin QRs
+(:meth:`FactoredDelta.norm`: a Gram sum would cancel at ``sqrt(eps)`` of the terms' size).
+``||dW_t||`` and ``||U_t||`` are differences too, but of terms at most ~1e3 times their size,
+where a Gram sum keeps ~10 digits.
 ``dW_t - U_t = D_t + s B^{t+1} A^{t+1} - sum_i p_i s_i B_i A_i``: the common ``s B^t A^t`` cancels
 before any arithmetic (``sum_i p_i = 1``), so an exact method reports float32 rounding of its own
 factors (~1e-7), not the difference of two large numbers. The precision is the factors' (float32
@@ -42,6 +46,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from fedlora.engine.checkpoint import factors_from_tree, factors_tree
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientUpload, Factors, GlobalState, Method
@@ -50,14 +56,27 @@ from fedlora.methods.base import aggregation_weights, clone_factors, stacked_pro
 Deltas = Mapping[str, FactoredDelta]
 
 
-def total_inner(x: Deltas, y: Deltas) -> float:
+Device = torch.device | str | None
+
+
+def total_inner(x: Deltas, y: Deltas, device: Device = None) -> float:
     """``sum_m <x_m, y_m>_F`` over the modules both hold (a missing module is zero)."""
-    return sum(d.inner(y[m]) for m, d in x.items() if m in y)
+    return sum(d.inner(y[m], device) for m, d in x.items() if m in y)
 
 
-def total_norm(x: Deltas) -> float:
-    """``sqrt(sum_m ||x_m||_F^2)``, each module's norm from QRs (:meth:`FactoredDelta.norm`)."""
-    return math.sqrt(sum(d.norm() ** 2 for d in x.values()))
+def total_norm(x: Deltas, device: Device = None, *, cancels: bool = False) -> float:
+    """``sqrt(sum_m ||x_m||_F^2)``: from Gram matrices (:meth:`FactoredDelta.energy`), or, where
+    the terms may cancel to far below their own size (``cancels``), from QRs
+    (:meth:`FactoredDelta.norm`, about twice the cost, accurate at any cancellation)."""
+    if cancels:
+        return math.sqrt(sum(d.norm(device) ** 2 for d in x.values()))
+    return math.sqrt(max(sum(d.energy(device) for d in x.values()), 0.0))
+
+
+def work_device(device: Device) -> torch.device:
+    """Where the float64 reductions run: the model's CUDA device, else the CPU (MPS has no float64)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def lora_change(before: Factors, after: Factors, scale: float) -> dict[str, FactoredDelta]:
@@ -114,6 +133,8 @@ class MomentumTracker:
     """``||sum_k dW_k||^2``."""
     path_length: float = 0.0
     """``sum_k ||dW_k||``."""
+    previous_norm: float = 0.0
+    """``||dW_{t-1}||``."""
 
     def observe(
         self,
@@ -123,24 +144,27 @@ class MomentumTracker:
         backbone: Deltas,
         uploads: Sequence[ClientUpload],
         report: Mapping[str, Mapping[str, float]] | None = None,
+        device: Device = None,
     ) -> dict[str, Any]:
         """Round ``before.round``'s numbers; then absorb its backbone delta and remember ``dW``.
 
         ``before``/``after``: the global state at the start and the end of the round (after a
         server optimizer and the final flush); ``backbone``: the deltas applied to the backbone;
-        ``uploads``: the accepted uploads the method aggregated; ``report``: the method's report.
+        ``uploads``: the accepted uploads the method aggregated; ``report``: the method's report;
+        ``device``: where the float64 reductions run (:func:`work_device`; the factors stay put).
         """
+        device = work_device(device)
         scale = after.spec.scale()
         update = effective_update(before, after, backbone)
-        norm = total_norm(update)
+        norm = total_norm(update, device)
         # ||S_t||^2 from ||S_{t-1}||^2, S_{t-1} = L_{t-1} + s (B^t A^t - B^0 A^0)
         path_before = lora_change(self.start, before.factors, scale)
         for m, d in self.backbone.items():
             path_before[m] = FactoredDelta(d.d_out, d.d_in).extend(d).extend(path_before[m])
-        self.path_sq = max(self.path_sq + 2.0 * total_inner(path_before, update) + norm**2, 0.0)
+        self.path_sq = max(self.path_sq + 2.0 * total_inner(path_before, update, device) + norm**2, 0.0)
         self.path_length += norm
-        prev = total_norm(self.previous)
-        cosine = total_inner(update, self.previous) / (norm * prev) if norm > 0 and prev > 0 else None
+        prev = self.previous_norm
+        cosine = total_inner(update, self.previous, device) / (norm * prev) if norm > 0 and prev > 0 else None
         out: dict[str, Any] = {
             "update_norm": norm,
             "update_cosine": cosine,
@@ -161,20 +185,20 @@ class MomentumTracker:
                 if m in backbone:
                     d.extend(backbone[m])
                 gap[m] = d.add(a.B, a.A, scale).extend(mean[m], -1.0)
-            out["client_update_norm"] = exact_norm = total_norm(exact)
+            out["client_update_norm"] = exact_norm = total_norm(exact, device)
             if exact_norm > 0:
-                out["aggregation_error"] = total_norm(gap) / exact_norm
+                out["aggregation_error"] = total_norm(gap, device, cancels=True) / exact_norm
         if report:
             energy = method.energy_split(report)
             if energy is not None:
                 out["energy"] = energy
-        self.previous = update if norm > 0 else {}
+        self.previous, self.previous_norm = (update, norm) if norm > 0 else ({}, 0.0)
         self.absorb(backbone)
         return out
 
     def skip(self) -> dict[str, Any]:
         """A round with no accepted update: ``dW_t = 0``."""
-        self.previous = {}
+        self.previous, self.previous_norm = {}, 0.0
         return {
             "update_norm": 0.0,
             "update_cosine": None,
@@ -198,6 +222,7 @@ class MomentumTracker:
             "previous": {m: [d.ups, d.downs] for m, d in self.previous.items()},
             "path_sq": self.path_sq,
             "path_length": self.path_length,
+            "previous_norm": self.previous_norm,
         }
 
     @classmethod
@@ -212,6 +237,7 @@ class MomentumTracker:
             previous=previous,
             path_sq=float(tree["path_sq"]),
             path_length=float(tree["path_length"]),
+            previous_norm=float(tree["previous_norm"]),
         )
         for step in ledger:
             tracker.absorb(step)

@@ -397,7 +397,9 @@ class RoundEngine:
                 self.binding.apply_delta(deltas)
             self.ledger.append(deltas)
             if self.momentum is not None:
-                record["momentum"] = self.momentum.observe(self.method, before, state, deltas, accepted, result.report)
+                record["momentum"] = self.momentum.observe(
+                    self.method, before, state, deltas, accepted, result.report, self.device
+                )
             self.state = state
             if new_extras:
                 self.global_extras = new_extras

@@ -8,6 +8,7 @@ relative tolerance), so a ledger of many rounds stays as small as its true rank.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -64,15 +65,16 @@ class FactoredDelta:
         """A copy multiplied by ``scale``."""
         return FactoredDelta(self.d_out, self.d_in, [u * scale for u in self.ups], list(self.downs))
 
-    def factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """The stacked pair ``(up, down)`` with ``up @ down == Delta``."""
+    def factors(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The stacked pair ``(up, down)`` with ``up @ down == Delta`` (cast to ``dtype`` and moved
+        to ``device`` where given)."""
         if self.is_empty:
             ref = dtype or torch.float32
             return torch.zeros(self.d_out, 0, dtype=ref), torch.zeros(0, self.d_in, dtype=ref)
-        up = torch.cat(self.ups, dim=1)
-        down = torch.cat(self.downs, dim=0)
-        if dtype is not None:
-            up, down = up.to(dtype), down.to(dtype)
+        up = torch.cat([u.to(device=device, dtype=dtype) for u in self.ups], dim=1)
+        down = torch.cat([d.to(device=device, dtype=dtype) for d in self.downs], dim=0)
         return up, down
 
     def compress(self, *, rtol: float = 0.0, max_rank: int | None = None) -> FactoredDelta:
@@ -102,34 +104,47 @@ class FactoredDelta:
         B, A = split_factors(svd.truncate(keep), "balanced")
         return FactoredDelta.from_factors(B.to(up.dtype), A.to(up.dtype)), dropped
 
-    def energy(self) -> float:
-        """``||Delta||_F^2 = <up^T up, down down^T>`` from the r x r Gram matrices (float64)."""
+    def energy(self, device: torch.device | str | None = None) -> float:
+        """``||Delta||_F^2 = <up^T up, down down^T>`` from the q x q Gram matrices (float64, on
+        ``device`` if given). Relative error ``~ eps * (sum of the terms' norms)^2 / ||Delta||^2``:
+        use :meth:`norm` for a small difference of large terms."""
         if self.is_empty:
             return 0.0
-        return product_energy(*self.factors(torch.float64))
+        return product_energy(*self.factors(torch.float64, device))
 
-    def norm(self) -> float:
-        """``||Delta||_F = ||R_up R_down^T||_F`` from thin QRs ``up = Q R_up``, ``down^T = Q' R_down``
-        (float64). Accurate to rounding of the terms' size even where they cancel (a difference of
-        nearly equal updates), where ``sqrt(energy())`` keeps only half the digits (its Gram sum
-        cancels at ``eps`` of the squared terms)."""
+    def norm(self, device: torch.device | str | None = None) -> float:
+        """``||Delta||_F`` (float64, on ``device`` if given), accurate to 1e-6 relative however much
+        the terms cancel (a difference of nearly equal updates).
+
+        From the Gram matrices (:meth:`energy`) when their rounding, at most about
+        ``eps q (sum_k ||up_k||_F ||down_k||_F)^2``, is below 1e-6 of the energy; otherwise as
+        ``||R_up R_down^T||_F`` from thin QRs ``up = Q R_up``, ``down^T = Q' R_down``, whose
+        rounding is relative to the terms' size, not to its square (about twice the Gram's cost)."""
         if self.is_empty:
             return 0.0
-        up, down = self.factors(torch.float64)
+        up, down = self.factors(torch.float64, device)
+        energy = product_energy(up, down)
+        size = sum(
+            float(torch.linalg.norm(u.double())) * float(torch.linalg.norm(d.double()))
+            for u, d in zip(self.ups, self.downs)
+        )
+        if energy > 1e6 * torch.finfo(torch.float64).eps * up.shape[1] * size**2:
+            return math.sqrt(energy)
         r_up = torch.linalg.qr(up, mode="r")[1]
         r_down = torch.linalg.qr(down.mT, mode="r")[1]
         return float(torch.linalg.matrix_norm(r_up @ r_down.mT))
 
-    def inner(self, other: FactoredDelta) -> float:
+    def inner(self, other: FactoredDelta, device: torch.device | str | None = None) -> float:
         """``<Delta, Other>_F = sum((up^T up_o) * (down down_o^T))``: a q x q_o pair of small
-        products (float64), never the dense matrices; ``inner(self) == energy()``."""
+        products (float64, on ``device`` if given), never the dense matrices;
+        ``inner(self) == energy()``."""
         if (self.d_out, self.d_in) != (other.d_out, other.d_in):
             raise ValueError(f"shapes differ: {self.d_out}x{self.d_in} and {other.d_out}x{other.d_in}")
         if self.is_empty or other.is_empty:
             return 0.0
-        up, down = self.factors(torch.float64)
-        up_o, down_o = other.factors(torch.float64)
-        return float(((up.T @ up_o) * (down @ down_o.T)).sum())
+        up, down = self.factors(torch.float64, device)
+        up_o, down_o = other.factors(torch.float64, device)
+        return float(((up.mT @ up_o) * (down @ down_o.mT)).sum())
 
     def nbytes(self, bytes_per_element: int | None = None) -> int:
         """Bytes to send the factors (``(d_out + d_in) * rank`` elements)."""
