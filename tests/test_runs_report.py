@@ -270,11 +270,21 @@ def test_momentum_readers_skip_nulls_and_old_records():
     summary = momentum_summary(by_round)
     assert summary == {
         "aggregation_error": pytest.approx(1e-6),
+        "aggregation_error_first": None,  # round 1 of 2 is not in the first quarter
+        "aggregation_error_last": None,  # round 2 has no error
         "path_efficiency": 0.95,
         "update_cosine": pytest.approx(0.6),
     }
     assert momentum_by_round(make_records([0.2])) == {}
-    assert momentum_summary({}) == {"aggregation_error": None, "path_efficiency": None, "update_cosine": None}
+    assert set(momentum_summary({}).values()) == {None}
+
+
+def test_momentum_summary_compares_the_first_and_the_last_quarter_of_rounds():
+    by_round = {r: {"aggregation_error": 0.01 * r} for r in range(1, 9)}  # 8 rounds, error growing
+    summary = momentum_summary(by_round)
+    assert summary["aggregation_error_first"] == pytest.approx(0.015)  # rounds 1, 2
+    assert summary["aggregation_error_last"] == pytest.approx(0.075)  # rounds 7, 8
+    assert summary["aggregation_error"] == pytest.approx(0.045)
 
 
 # ---- load_run -------------------------------------------------------------------------------------

@@ -229,8 +229,12 @@ def _final_and_best(
 
 # Training momentum (``momentum`` in the train records, see fedlora.engine.momentum): a run's three
 # headline numbers, by key: the words they are shown under and their format.
+MOMENTUM_KEYS = ("aggregation_error", "path_efficiency", "update_cosine")
+"""The per-round ``momentum`` numbers a run summary (and a study's cells) keeps."""
 MOMENTUM_SUMMARY = {
     "aggregation_error": ("mean aggregation error", ".2e"),
+    "aggregation_error_first": ("aggregation error, first quarter of rounds", ".2e"),
+    "aggregation_error_last": ("aggregation error, last quarter", ".2e"),
     "path_efficiency": ("final path efficiency", ".3f"),
     "update_cosine": ("mean update cosine (rounds ≥ 2)", ".3f"),
 }
@@ -259,15 +263,20 @@ def momentum_series(by_round: dict[int, dict[str, float]], key: str) -> list[tup
 
 def momentum_summary(by_round: dict[int, dict[str, float]]) -> dict[str, float | None]:
     """The :data:`MOMENTUM_SUMMARY` numbers: the mean aggregation error over the rounds that have
-    one, the path efficiency at the last round that has one, the mean update cosine over rounds >= 2
-    (``None`` where there is nothing)."""
+    one, and over the first and the last quarter of the run's rounds (does it grow?), the path
+    efficiency at the last round that has one, the mean update cosine over rounds >= 2 (``None``
+    where there is nothing)."""
 
     def mean(pts: list[tuple[int, float]]) -> float | None:
         return sum(v for _, v in pts) / len(pts) if pts else None
 
     path = momentum_series(by_round, "path_efficiency")
+    error = momentum_series(by_round, "aggregation_error")
+    last = max(by_round, default=0)
     return {
-        "aggregation_error": mean(momentum_series(by_round, "aggregation_error")),
+        "aggregation_error": mean(error),
+        "aggregation_error_first": mean([(r, v) for r, v in error if 4 * r <= last]),
+        "aggregation_error_last": mean([(r, v) for r, v in error if 4 * r > 3 * last]),
         "path_efficiency": path[-1][1] if path else None,
         "update_cosine": mean([(r, v) for r, v in momentum_series(by_round, "update_cosine") if r >= 2]),
     }
@@ -936,6 +945,7 @@ def _compare_plot(rows: list[_Row], out: Path) -> None:
 
 __all__ = [
     "MB",
+    "MOMENTUM_KEYS",
     "MOMENTUM_SUMMARY",
     "STYLE",
     "RunData",

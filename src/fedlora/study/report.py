@@ -47,6 +47,7 @@ from typing import Any
 from fedlora import atomic
 from fedlora.runs.report import (
     MB,
+    MOMENTUM_KEYS,
     MOMENTUM_SUMMARY,
     STYLE,
     _note,
@@ -191,9 +192,9 @@ def read_cell(cell: Cell, metric: str | None) -> tuple[CellResult, str | None]:
 
 
 def _momentum_numbers(by_round: Any) -> dict[int, dict[str, float]]:
-    """Round -> the :data:`MOMENTUM_SUMMARY` numbers of ``by_round`` ((round, numbers) pairs, read from
+    """Round -> the :data:`MOMENTUM_KEYS` numbers of ``by_round`` ((round, numbers) pairs, read from
     the records or from a report.json, whose keys are strings); rounds without any are left out."""
-    out = {int(r): {k: float(v) for k, v in nums.items() if k in MOMENTUM_SUMMARY} for r, nums in by_round}
+    out = {int(r): {k: float(v) for k, v in nums.items() if k in MOMENTUM_KEYS} for r, nums in by_round}
     return {r: nums for r, nums in sorted(out.items()) if nums}
 
 
