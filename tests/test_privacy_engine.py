@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,6 +75,11 @@ def binding():
 
 
 def plan(mode="client", sigma=1.0, clip=0.05) -> NoisePlan:
+    if mode == "sample":  # client "0" (completion_data's) at sigma; another client, much noisier, sets plan.sigma
+        sigmas = (("0", sigma), ("1", 100.0))
+        return NoisePlan(
+            mode, 100.0, clip, 1e-5, "rdp", 1.0, sample_rates=(("0", 0.25), ("1", 0.5)), sample_sigmas=sigmas
+        )
     return NoisePlan(mode, sigma, clip, 1e-5, "rdp", 1.0, sample_rate=0.5)
 
 
@@ -146,8 +152,13 @@ def test_methods_that_combine_factors_get_noise_on_every_upload(monkeypatch):
     monkeypatch.setattr(type(method), "aggregate", spy)
     private_aggregate(method, state, uploads, [{}] * 3, plan(sigma=0.7, clip=0.1), seed=3)
     assert seen["weights"] == [1.0] * 3 and [u.client_id for u in seen["uploads"]] == [u.client_id for u in uploads]
-    z = torch.cat([(n.factors["w"].get(k).double() - u.factors["w"].get(k).double()).flatten()
-                   for n, u in zip(seen["uploads"], uploads) for k in "AB"])
+    z = torch.cat(
+        [
+            (n.factors["w"].get(k).double() - u.factors["w"].get(k).double()).flatten()
+            for n, u in zip(seen["uploads"], uploads)
+            for k in "AB"
+        ]
+    )
     assert abs(float(z.std()) / 0.07 - 1) < 0.03 and sps.kstest((z / 0.07).numpy(), "norm").pvalue > 1e-3
 
 
@@ -290,7 +301,63 @@ def test_plan_calibrates_sigma_to_the_budget_for_each_mode():
     cfg = load_config(preset_path("ci"), {**common, **sample})
     p = plan_noise(cfg, sizes)
     assert dict(p.sample_rates) == {"0": 0.2, "1": 0.1, "2": 0.05, "3": 2 / 30}
-    assert 2.9 < epsilon(p.sigma, 0.2, 50, 1e-5) <= 3.0  # the smallest client, every round
+    for cid, q in p.sample_rates:  # each client at its own rate, every round: 10 x 5 steps
+        assert 2.9 < epsilon(p.sigma_of(cid), q, 50, 1e-5) <= 3.0
+    assert p.sigma == p.sigma_of("0") and 2.9 < p.planned_epsilon <= 3.0  # the largest: the smallest client's
+
+
+SIZES = {"a": 16, "b": 64, "c": 256}
+
+
+def sample_plan(train: dict[str, str], **sets: str):
+    from fedlora.configs import preset_path
+
+    common = {"privacy.mode": "sample", "privacy.epsilon": "8", "partition.num_clients": "3"}
+    common |= {"rounds.num_rounds": "10", "method.name": "fedit", "train.batch_size": "4", **train}
+    cfg = load_config(preset_path("ci"), {**common, **sets})
+    return cfg, plan_noise(cfg, SIZES)
+
+
+@needs_opacus
+@pytest.mark.parametrize(
+    "train",
+    [{"train.max_steps": "3"}, {"train.max_steps": "0", "train.epochs": "1"}],
+    ids=["max_steps", "epochs"],
+)
+def test_sample_mode_calibrates_each_client_to_its_own_size(train):
+    """Each client its own party: sigma_i from privacy.epsilon at its own q_i = B / n_i and its own
+    rounds x K_i steps, so a larger client gets less noise and every client is planned just under
+    the budget; the smallest client's sigma is the single worst-case calibration (what every
+    client got before), and the plan's sigma (reports) is the largest."""
+    from fedlora.engine.train import steps_for
+    from fedlora.privacy import epsilon, noise_multiplier_for
+
+    cfg, p = sample_plan(train)
+    steps = {cid: steps_for(cfg.train, n) for cid, n in SIZES.items()}
+    assert dict(p.sample_steps) == steps and dict(p.sample_rates) == {c: 4 / n for c, n in SIZES.items()}
+    sigmas = [p.sigma_of(c) for c in ("a", "b", "c")]
+    assert sigmas[0] > sigmas[1] > sigmas[2] > 0
+    spent = {c: epsilon(p.sigma_of(c), 4 / n, 10 * steps[c], 1e-5) for c, n in SIZES.items()}
+    assert all(0.95 * 8 <= e <= 8 for e in spent.values()), spent
+    assert p.planned_epsilon == pytest.approx(max(spent.values()), rel=1e-12)
+    worst_case = noise_multiplier_for(8, 1e-5, 4 / 16, 10 * steps_for(cfg.train, 16))
+    assert p.sigma_of("a") == worst_case == p.sigma
+    assert p.report()["noise_multiplier"] == sigmas[0] and p.report()["noise_multiplier_min"] == sigmas[2]
+
+
+@needs_opacus
+def test_a_given_noise_multiplier_is_every_clients_and_the_budget_covers_the_worst():
+    from fedlora.privacy import epsilon
+
+    cfg, p = sample_plan({"train.max_steps": "3"}, **{"privacy.epsilon": "null", "privacy.noise_multiplier": "1.2"})
+    assert {c: p.sigma_of(c) for c in SIZES} == dict.fromkeys(SIZES, 1.2) and p.sigma == 1.2
+    assert p.report()["noise_multiplier_min"] == 1.2
+    spent = {c: epsilon(1.2, 4 / n, 30, 1e-5) for c, n in SIZES.items()}
+    assert p.planned_epsilon == pytest.approx(spent["a"], rel=1e-12) and spent["a"] == max(spent.values())
+    # a sigma enough for the two larger clients but not the smallest: refused, naming the keys
+    between = (spent["a"] + spent["b"]) / 2
+    with pytest.raises(ValueError, match=r"above privacy\.epsilon.*privacy\.noise_multiplier"):
+        sample_plan({"train.max_steps": "3"}, **{"privacy.epsilon": f"{between}", "privacy.noise_multiplier": "1.2"})
 
 
 @needs_opacus
@@ -312,7 +379,8 @@ def test_client_level_dp_runs_on_the_bases_users_run(tmp_path, tiny, quantizatio
 def test_dp_sgd_steps_are_clipped_and_noised_from_the_seed(binding):
     """SGD without momentum: each DP-SGD step moves the trained factors by lr * g~ with ||g~|| <= C
     when there is no noise (the mean of clipped per-example gradients), so K steps move them by at
-    most K lr C; noise from (seed, round, client): the same again, another round differs."""
+    most K lr C; noise from (seed, round, client): the same again, another round differs. The
+    client's own noise multiplier (``sigma_of``), not the plan's largest (another client's)."""
     method = build_method("fedit")
     state = GlobalState(round=0, factors=binding.get_factors(), spec=binding.spec)
     data = completion_data()
@@ -334,45 +402,66 @@ def test_dp_sgd_steps_are_clipped_and_noised_from_the_seed(binding):
     assert torch.equal(a.upload.factors[m].A, b.upload.factors[m].A)
     assert not torch.equal(a.upload.factors[m].A, c.upload.factors[m].A)
     assert update_norm(state.factors, a.upload.factors) > 10 * moved  # the noise dominates a tiny clip
+    with pytest.raises(KeyError):  # a client the plan does not know gets no other client's noise
+        run(replace(plan("sample", sigma=1.0, clip=1e-3), sample_sigmas=(("1", 1.0),)))
 
 
 @needs_opacus
-def test_sample_level_epsilon_is_the_largest_clients_own_and_resumes_identically(tmp_path, tiny):
-    """Each client's epsilon from its own participation (rounds it trained x steps at B / n_i);
-    the run reports the largest, within privacy.epsilon; 1 round then --resume equals 2 at once."""
+def test_sample_level_epsilon_is_each_clients_own_and_resumes_identically(tmp_path, tiny):
+    """Each client's DP-SGD at its own sigma_i (calibrated to privacy.epsilon at its own size) and
+    its epsilon from its own participation (rounds it trained x steps at B / n_i, at sigma_i): per
+    client in metrics.jsonl and the checkpoint's ledger, the run's the largest, within
+    privacy.epsilon; 1 round then --resume equals 2 at once (a given noise multiplier)."""
     from opacus.accountants import RDPAccountant
 
+    from fedlora.engine.checkpoint import load_checkpoint
     from fedlora.engine.local import run_experiment
+    from fedlora.engine.setup import prepare_data
+    from fedlora.privacy import noise_multiplier_for
+
+    def check_spend(lines, sigma_of, sizes):
+        taken: dict[str, int] = {}
+        for r in lines:
+            for cid, s in r["train"].items():
+                taken[cid] = taken.get(cid, 0) + s["steps"]
+            ref = {}
+            for cid, steps in taken.items():
+                acc = RDPAccountant()
+                for _ in range(steps):
+                    acc.step(noise_multiplier=sigma_of[cid], sample_rate=min(1.0, 2 / sizes[cid]))  # ci: batch 2
+                ref[cid] = acc.get_epsilon(1e-5)
+            assert r["privacy"]["epsilon_per_client"] == pytest.approx(ref, rel=1e-9)
+            assert r["privacy"]["epsilon"] == pytest.approx(max(ref.values()), rel=1e-9)
+        return taken
 
     sets = {"privacy.mode": "sample", "privacy.epsilon": "6", "privacy.clip": "1.0", "rounds.num_rounds": "2"}
-    run_experiment(cfg_for(tmp_path, tiny, "whole", **sets), progress=False)
-    lines = run_records(tmp_path / "whole")
-    from fedlora.engine.setup import prepare_data
-
     cfg = cfg_for(tmp_path, tiny, "whole", **sets)
+    run_experiment(cfg, progress=False)
+    lines = run_records(tmp_path / "whole")
     sizes = prepare_data(cfg).sizes
-    sigma = lines[0]["privacy"]["noise_multiplier"]
-    taken: dict[str, int] = {}
-    for r in lines:
-        for cid, s in r["train"].items():
-            taken[cid] = taken.get(cid, 0) + s["steps"]
-        ref = 0.0
-        for cid, steps in taken.items():
-            acc = RDPAccountant()
-            for _ in range(steps):
-                acc.step(noise_multiplier=sigma, sample_rate=min(1.0, 2 / sizes[cid]))  # ci: batch_size 2
-            ref = max(ref, acc.get_epsilon(1e-5))
-        assert r["privacy"]["epsilon"] == pytest.approx(ref, rel=1e-9)
+    assert len(set(sizes.values())) > 1  # clients of different sizes: their sigmas differ
+    # each client's sigma, calibrated independently: its own rate, 2 rounds x 2 steps (ci: max_steps 2)
+    sigma_of = {cid: noise_multiplier_for(6, 1e-5, min(1.0, 2 / n), 2 * 2) for cid, n in sizes.items()}
+    smallest = min(sizes, key=sizes.get)
+    assert lines[0]["privacy"]["noise_multiplier"] == sigma_of[smallest] == max(sigma_of.values())
+    assert lines[0]["privacy"]["noise_multiplier_min"] == min(sigma_of.values()) < sigma_of[smallest]
+    taken = check_spend(lines, sigma_of, sizes)
     assert lines[-1]["privacy"]["epsilon"] <= 6.0
-    fixed = {**sets, "privacy.epsilon": "null", "privacy.noise_multiplier": str(sigma)}  # resume at one sigma
+    parties = load_checkpoint(tmp_path / "whole" / "checkpoint")["privacy"]["parties"]
+    assert {c: sum(h[2] for h in parties[c]) for c in parties} == taken
+    assert all(h[0] == sigma_of[c] and h[1] == min(1.0, 2 / sizes[c]) for c in parties for h in parties[c])
+
+    fixed = {**sets, "privacy.epsilon": "null", "privacy.noise_multiplier": "0.9"}  # every client at one sigma
     run_experiment(cfg_for(tmp_path, tiny, "again", **fixed), progress=False)
     run_experiment(cfg_for(tmp_path, tiny, "split", **{**fixed, "rounds.num_rounds": "1"}), progress=False)
     run_experiment(cfg_for(tmp_path, tiny, "split", **fixed), resume=True, progress=False)
     again, split = run_records(tmp_path / "again"), run_records(tmp_path / "split")
     split[0].pop("eval")
-    for r in lines + again + split:
+    for r in again + split:
         r["privacy"].pop("planned_epsilon")
-    assert again == split == lines  # the same noise, from the seed, whether sigma was calibrated or given
+    assert again == split  # the same noise, from the seed
+    assert again[0]["privacy"]["noise_multiplier"] == again[0]["privacy"]["noise_multiplier_min"] == 0.9
+    check_spend(again, dict.fromkeys(sizes, 0.9), sizes)
 
 
 @needs_opacus

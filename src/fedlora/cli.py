@@ -118,9 +118,12 @@ def _print_summary(summary: dict, run_dir) -> None:
             print(f"{k:<16}{b:>14}{f:>12}")
     privacy = summary.get("privacy")
     if privacy:
+        sigma = f"{privacy['noise_multiplier']:.3g}"
+        if "noise_multiplier_min" in privacy:  # sample mode: each client its own
+            sigma = f"{privacy['noise_multiplier_min']:.3g}-{sigma} (per client)"
         print(
             f"privacy: {privacy['mode']}-level DP, epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} "
-            f"({privacy['accountant']}; noise multiplier {privacy['noise_multiplier']:.3g}, clip {privacy['clip']:g})"
+            f"({privacy['accountant']}; noise multiplier {sigma}, clip {privacy['clip']:g})"
         )
     print(f"results: {run_dir}/ (metrics.jsonl, summary.json, curves.png, final/)")
 

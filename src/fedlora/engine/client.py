@@ -189,10 +189,11 @@ def client_round(
 
 
 def _dpsgd(noise: NoisePlan | None, seed: int, round_: int, cid: str) -> DPSGD | None:
-    """Sample-level DP's settings for this client's round: noise from ``(seed, "dp-sgd", round, client)``."""
+    """Sample-level DP's settings for this client's round: its own noise multiplier, noise from
+    ``(seed, "dp-sgd", round, client)``."""
     if noise is None or noise.mode != "sample":
         return None
-    return DPSGD(noise.sigma, noise.clip, seeded_generator(seed, "dp-sgd", round_, cid))
+    return DPSGD(noise.sigma_of(cid), noise.clip, seeded_generator(seed, "dp-sgd", round_, cid))
 
 
 def _cpu(obj: Any) -> Any:

@@ -32,17 +32,23 @@ clients report (losses, step counts in ``metrics.jsonl``: operator diagnostics; 
 model, not that file); SCAFFOLD (its server variate uses each raw upload) is refused.
 
 **sample** (DP-SGD, Abadi et al. 2016, inside each client): every local optimizer step's
-gradient of the trainable parameters is ``(1/B) (sum_j clip_C(g_j) + N(0, sigma^2 C^2))`` over
+gradient of the trainable parameters is ``(1/B) (sum_j clip_C(g_j) + N(0, sigma_i^2 C^2))`` over
 the step's ``B`` examples (``train.batch_size x train.grad_accum``; per-example gradients from
 :mod:`fedlora.privacy.dpsgd`), so a client's uploads, and everything the server derives from
 them, are post-processing. Client ``i`` is its own party: its examples are sampled at
 ``q_i = B / n_i`` per step (shuffled fixed-size batches, accounted as Poisson sampling at that
-rate, as Opacus's default accounting of such loaders does), ``K`` steps per round it takes part
-in; its epsilon comes from its own participation, and the run reports the largest. ``sigma`` is
-calibrated (from ``privacy.epsilon``) for the worst case: the smallest client, sampled every
-round. Refused: fedsmooth_lora (its full-weight gradient estimate reads the client's data
-outside DP-SGD) and packed batches (per-example gradients need one example per row: packing
-``auto`` pads).
+rate, as Opacus's default accounting of such loaders does), ``K_i`` steps per round it takes
+part in (``train.max_steps``, or its epochs over its ``n_i`` examples); its epsilon comes from its
+own participation, and the run reports the largest. The noise multiplier is per client too: from
+``privacy.epsilon``, ``sigma_i`` is calibrated (before the model loads) for client ``i``'s own
+worst case, ``K_i`` steps at ``q_i`` in every round, as Opacus's ``make_private_with_epsilon``
+calibrates per dataset; so every client is planned to spend (just under) the budget, and a
+larger client gets there with less noise than the smallest one (whose ``sigma_i`` is what one
+worst-case calibration for all would give everyone). A given ``privacy.noise_multiplier`` is
+every client's, and the budget check covers the client that spends the most. Reports give
+``noise_multiplier`` (the largest ``sigma_i``) and ``noise_multiplier_min``. Refused:
+fedsmooth_lora (its full-weight gradient estimate reads the client's data outside DP-SGD) and
+packed batches (per-example gradients need one example per row: packing ``auto`` pads).
 """
 
 from __future__ import annotations
@@ -74,8 +80,12 @@ CLIENT_PARTY = "clients"  # client-level DP: every client is protected by the sa
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """The run's DP settings, resolved: ``sigma`` (from ``privacy.epsilon`` or given), and per
-    step the sample rate (client mode: ``k / N``; sample mode: per client, ``B / n_i``)."""
+    """The run's DP settings, resolved: the noise multiplier (from ``privacy.epsilon`` or given),
+    and per step the sample rate (client mode: ``k / N``; sample mode: per client, ``B / n_i``).
+
+    ``sigma``: client mode, the server's noise multiplier; sample mode, the largest of the
+    clients' own (``sample_sigmas``, read with :meth:`sigma_of`), for reports and logs only: each
+    client's DP-SGD steps and its spend use its own."""
 
     mode: str
     sigma: float
@@ -86,13 +96,27 @@ class NoisePlan:
     target_epsilon: float | None = None  # privacy.epsilon, if given
     sample_rate: float = 0.0  # client mode
     sample_rates: tuple[tuple[str, float], ...] = ()  # sample mode: (client id, B / n_i)
-    steps_per_round: int = 1  # sample mode: local optimizer steps (the worst client's)
+    sample_steps: tuple[tuple[str, int], ...] = ()  # sample mode: (client id, its local optimizer steps per round)
+    sample_sigmas: tuple[tuple[str, float], ...] = ()  # sample mode: (client id, its noise multiplier)
 
     def rate_of(self, client_id: str) -> float:
         return dict(self.sample_rates)[client_id]
 
+    def steps_of(self, client_id: str) -> int:
+        return dict(self.sample_steps)[client_id]
+
+    def sigma_of(self, client_id: str) -> float:
+        """Sample mode: client ``client_id``'s noise multiplier; ``KeyError`` for a client the plan
+        does not know (never a silent fallback to another client's noise)."""
+        return dict(self.sample_sigmas)[client_id]
+
+    @property
+    def sigma_min(self) -> float:
+        """The smallest noise multiplier (sample mode: over the clients; client mode: ``sigma``)."""
+        return min((s for _, s in self.sample_sigmas), default=self.sigma)
+
     def report(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "mode": self.mode,
             "noise_multiplier": self.sigma,
             "clip": self.clip,
@@ -100,6 +124,9 @@ class NoisePlan:
             "accountant": self.accountant,
             "planned_epsilon": self.planned_epsilon,
         }
+        if self.mode == "sample":  # the clients' range; noise_multiplier is the largest
+            out["noise_multiplier_min"] = self.sigma_min
+        return out
 
 
 def check_privacy(cfg: Config, method: Method) -> None:
@@ -145,7 +172,7 @@ def plan_noise(cfg: Config, sizes: Mapping[str, int]) -> NoisePlan | None:
         clients_per_round(cfg, len(sizes)),
         tuple(sorted(sizes.items())),
         _step_examples(cfg),
-        steps_for(cfg.train, min(sizes.values(), default=1)),
+        tuple(sorted((cid, steps_for(cfg.train, n)) for cid, n in sizes.items())),
     )
 
 
@@ -164,26 +191,51 @@ def _plan(
     k: int,
     sizes: tuple[tuple[str, int], ...],
     batch: int,
-    worst_steps: int,
+    local_steps: tuple[tuple[str, int], ...],
 ) -> NoisePlan | None:
     mode, eps, delta, sigma, clip, accountant = key
     if mode == "none":
         return None
+    target = eps if eps is not None else math.inf
     if mode == "client":
-        q, steps = k / len(sizes), rounds
-        rates: tuple[tuple[str, float], ...] = ()
-    else:
-        smallest = min(n for _, n in sizes)
-        if smallest <= 0:
-            raise ValueError("privacy.mode=sample: a client has no training examples")
-        rates = tuple((cid, min(1.0, batch / n)) for cid, n in sizes)
-        q, steps = min(1.0, batch / smallest), rounds * worst_steps
-    if sigma is None:
-        sigma = noise_multiplier_for(eps, delta, q, steps, accountant)
-    planned = check_budget(eps if eps is not None else math.inf, delta, sigma, q, steps, accountant)
+        q = k / len(sizes)
+        if sigma is None:
+            sigma = noise_multiplier_for(eps, delta, q, rounds, accountant)
+        planned = check_budget(target, delta, sigma, q, rounds, accountant)
+        return NoisePlan(mode, float(sigma), float(clip), float(delta), accountant, planned, eps, q)
+    if min(n for _, n in sizes) <= 0:
+        raise ValueError("privacy.mode=sample: a client has no training examples")
+    rates = tuple((cid, min(1.0, batch / n)) for cid, n in sizes)
+    steps = dict(local_steps)
+    sigmas: list[tuple[str, float]] = []
+    planned = 0.0
+    for cid, q in rates:  # each client its own party, taking part in every round: its worst case
+        total = rounds * steps[cid]
+        s = float(sigma) if sigma is not None else _calibrate(eps, delta, q, total, accountant)
+        planned = max(planned, _spend(target, delta, s, q, total, accountant))
+        sigmas.append((cid, s))
     return NoisePlan(
-        mode, float(sigma), float(clip), float(delta), accountant, planned, eps, q, rates, worst_steps
+        mode,
+        max(s for _, s in sigmas),
+        float(clip),
+        float(delta),
+        accountant,
+        planned,
+        eps,
+        sample_rates=rates,
+        sample_steps=local_steps,
+        sample_sigmas=tuple(sigmas),
     )
+
+
+@lru_cache(maxsize=4096)  # clients of equal size share (q_i, steps): one search for them all
+def _calibrate(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    return float(noise_multiplier_for(eps, delta, q, steps, accountant))
+
+
+@lru_cache(maxsize=4096)
+def _spend(target: float, delta: float, sigma: float, q: float, steps: int, accountant: str) -> float:
+    return check_budget(target, delta, sigma, q, steps, accountant)
 
 
 # ---- client side ---------------------------------------------------------------------------------
@@ -261,17 +313,19 @@ def private_aggregate(
 
 def record_round(ledger: PrivacyLedger, plan: NoisePlan, trained: Mapping[str, Mapping[str, Any]]) -> None:
     """Add one round's DP steps: client mode, one step at ``q = k/N``; sample mode, each client that
-    trained (``trained``: its stats, ``steps`` taken) its steps at its own ``B / n_i``."""
+    trained (``trained``: its stats, ``steps`` taken) its steps at its own ``B / n_i`` and its own
+    noise multiplier."""
     if plan.mode == "client":
         ledger.record(CLIENT_PARTY, plan.sigma, plan.sample_rate, 1)
         return
     for cid, stats in trained.items():
-        ledger.record(cid, plan.sigma, plan.rate_of(cid), int(stats.get("steps", 0)))
+        ledger.record(cid, plan.sigma_of(cid), plan.rate_of(cid), int(stats.get("steps", 0)))
 
 
 def check_resumed_budget(ledger: PrivacyLedger, plan: NoisePlan, rounds_done: int, num_rounds: int) -> None:
     """At a resume: what was spent plus the remaining rounds at today's plan must stay within
-    ``privacy.epsilon`` (a run resumed with more rounds recalibrates sigma for the new total,
+    ``privacy.epsilon`` (a run resumed with more rounds recalibrates sigma, each client's in
+    sample mode, for the new total,
     but its first rounds ran at the old one). ``ValueError`` naming the keys."""
     target = plan.target_epsilon
     if target is None or rounds_done >= num_rounds:
@@ -281,8 +335,8 @@ def check_resumed_budget(ledger: PrivacyLedger, plan: NoisePlan, rounds_done: in
     if plan.mode == "client":
         projected.record(CLIENT_PARTY, plan.sigma, plan.sample_rate, left)
     else:
-        for cid, q in plan.sample_rates:  # every client, taking part in every remaining round
-            projected.record(cid, plan.sigma, q, left * plan.steps_per_round)
+        for cid, q in plan.sample_rates:  # every client, in every remaining round, at its own sigma
+            projected.record(cid, plan.sigma_of(cid), q, left * plan.steps_of(cid))
     spent = projected.epsilon(plan.delta)
     if spent > target:
         raise ValueError(
@@ -293,5 +347,10 @@ def check_resumed_budget(ledger: PrivacyLedger, plan: NoisePlan, rounds_done: in
 
 
 def spend_report(ledger: PrivacyLedger, plan: NoisePlan) -> dict[str, Any]:
-    """What metrics.jsonl and the summary say about the spend so far."""
-    return {"epsilon": ledger.epsilon(plan.delta), **plan.report()}
+    """What metrics.jsonl and the summary say about the spend so far: the run's epsilon (the
+    largest party's) and, in sample mode, each client's that has trained (``epsilon_per_client``)."""
+    per_party = ledger.epsilons(plan.delta)
+    out = {"epsilon": max(per_party.values(), default=0.0), **plan.report()}
+    if plan.mode == "sample":
+        out["epsilon_per_client"] = dict(sorted(per_party.items()))
+    return out

@@ -119,14 +119,15 @@ class RoundEngine:
         self.client_ids = data.client_ids
         self.noise = plan_noise(cfg, data.sizes)  # before the model: a budget it cannot meet costs nothing
         if self.noise is not None:
+            n = self.noise
             log.info(
-                "privacy: %s-level DP, noise multiplier %.4g, clip %g, epsilon %.4g at delta %g over the run (%s)",
-                self.noise.mode,
-                self.noise.sigma,
-                self.noise.clip,
-                self.noise.planned_epsilon,
-                self.noise.delta,
-                self.noise.accountant,
+                "privacy: %s-level DP, noise multiplier %s, clip %g, epsilon %.4g at delta %g over the run (%s)",
+                n.mode,
+                f"{n.sigma_min:.4g}-{n.sigma:.4g} (per client)" if n.mode == "sample" else f"{n.sigma:.4g}",
+                n.clip,
+                n.planned_epsilon,
+                n.delta,
+                n.accountant,
             )
         self.personal_sets = personal_test_sets(cfg, data) if self.personal else {}
         report = partition_report(data.groups, self.parts)
