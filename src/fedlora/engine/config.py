@@ -197,7 +197,9 @@ class PrivacyConfig:
         "the clients' trainable LoRA parameters (per-example clipping, noise per step)",
     )
     epsilon: float | None = _f(
-        None, "the privacy budget over the whole run; the noise multiplier is calibrated to it (or noise_multiplier)"
+        None,
+        "the privacy budget over the whole run; the noise multiplier is calibrated to it (sample: each client's own, "
+        "at its own size) (or noise_multiplier)",
     )
     delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee, in (0, 1)")
     noise_multiplier: float | None = _f(
