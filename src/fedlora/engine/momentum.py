@@ -48,7 +48,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fedlora.engine.checkpoint import factors_from_tree, factors_tree
+from fedlora.engine.checkpoint import factors_from_tree, factors_tree, ledger_from_tree, ledger_tree
 from fedlora.lowrank import FactoredDelta
 from fedlora.methods import ClientUpload, Factors, GlobalState, Method
 from fedlora.methods.base import aggregation_weights, clone_factors, stacked_products
@@ -168,7 +168,7 @@ class MomentumTracker:
         out: dict[str, Any] = {
             "update_norm": norm,
             "update_cosine": cosine,
-            "path_efficiency": math.sqrt(self.path_sq) / self.path_length if self.path_length > 0 else None,
+            "path_efficiency": self.path_efficiency(),
             "aggregation_error": None,
             "client_update_norm": None,
         }
@@ -196,13 +196,17 @@ class MomentumTracker:
         self.absorb(backbone)
         return out
 
+    def path_efficiency(self) -> float | None:
+        """``||sum_k dW_k|| / sum_k ||dW_k||`` so far (``None`` before any update)."""
+        return math.sqrt(self.path_sq) / self.path_length if self.path_length > 0 else None
+
     def skip(self) -> dict[str, Any]:
         """A round with no accepted update: ``dW_t = 0``."""
         self.previous, self.previous_norm = {}, 0.0
         return {
             "update_norm": 0.0,
             "update_cosine": None,
-            "path_efficiency": math.sqrt(self.path_sq) / self.path_length if self.path_length > 0 else None,
+            "path_efficiency": self.path_efficiency(),
             "aggregation_error": None,
             "client_update_norm": None,
         }
@@ -219,7 +223,7 @@ class MomentumTracker:
         """What a checkpoint keeps (``L`` is replayed from the ledger, see :meth:`from_tree`)."""
         return {
             "start": factors_tree(self.start),
-            "previous": {m: [d.ups, d.downs] for m, d in self.previous.items()},
+            "previous": ledger_tree([self.previous])[0],
             "path_sq": self.path_sq,
             "path_length": self.path_length,
             "previous_norm": self.previous_norm,
@@ -227,11 +231,7 @@ class MomentumTracker:
 
     @classmethod
     def from_tree(cls, tree: Mapping[str, Any], ledger: Sequence[Deltas]) -> MomentumTracker:
-        previous = {
-            m: FactoredDelta(int(ups[0].shape[0]), int(downs[0].shape[1]), list(ups), list(downs))
-            for m, (ups, downs) in tree["previous"].items()
-            if ups
-        }
+        previous = ledger_from_tree([tree["previous"]])[0]
         tracker = cls(
             start=factors_from_tree(tree["start"]),
             previous=previous,
