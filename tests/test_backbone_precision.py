@@ -5,6 +5,7 @@ accumulated delta; merging into bf16 weights fails the same check."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -89,6 +90,10 @@ def test_the_trained_function_is_base_plus_ledger(tmp_path, tiny, method, base):
     assert backbone_error(engine, tiny, base) <= 1e-3
     records = [r for r in (tmp_path / f"{method}-{base}-auto" / "metrics.jsonl").read_text().splitlines()]
     assert '"backbone": {"side_rank_mean"' in records[-1]  # the side path's size is in the record
+    momentum = [json.loads(r)["momentum"] for r in records]  # computed from the float32 factors
+    assert all(m["update_norm"] > 0 for m in momentum)
+    if method in ("fedmomentum", "flora", "fedex_lora"):  # exact: the clients' mean, at rounding
+        assert all(m["aggregation_error"] < 1e-5 for m in momentum)
 
 
 def test_merging_into_bf16_fails_the_same_check(tmp_path, tiny):
