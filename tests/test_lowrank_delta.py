@@ -40,6 +40,14 @@ def test_add_extend_scaled_factors_dense():
     assert_close(d.dense(), ref, 1e-14)  # the original is unchanged
     assert s.rank == d.rank
 
+    # plus/copy make new deltas; neither input gains a term
+    p = e.plus(d, scale=-1.0)
+    assert (p.rank, e.rank, d.rank) == (7, 1, 6)
+    assert_close(p.dense(), ts[2][0] @ ts[2][1] - ref, 1e-14)
+    c = e.copy()
+    c.add(*ts[0])
+    assert (c.rank, e.rank) == (3, 1)
+
 
 def test_add_rejects_bad_shapes_and_skips_empty():
     d = FactoredDelta(6, 11)

