@@ -13,7 +13,7 @@ import yaml
 from fedlora.cli import main
 from fedlora.engine.config import Config, config_from_dict
 from fedlora.study import load_spec, run_study, write_report
-from fedlora.study.report import build_report, fmt_mean_std, mean_std, reach
+from fedlora.study.report import _legend_columns, build_report, fmt_mean_std, mean_std, method_styles, reach
 from fedlora.study.spec import StudySpecError, config_digest, parse_spec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -596,3 +596,19 @@ def test_the_momentum_studies_expand_to_their_grid(name):
     assert arms["fedrot_lora"] == ("fedrot_lora", {"lam": 0.5})
     assert arms["fedmomentum"][1].get("tau", 0.99) == 0.99 and arms["fedit"] == ("fedit", {})
     assert len(arms) == 8 and len({c.config.method.name for c in cells}) == 7
+
+
+def test_plot_styles_tell_every_method_and_arm_apart():
+    """A study with 4 methods x 3 arms (study_dp's 12 curves) gets one colour per method and one
+    line style per arm, all 12 pairs distinct; 12 plain method names get 12 distinct colours (tab10
+    alone would repeat two)."""
+    methods = ("fedit", "ffa_lora", "fedmomentum", "fedrot_lora")
+    names = [f"{m}@{a}" for a in ("eps_inf", "eps8", "eps3") for m in methods]
+    styles = method_styles(names)
+    assert len(set(styles.values())) == 12
+    assert len({styles[f"fedit@{a}"][0] for a in ("eps_inf", "eps8", "eps3")}) == 1  # one colour per method
+    assert {styles[f"{m}@eps8"][1] for m in methods} == {"--"}
+    plain = method_styles([f"m{i}" for i in range(12)])
+    assert len({c for c, _ in plain.values()}) == 12 and {ls for _, ls in plain.values()} == {"-"}
+    # legend: a column per arm (4 methods each) and one for the untuned base line
+    assert _legend_columns(names, 13) == 4 and _legend_columns([f"m{i}" for i in range(12)], 13) == 6

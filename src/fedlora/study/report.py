@@ -627,35 +627,68 @@ def _finished(report: StudyReport, s: dict[str, Any], method: str) -> list[CellR
     ]
 
 
+_ARM_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, tuple[tuple[float, ...], str]]:
+    """A colour and a line style per method name, no two alike while there are at most 20 names
+    (or 20 methods x 4 arms). Names of the form ``<method>@<arm>`` (a study with named arms) get a
+    colour per method and a line style per arm, so each method's arms read as one family and each
+    arm as one dash pattern; other names get a colour each (tab10, tab20 beyond 10)."""
+    import matplotlib
+
+    split = [m.split("@", 1) for m in methods]
+    if methods and all(len(p) == 2 for p in split):
+        bases = list(dict.fromkeys(p[0] for p in split))
+        arms = list(dict.fromkeys(p[1] for p in split))
+        palette = matplotlib.colormaps["tab10" if len(bases) <= 10 else "tab20"]
+        return {
+            m: (palette(bases.index(b) % palette.N), _ARM_LINESTYLES[arms.index(a) % len(_ARM_LINESTYLES)])
+            for m, (b, a) in zip(methods, split)
+        }
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: (palette(i % palette.N), "-") for i, m in enumerate(methods)}
+
+
+def _legend_columns(methods: Sequence[str], entries: int) -> int:
+    """Legend columns for ``entries`` lines: for ``<method>@<arm>`` names (listed arm by arm) a
+    column per arm, one row per method, and a last column for what follows (the untuned base);
+    else up to 6."""
+    if methods and all("@" in m for m in methods):
+        rows = len({m.split("@", 1)[0] for m in methods})
+        return max(1, math.ceil(entries / rows))
+    return min(6, max(1, entries))
+
+
 def plot_slice(report: StudyReport, s: dict[str, Any], out: Path) -> Path:
     """``out``: metric vs round and vs cumulative MB for one slice, a line (mean) + band (±std) per method."""
     use_agg_backend()
     import matplotlib
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    palette = matplotlib.colormaps["tab10"]
+    styles = method_styles(report.methods)
     metric = report.metric or "metric"
     with matplotlib.rc_context(STYLE):
         fig, axes = new_figure(1, 2, (12, 5.0))
         a, b = axes[0]
         bases = []
-        for i, m in enumerate(report.methods):
+        for m in report.methods:
             done = _finished(report, s, m)
             curve = _mean_curve(done)
             if not curve:
                 continue
             bases += [c.baseline for c in done if c.baseline is not None]
-            color = palette(i % 10)
+            color, ls = styles[m]
             rs, mbs, ms, ss = zip(*curve)
             lo = [x - y for x, y in zip(ms, ss)]
             hi = [x + y for x, y in zip(ms, ss)]
             label = f"{m} (n={len(done)})"
-            b.plot(mbs, ms, lw=1.6, marker="o", ms=3, color=color, label=label)
+            b.plot(mbs, ms, lw=1.6, ls=ls, marker="o", ms=3, color=color, label=label)
             b.fill_between(mbs, lo, hi, color=color, alpha=0.12, lw=0)
             base_m = mean_std([c.baseline for c in done if c.baseline is not None])[0]
             if base_m is not None:  # round 0: the untuned base model, before any byte was sent
                 rs, ms, lo, hi = (0, *rs), (base_m, *ms), (base_m, *lo), (base_m, *hi)
-            a.plot(rs, ms, lw=1.6, marker="o", ms=3, color=color, label=label)
+            a.plot(rs, ms, lw=1.6, ls=ls, marker="o", ms=3, color=color, label=label)
             a.fill_between(rs, lo, hi, color=color, alpha=0.12, lw=0)
         if bases:
             base = sum(bases) / len(bases)
@@ -675,7 +708,13 @@ def _finish_slice_figure(fig, ax, report: StudyReport, s: dict[str, Any], out: P
     """One legend (``ax``'s lines) under the panels, the slice as the title; save to ``out``."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
+        from matplotlib.lines import Line2D
+
+        ncols = _legend_columns(report.methods, len(handles))
+        blank = -len(handles) % ncols  # fill the grid: matplotlib evens out columns, shifting entries
+        handles += [Line2D([], [], alpha=0.0)] * blank
+        labels += [""] * blank
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8)
     fig.suptitle(f"{report.spec.name}: {slice_label(s) or 'all cells'} (mean ± std over seeds)", fontsize=11)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.save_figure(out, fig, dpi=PNG_DPI)
@@ -695,20 +734,21 @@ def plot_slice_momentum(report: StudyReport, s: dict[str, Any], out: Path) -> Pa
     use_agg_backend()
     import matplotlib
 
-    palette = matplotlib.colormaps["tab10"]
+    styles = method_styles(report.methods)
     with matplotlib.rc_context(STYLE):
         fig, axes = new_figure(1, len(_MOMENTUM_PANELS), (15, 4.6))
         for ax, (key, (title, ylabel, log_axis)) in zip(axes[0], _MOMENTUM_PANELS.items()):
-            for i, m in enumerate(report.methods):
+            for m in report.methods:
+                color, ls = styles[m]
                 done = [c for c in _finished(report, s, m) if c.momentum]
                 curve = _mean_by_round([dict(momentum_series(c.momentum, key)) for c in done])
                 curve = [(r, v, sd) for r, v, sd in curve if v > 0 or not log_axis]
                 if curve:
                     rs, ms, ss = zip(*curve)
-                    ax.plot(rs, ms, lw=1.6, marker="o", ms=3, color=palette(i % 10), label=f"{m} (n={len(done)})")
+                    ax.plot(rs, ms, lw=1.6, ls=ls, marker="o", ms=3, color=color, label=f"{m} (n={len(done)})")
                     if not log_axis:
                         lo, hi = [x - y for x, y in zip(ms, ss)], [x + y for x, y in zip(ms, ss)]
-                        ax.fill_between(rs, lo, hi, color=palette(i % 10), alpha=0.12, lw=0)
+                        ax.fill_between(rs, lo, hi, color=color, alpha=0.12, lw=0)
             if ax.lines and log_axis:
                 ax.set_yscale("log")
             if not ax.lines:
