@@ -233,3 +233,13 @@ def test_a_resume_through_a_checkpoint_writes_the_same_numbers(tmp_path):
     resumed = MomentumTracker.from_tree(load_checkpoint(tmp_path / "ck")["momentum"], ledger)
     tail = [resumed.observe(fedit, *r) for r in rounds[3:]]
     assert head + tail == straight  # bit-identical, not approximately equal
+
+    # a checkpoint from before the last update's norm was carried: the norm is recomputed from its
+    # factors (Gram sums: the same number up to float64 rounding), and the run goes on
+    old = load_checkpoint(tmp_path / "ck")["momentum"]
+    del old["previous_norm"]
+    legacy = MomentumTracker.from_tree(old, ledger)
+    assert legacy.previous_norm == pytest.approx(part.previous_norm, rel=1e-12) and legacy.previous_norm > 0
+    again = [legacy.observe(fedit, *r) for r in rounds[3:]]
+    assert again[-1]["path_efficiency"] == pytest.approx(straight[-1]["path_efficiency"], rel=1e-12)
+    assert again[0]["update_cosine"] == pytest.approx(straight[3]["update_cosine"], rel=1e-9)

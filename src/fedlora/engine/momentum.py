@@ -230,12 +230,14 @@ class MomentumTracker:
     @classmethod
     def from_tree(cls, tree: Mapping[str, Any], ledger: Sequence[Deltas]) -> MomentumTracker:
         previous = ledger_from_tree([tree["previous"]])[0]
+        # checkpoints written before the norm was carried (2026-12-07) recompute it from the factors
+        norm = tree.get("previous_norm")
         tracker = cls(
             start=factors_from_tree(tree["start"]),
             previous=previous,
             path_sq=float(tree["path_sq"]),
             path_length=float(tree["path_length"]),
-            previous_norm=float(tree["previous_norm"]),
+            previous_norm=float(norm) if norm is not None else total_norm(previous),
         )
         for step in ledger:
             tracker.absorb(step)
