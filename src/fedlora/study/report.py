@@ -630,6 +630,13 @@ def _finished(report: StudyReport, s: dict[str, Any], method: str) -> list[CellR
 _ARM_LINESTYLES = ("-", "--", ":", "-.")
 
 
+def _arm_split(methods: Sequence[str]) -> list[tuple[str, str]] | None:
+    """``(method, arm)`` per name when every name is ``<method>@<arm>`` (a study with named arms
+    and a method axis), else ``None``."""
+    split = [m.split("@", 1) for m in methods]
+    return [(p[0], p[1]) for p in split] if methods and all(len(p) == 2 for p in split) else None
+
+
 def method_styles(methods: Sequence[str]) -> dict[str, tuple[tuple[float, ...], str]]:
     """A colour and a line style per method name, no two alike while there are at most 20 names
     (or 20 methods x 4 arms). Names of the form ``<method>@<arm>`` (a study with named arms) get a
@@ -637,26 +644,23 @@ def method_styles(methods: Sequence[str]) -> dict[str, tuple[tuple[float, ...], 
     arm as one dash pattern; other names get a colour each (tab10, tab20 beyond 10)."""
     import matplotlib
 
-    split = [m.split("@", 1) for m in methods]
-    if methods and all(len(p) == 2 for p in split):
-        bases = list(dict.fromkeys(p[0] for p in split))
-        arms = list(dict.fromkeys(p[1] for p in split))
-        palette = matplotlib.colormaps["tab10" if len(bases) <= 10 else "tab20"]
-        return {
-            m: (palette(bases.index(b) % palette.N), _ARM_LINESTYLES[arms.index(a) % len(_ARM_LINESTYLES)])
-            for m, (b, a) in zip(methods, split)
-        }
-    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
-    return {m: (palette(i % palette.N), "-") for i, m in enumerate(methods)}
+    pairs = _arm_split(methods) or [(m, "") for m in methods]
+    families = list(dict.fromkeys(f for f, _ in pairs))
+    arms = list(dict.fromkeys(a for _, a in pairs))
+    palette = matplotlib.colormaps["tab10" if len(families) <= 10 else "tab20"]
+    return {
+        m: (palette(families.index(f) % palette.N), _ARM_LINESTYLES[arms.index(a) % len(_ARM_LINESTYLES)])
+        for m, (f, a) in zip(methods, pairs)
+    }
 
 
 def _legend_columns(methods: Sequence[str], entries: int) -> int:
     """Legend columns for ``entries`` lines: for ``<method>@<arm>`` names (listed arm by arm) a
     column per arm, one row per method, and a last column for what follows (the untuned base);
     else up to 6."""
-    if methods and all("@" in m for m in methods):
-        rows = len({m.split("@", 1)[0] for m in methods})
-        return max(1, math.ceil(entries / rows))
+    pairs = _arm_split(methods)
+    if pairs:
+        return max(1, math.ceil(entries / len({f for f, _ in pairs})))
     return min(6, max(1, entries))
 
 
