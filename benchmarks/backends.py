@@ -11,6 +11,11 @@ Memory per worker: the resident set of each worker process at the end of the las
 
     python benchmarks/backends.py --preset ci --workers 2 --json benchmarks/backends-cpu.json
     python benchmarks/backends.py --preset ci --tiny-shape /tmp/tiny-llama --workers 2
+    python benchmarks/backends.py --preset ci --workers 2 --gpus-per-worker 0.5 --set model.device=cuda
+
+``--ceiling`` adds a third run, local on ``cores / workers`` threads: ``workers`` clients at a time on
+that many threads each can at best train a round ``workers x (local time) / (narrow time)`` faster
+(perfect parallelism, no contention), the most any scheduler of whole clients reaches on the machine.
 
 ``--tiny-shape FOLDER`` first saves a random LLaMA of ``benchmarks/memory.py``'s ``tiny`` shape
 (the shape of ``benchmarks/round.py``: 6 layers, hidden 512, 27M parameters) into FOLDER, with a
@@ -36,7 +41,8 @@ from typing import Any
 import torch
 
 
-def run(preset: str, sets: dict[str, str], out: Path, name: str) -> dict[str, Any]:
+def run(preset: str, sets: dict[str, str], out: Path, name: str, threads: int | None = None) -> dict[str, Any]:
+    """One run through ``local_run``; ``threads`` sets torch's intra-op threads of this process for it."""
     from fedlora.configs import preset_path
     from fedlora.engine.config import load_config
     from fedlora.engine.local import local_run
@@ -68,7 +74,12 @@ def run(preset: str, sets: dict[str, str], out: Path, name: str) -> dict[str, An
         return real_round(self, k, bar)
 
     engine._round = timed_round.__get__(engine)  # type: ignore[method-assign]
-    engine.run()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        engine.run()
+    finally:
+        torch.set_num_threads(before)
     wall = time.perf_counter() - t0
     lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     train = [r["seconds"]["train"] for r in lines if r.get("phase") == "train"]
@@ -123,8 +134,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", default="ci")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores the workers share (threads each)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="engine.gpus_per_worker (0.5: two workers a GPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tiny-shape", default=None, metavar="FOLDER", help="save and run the tiny LLaMA shape")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also run local on cores/workers threads: the speed-up a perfect parallel run could reach",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     sets = dict(s.split("=", 1) for s in args.set)
@@ -138,8 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "engine.backend": "ray",
             "engine.workers": str(args.workers),
             "engine.cpus_per_worker": str(args.cores / args.workers),
+            "engine.gpus_per_worker": str(args.gpus_per_worker),
         }
         par = run(args.preset, ray_sets, out, "ray")
+        narrow_threads = max(1, args.cores // args.workers)
+        narrow = run(args.preset, sets, out, "narrow", threads=narrow_threads) if args.ceiling else None
     same = local["records"] == par["records"]
     loss_diff = max((abs(a - b) / abs(a) for a, b in zip(local["losses"], par["losses"])), default=0.0)
     later = slice(1, None) if len(local["train_seconds"]) > 1 else slice(None)
@@ -152,12 +172,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_relative_loss_difference": loss_diff,
         "train_speedup_after_round_1": lt / rt,
     }
+    if narrow is not None:
+        # W workers on cores/W threads each can at best train W clients in the time local takes to
+        # train one on cores/W threads alone: W x (time on all cores) / (time on cores/W threads).
+        nt = statistics.median(narrow["train_seconds"][later])
+        result["local_narrow"] = {k: v for k, v in narrow.items() if k != "records"}
+        result["parallel_ceiling"] = args.workers * lt / nt
     print(f"{args.preset} {' '.join(args.set)}: {args.workers} ray workers on {args.cores} cores")
     print(f"  client training per round (median after round 1): local {lt:.1f} s, ray {rt:.1f} s -> {lt / rt:.2f}x")
     print(f"  round 1: local {local['train_seconds'][0]:.1f} s, ray {par['train_seconds'][0]:.1f} s")
     print(f"  start-up to round 1: local {local['startup_seconds']:.1f} s, ray {par['startup_seconds']:.1f} s")
     print(f"  worker RSS: {', '.join(f'{m:.0f} MiB' for m in par['worker_rss_mib'])}")
     print(f"  records identical: {same}; largest relative difference of a client's loss: {loss_diff:.1e}")
+    if narrow is not None:
+        print(
+            f"  local on {narrow_threads} thread(s): {nt:.1f} s per round -> a perfect parallel run"
+            f" reaches {result['parallel_ceiling']:.2f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

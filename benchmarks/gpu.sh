@@ -16,6 +16,9 @@
 #      linear layers, seq 512, batch 4: time and peak memory);
 #   8. the momentum diagnostics' cost per round against the aggregation (momentum.py: LLaMA-2-7B
 #      shapes, 10 clients, r=16, float64 reductions on the GPU);
+#   9. clients in parallel (backends.py, engine.backend local against ray): two workers sharing the
+#      GPU (gpus_per_worker 0.5, the ci preset on CUDA), and 8 CPU workers on the machine's cores
+#      against local on all of them (the tiny LLaMA shape, with the perfect-parallel ceiling);
 # and writes their JSON and a short summary.md into OUT_DIR. --smoke runs the same steps on the
 # CPU at toy shapes in about a minute (the test suite runs it, so the script cannot rot).
 set -euo pipefail
@@ -129,6 +132,26 @@ fi
 log "momentum diagnostics against the aggregation"
 "$PY" benchmarks/momentum.py --device "$DEV" "${MOMENTUM[@]}" --json "$OUT/momentum.json" \
   > "$OUT/momentum.txt" 2>&1 || log "momentum FAILED (see momentum.txt)"
+
+# clients in parallel: Ray workers against the local backend (no evaluation between rounds)
+CORES=$(nproc)
+BACKENDS_COMMON=(--preset ci --set rounds.eval_every=0 --set rounds.eval_baseline=false)
+if [ "$MODE" = "--smoke" ]; then
+  BACKENDS=("cpu 2 --cores 2 --tiny-shape $OUT/tiny-llama --ceiling --set train.max_steps=1 --set rounds.num_rounds=1")
+else
+  BACKENDS=("gpu 2 --gpus-per-worker 0.5 --set model.device=cuda --set train.max_steps=16 --set rounds.num_rounds=4"
+            "cpu 8 --cores $CORES --tiny-shape $OUT/tiny-llama --ceiling --set partition.num_clients=16
+             --set rounds.clients_per_round=8 --set task.settings.n_train=256 --set train.max_steps=16
+             --set rounds.num_rounds=3")
+fi
+for spec in "${BACKENDS[@]}"; do
+  read -r -d '' where workers rest <<< "$spec" || true
+  name="backends-$where-$workers"
+  log "$name"
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/backends.py "${BACKENDS_COMMON[@]}" --workers "$workers" $rest --json "$OUT/$name.json" \
+    > "$OUT/$name.txt" 2>&1 || log "$name FAILED (see $name.txt)"
+done
 
 "$PY" benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md"
 log "done: $OUT/summary.md"

@@ -1,10 +1,11 @@
 """The markdown summary of one ``benchmarks/gpu.sh OUT_DIR`` run (printed; gpu.sh writes it to
 ``OUT_DIR/summary.md``): the machine, the CUDA-only tests, aggregation, rounds, memory, the side
-path and padding-free batches."""
+path, padding-free batches, DP-SGD, the momentum diagnostics and clients in parallel."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,31 @@ def summary(out: Path) -> str:
         ]
         for name, r in mom["methods"].items():
             lines.append(f"| {name} | {r['aggregate_s']:.3g} | {r['observe_s']:.3g} | {r['ratio']:.2f}x |")
+    backends = sorted(out.glob("backends-*.json"))
+    if backends:
+        lines += [
+            "",
+            "## Clients in parallel (backends.py): client training per round, local against ray",
+            "",
+            "| run | workers | local s | ray s | speed-up | perfect-parallel ceiling | start-up local / ray s | "
+            "worker RSS MiB | records identical |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for path in backends:
+            b = _load(path)
+            if not b:
+                lines.append(f"| {path.stem} | failed (see {path.stem}.txt) ||||||||")
+                continue
+            later = slice(1, None) if len(b["local"]["train_seconds"]) > 1 else slice(None)
+            lt, rt = (statistics.median(b[k]["train_seconds"][later]) for k in ("local", "ray"))
+            ceiling = f"{b['parallel_ceiling']:.2f}x" if "parallel_ceiling" in b else "-"
+            rss = ", ".join(f"{m:.0f}" for m in b["ray"]["worker_rss_mib"])
+            lines.append(
+                f"| {path.stem} | {b['settings']['workers']} | {lt:.2f} | {rt:.2f} | "
+                f"{b['train_speedup_after_round_1']:.2f}x | {ceiling} | "
+                f"{b['local']['startup_seconds']:.1f} / {b['ray']['startup_seconds']:.1f} | {rss} | "
+                f"{b['records_identical']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

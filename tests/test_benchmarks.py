@@ -40,8 +40,12 @@ def test_gpu_script_smoke_mode_writes_every_result(tmp_path):
     mom = json.loads((tmp_path / "momentum.json").read_text())
     assert set(mom["methods"]) == {"fedit", "ffa_lora", "flora", "fedex_lora", "fedmomentum"}
     assert all(r["observe_s"] > 0 for r in mom["methods"].values())
+    par = json.loads((tmp_path / "backends-cpu-2.json").read_text())
+    assert par["ray"]["steps"] == par["local"]["steps"] and len(par["ray"]["worker_rss_mib"]) == 2
+    assert par["parallel_ceiling"] > 0 and par["local_narrow"]["steps"] == par["local"]["steps"]
     summary = (tmp_path / "summary.md").read_text()
     for needle in (
+        "## Clients in parallel",
         "## Momentum diagnostics",
         "## DP-SGD",
         "## Aggregation",

@@ -76,6 +76,14 @@ def test_a_study_spec_is_not_a_preset(capsys):
     assert Path(str(preset_path("ci"))).name == "ci.yaml"
 
 
+def test_a_preset_name_given_as_the_config_file_points_to_preset(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "ci"]) == 2
+    assert "ci: no such file; the shipped preset runs with --preset ci" in capsys.readouterr().err
+    assert main(["run", "nope"]) == 2  # not a preset either: the plain error
+    assert "nope: cannot read" in capsys.readouterr().err
+
+
 # ---- c: eval of a folder that is not there, or not a run/adapter folder ------------------------------
 def test_eval_of_a_missing_folder_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -74,6 +74,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides.setdefault("name", run_dir.name)
         cfg = load_config(run_dir / "config.yaml", overrides)
     else:
+        if args.config and not Path(args.config).exists() and args.config in preset_names():
+            raise ValueError(f"{args.config}: no such file; the shipped preset runs with --preset {args.config}")
         source = args.config if args.config else preset_path(args.preset)
         cfg = load_config(source, overrides)
         if cfg.run_dir.exists() and (cfg.run_dir / "checkpoint").exists() and not args.overwrite:
