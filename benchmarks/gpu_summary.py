@@ -8,7 +8,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TARGET_7B_NF4_BYTES = 10e9  # issue #15: 7B nf4, r=16 all linear, seq 512, batch 4, checkpointing
 
@@ -18,6 +18,19 @@ def _load(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _table(title: str, header: list[str], paths: list[Path], rows: Callable[[Path, Any], list[list[str]]]) -> list[str]:
+    """A markdown section: ``title``, a table of ``header``, the rows each JSON file in ``paths`` gives
+    (``rows(path, data)``), and a "failed" row for a file that is missing or unreadable."""
+    lines = ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for path in paths:
+        data = _load(path)
+        if not data:
+            lines.append(f"| {path.stem} | failed (see {path.stem}.txt) " + "|" * (len(header) - 1))
+            continue
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows(path, data)]
+    return lines
 
 
 def summary(out: Path) -> str:
@@ -39,42 +52,42 @@ def summary(out: Path) -> str:
         lines.append("- missing (see aggregation.txt)")
     lines.append("")
 
-    lines += [
-        "## One round against plain PEFT (round.py)",
-        "",
-        "| run | round s | overhead | fed tok/s | plain tok/s | fed/plain | peak MiB fed / plain |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for path in sorted(out.glob("round-*.json")):
-        r = _load(path)
-        if not r:
-            lines.append(f"| {path.stem} | failed (see {path.stem}.txt) ||||||")
-            continue
+    def round_row(path: Path, r: dict[str, Any]) -> list[list[str]]:
         s = r["summary"]
-        lines.append(
-            f"| {path.stem} | {s['round_seconds_excl_eval']:.3g} | {100 * s['overhead_fraction']:.1f} % | "
-            f"{s['federated_tokens_per_s']:.4g} | {s['plain_tokens_per_s']:.4g} | "
-            f"{s['federated_vs_plain_throughput']:.3f} | {s['peak_mib_federated']:.0f} / {s['peak_mib_plain']:.0f} |"
-        )
-    lines += [
-        "",
-        "## Memory model (memory.py): predicted / measured MiB",
-        "",
-        "| run | base weights | LoRA + optimizer | step | total |",
-        "|---|---|---|---|---|",
-    ]
-    for path in sorted(out.glob("memory-*.json")):
-        m = _load(path)
-        if not m:
-            lines.append(f"| {path.stem} | failed (see {path.stem}.txt) ||||")
-            continue
-        cells = [f"{p:.0f} / {q:.0f}" for p, q in m["comparison_mib"].values()]
-        lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
+        return [[
+            path.stem,
+            f"{s['round_seconds_excl_eval']:.3g}",
+            f"{100 * s['overhead_fraction']:.1f} %",
+            f"{s['federated_tokens_per_s']:.4g}",
+            f"{s['plain_tokens_per_s']:.4g}",
+            f"{s['federated_vs_plain_throughput']:.3f}",
+            f"{s['peak_mib_federated']:.0f} / {s['peak_mib_plain']:.0f}",
+        ]]  # fmt: skip
+
+    lines += _table(
+        "One round against plain PEFT (round.py)",
+        ["run", "round s", "overhead", "fed tok/s", "plain tok/s", "fed/plain", "peak MiB fed / plain"],
+        sorted(out.glob("round-*.json")),
+        round_row,
+    )[1:]  # no blank line: the aggregation section ends with one
+    verdicts: list[str] = []
+
+    def memory_row(path: Path, m: dict[str, Any]) -> list[list[str]]:
         a = m["args"]
         if (a["shape"], a["quantization"], a["gradient_checkpointing"]) == ("7b", "nf4", True) and a["device"] != "cpu":
             total = m["measured"]["total"]
             verdict = "met" if total <= TARGET_7B_NF4_BYTES else "MISSED"
-            lines.append(f"\n7B nf4 target <= 10 GB: {total / 1e9:.2f} GB measured: **{verdict}**\n")
+            verdicts.append(f"7B nf4 target <= 10 GB: {total / 1e9:.2f} GB measured: **{verdict}**")
+        return [[path.stem, *(f"{p:.0f} / {q:.0f}" for p, q in m["comparison_mib"].values())]]
+
+    lines += _table(
+        "Memory model (memory.py): predicted / measured MiB",
+        ["run", "base weights", "LoRA + optimizer", "step", "total"],
+        sorted(out.glob("memory-*.json")),
+        memory_row,
+    )
+    for verdict in verdicts:
+        lines += ["", verdict]
     runs = sorted((out / "runs").glob("*/metrics.jsonl")) if (out / "runs").is_dir() else []
     if runs:
         lines += ["", "## Side path on the default run (train seconds per round; side rank mean / max, MiB)", ""]
@@ -91,24 +104,22 @@ def summary(out: Path) -> str:
             lines.append(f"- {path.parent.name}: " + "; ".join(cells))
     packing = sorted(out.glob("packing-*.json"))
     if packing:
-        lines += [
-            "",
-            "## Padding-free batches (packing.py): useful tokens/s padded / packed",
-            "",
-            "| attention | preset | padded share | padded | packed | speed-up |",
-            "|---|---|---|---|---|---|",
-        ]
-        for path in packing:
-            rows = _load(path)
-            if not rows:
-                lines.append(f"| {path.stem} | failed (see {path.stem}.txt) |||||")
-                continue
-            for r in rows:
-                lines.append(
-                    f"| {r['attention']} | {r['preset']} | {100 * r['padded_share']:.1f} % | "
-                    f"{r['pad']['useful_tokens_per_s']:.0f} | {r['flatten']['useful_tokens_per_s']:.0f} | "
-                    f"{r['speedup']:.2f}x |"
-                )
+        lines += _table(
+            "Padding-free batches (packing.py): useful tokens/s padded / packed",
+            ["attention", "preset", "padded share", "padded", "packed", "speed-up"],
+            packing,
+            lambda _, rows: [
+                [
+                    r["attention"],
+                    r["preset"],
+                    f"{100 * r['padded_share']:.1f} %",
+                    f"{r['pad']['useful_tokens_per_s']:.0f}",
+                    f"{r['flatten']['useful_tokens_per_s']:.0f}",
+                    f"{r['speedup']:.2f}x",
+                ]
+                for r in rows
+            ],
+        )
     reload = _load(out / "reload.json")
     if reload:
         lines += [
@@ -120,22 +131,20 @@ def summary(out: Path) -> str:
         ]
     dps = sorted(out.glob("dpsgd-*.json"))
     if dps:
-        lines += [
-            "",
-            "## DP-SGD against a plain local step (dpsgd.py): seconds per step, peak MiB",
-            "",
-            "| run | plain s | DP-SGD s | DP / plain | peak MiB plain / DP |",
-            "|---|---|---|---|---|",
-        ]
-        for path in dps:
-            d = _load(path)
-            if not d:
-                lines.append(f"| {path.stem} | failed (see {path.stem}.txt) ||||")
-                continue
-            lines.append(
-                f"| {path.stem} | {d['plain']['step_s']:.3g} | {d['dp']['step_s']:.3g} | "
-                f"{d['dp_over_plain_time']:.2f}x | {d['plain']['peak_mib']:.0f} / {d['dp']['peak_mib']:.0f} |"
-            )
+        lines += _table(
+            "DP-SGD against a plain local step (dpsgd.py): seconds per step, peak MiB",
+            ["run", "plain s", "DP-SGD s", "DP / plain", "peak MiB plain / DP"],
+            dps,
+            lambda path, d: [
+                [
+                    path.stem,
+                    f"{d['plain']['step_s']:.3g}",
+                    f"{d['dp']['step_s']:.3g}",
+                    f"{d['dp_over_plain_time']:.2f}x",
+                    f"{d['plain']['peak_mib']:.0f} / {d['dp']['peak_mib']:.0f}",
+                ]
+            ],
+        )
     mom = _load(out / "momentum.json")
     if mom:
         a = mom["args"]
@@ -149,31 +158,31 @@ def summary(out: Path) -> str:
         ]
         for name, r in mom["methods"].items():
             lines.append(f"| {name} | {r['aggregate_s']:.3g} | {r['observe_s']:.3g} | {r['ratio']:.2f}x |")
+
+    def backends_row(path: Path, b: dict[str, Any]) -> list[list[str]]:
+        later = slice(1, None) if len(b["local"]["train_seconds"]) > 1 else slice(None)
+        lt, rt = (statistics.median(b[k]["train_seconds"][later]) for k in ("local", "ray"))
+        return [[
+            path.stem,
+            str(b["settings"]["workers"]),
+            f"{lt:.2f}",
+            f"{rt:.2f}",
+            f"{b['train_speedup_after_round_1']:.2f}x",
+            f"{b['parallel_ceiling']:.2f}x" if "parallel_ceiling" in b else "-",
+            f"{b['local']['startup_seconds']:.1f} / {b['ray']['startup_seconds']:.1f}",
+            ", ".join(f"{m:.0f}" for m in b["ray"]["worker_rss_mib"]),
+            str(b["records_identical"]),
+        ]]  # fmt: skip
+
     backends = sorted(out.glob("backends-*.json"))
     if backends:
-        lines += [
-            "",
-            "## Clients in parallel (backends.py): client training per round, local against ray",
-            "",
-            "| run | workers | local s | ray s | speed-up | perfect-parallel ceiling | start-up local / ray s | "
-            "worker RSS MiB | records identical |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for path in backends:
-            b = _load(path)
-            if not b:
-                lines.append(f"| {path.stem} | failed (see {path.stem}.txt) ||||||||")
-                continue
-            later = slice(1, None) if len(b["local"]["train_seconds"]) > 1 else slice(None)
-            lt, rt = (statistics.median(b[k]["train_seconds"][later]) for k in ("local", "ray"))
-            ceiling = f"{b['parallel_ceiling']:.2f}x" if "parallel_ceiling" in b else "-"
-            rss = ", ".join(f"{m:.0f}" for m in b["ray"]["worker_rss_mib"])
-            lines.append(
-                f"| {path.stem} | {b['settings']['workers']} | {lt:.2f} | {rt:.2f} | "
-                f"{b['train_speedup_after_round_1']:.2f}x | {ceiling} | "
-                f"{b['local']['startup_seconds']:.1f} / {b['ray']['startup_seconds']:.1f} | {rss} | "
-                f"{b['records_identical']} |"
-            )
+        lines += _table(
+            "Clients in parallel (backends.py): client training per round, local against ray",
+            ["run", "workers", "local s", "ray s", "speed-up", "perfect-parallel ceiling", "start-up local / ray s",
+             "worker RSS MiB", "records identical"],
+            backends,
+            backends_row,
+        )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
