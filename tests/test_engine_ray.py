@@ -110,6 +110,42 @@ def test_a_killed_worker_fails_its_client_and_is_replaced(tmp_path, tiny, monkey
     assert not lines[2]["rejected"] and len(lines[2]["train"]) == 3  # a fresh worker trained in round 3
 
 
+def test_out_of_memory_in_a_worker_fails_its_client_and_the_worker_is_replaced(tmp_path, tiny, monkeypatch):
+    """A CUDA out-of-memory error raised inside a worker's training (simulated: no GPU here) fails
+    that client for the round, named in ``rejected``; the round goes on and the worker, whose
+    model state is unknown after the error, is replaced before it trains again."""
+    import sys
+
+    import ray
+
+    from fedlora import trees
+    from fedlora.engine import ray_runtime
+    from fedlora.engine.setup import sample_clients
+
+    victim = sample_clients(0, 1, ["0", "1", "2", "3"], 3)[0]  # the config's seed, round 2's sample
+
+    class OutOfMemoryInRound2(ray_runtime.ClientWorker):
+        def train(self, state_blob, ledger_blob, first, cid, record_blob):  # type: ignore[no-untyped-def]
+            if cid == victim and trees.from_bytes(state_blob)["state"]["round"] == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return super().train(state_blob, ledger_blob, first, cid, record_blob)
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    monkeypatch.setattr(ray_runtime, "ClientWorker", OutOfMemoryInRound2)
+    replaced = []
+    real_replace = ray_runtime.RayTrainer._replace
+    monkeypatch.setattr(ray_runtime.RayTrainer, "_replace", lambda self, w: replaced.append(w) or real_replace(self, w))
+    cfg = config(tmp_path, tiny, "oom", **{"engine.backend": "ray", "engine.workers": "2"})
+    local_run(cfg, progress=False).run()
+    lines = run_records(tmp_path / "oom")
+    assert [r["round"] for r in lines] == [1, 2, 3] and victim in lines[1]["clients"]
+    (failed,) = lines[1]["rejected"]
+    assert failed["client"] == victim and "OutOfMemoryError: CUDA out of memory" in failed["reason"], failed
+    assert failed["reason"].startswith("ray worker ")
+    assert len(lines[1]["train"]) == 2 and not lines[1]["skipped"]  # the round went on
+    assert len(replaced) == 1 and not lines[2]["rejected"] and len(lines[2]["train"]) == 3
+
+
 @pytest.mark.parametrize(
     "sets,needle",
     [
