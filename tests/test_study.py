@@ -96,6 +96,9 @@ def test_spec_expansion_resets_settings_and_cycles_client_ranks(tmp_path):
         ({"base": "no_such_preset"}, "base"),
         ({"report": {"slices": ["seed"]}}, "report.slices"),
         ({"report": {"target": "high"}}, "report.target"),
+        ({"report": {"target": float("nan")}}, "report.target"),
+        ({"report": {"target": []}}, "report.target"),
+        ({"report": {"target": [0.8, 0.8]}}, "report.target"),
         ({"overrides": {"train..lr": 1}}, "overrides.train..lr"),
     ],
 )
@@ -181,11 +184,10 @@ def test_report_statistics_final_not_max(tmp_path):
     assert g["fedit"].n == 2 and g["fedit"].final_mean == pytest.approx(0.75)
     assert g["fedit"].final_std == pytest.approx(0.0707107, rel=1e-5)
     assert g["fedit"].auc_mean == pytest.approx((0.6 + 0.9 + 0.7 + 0.6 + 0.7 + 0.8) / 6)
-    assert g["fedit"].reached == 2 and g["fedit"].rounds_to_target == pytest.approx(2.5)  # rounds 2 and 3
-    assert g["fedit"].mb_to_target == pytest.approx(5.0)
+    assert g["fedit"].to_target["0.8"] == pytest.approx((2.5, 5.0, 2))  # rounds 2 and 3
     assert g["fedit"].rough_mean == pytest.approx(((0.3 + 0.2) / 2 + (0.1 + 0.1) / 2) / 2)
     assert g["fedmomentum"].n == 1 and g["fedmomentum"].final_std is None
-    assert g["fedmomentum"].rounds_to_target == 1 and g["fedmomentum"].mb_total == pytest.approx(3.0)
+    assert g["fedmomentum"].to_target["0.8"][0] == 1 and g["fedmomentum"].mb_total == pytest.approx(3.0)
     status = {c.name: c.status for c in report.cells}
     assert status["seed1-fedmomentum"] == "missing"
     md = report.markdown()
@@ -201,6 +203,29 @@ def test_report_statistics_final_not_max(tmp_path):
     assert {c["name"]: c["final"] for c in data["cells"]}["seed0-fedit"] == 0.7
     png = spec.report_dir / "all.png"
     assert png.is_file() and png.stat().st_size > 10_000
+
+
+def test_several_targets_give_rounds_and_mb_to_each(tmp_path):
+    d = spec_dict(
+        tmp_path,
+        overrides={"rounds.num_rounds": 3},
+        grid={"seed": [0, 1], "method.name": ["fedit"]},
+        report={"target": [0.8, 0.95]},
+    )
+    spec = parse_spec(d, path=tmp_path / "spec.yaml")
+    assert spec.targets == [0.8, 0.95]
+    cells = {c.name: c for c in spec.cells()}
+    fake_run(cells["seed0-fedit"], [0.6, 0.9, 0.96])
+    fake_run(cells["seed1-fedit"], [0.8, 0.9, 0.9])
+    report = build_report(spec, plots=False)
+    (g,) = report.groups
+    assert g.to_target["0.8"] == pytest.approx((1.5, 3.0, 2))  # rounds 2 and 1, MB 4 and 2
+    assert g.to_target["0.95"] == pytest.approx((3.0, 6.0, 1))  # only seed 0, at round 3
+    md = report.markdown()
+    assert "| rounds to 0.8 | MB to 0.8 | rounds to 0.95 | MB to 0.95 |" in md
+    assert "| 1.5 (2/2) | 3.0 | 3.0 (1/2) | 6.0 |" in md
+    assert "to reach accuracy ≥ 0.8 and 0.95" in md
+    assert json.loads(json.dumps(report.to_json()))["targets"] == [0.8, 0.95]
 
 
 def test_a_methods_client_report_is_averaged_over_the_rounds_reporting_it(tmp_path):

@@ -5,8 +5,9 @@ picking the best round on the test set is an evaluation bug). Per (slice, method
 
 * final value: mean ± sample standard deviation (n - 1 in the denominator; ``n`` shown);
 * speed: the mean of the metric over the evaluated rounds (the area under the metric-vs-round
-  curve divided by its length) and, with ``report.target``, the first round and cumulative MB at
-  which the metric reaches the target (the mean over the seeds that reached it, and how many did);
+  curve divided by its length) and, with ``report.target`` (one number or several), the first round
+  and cumulative MB at which the metric reaches each target (the mean over the seeds that reached
+  it, and how many did);
 * communication: total bytes up + down of the run, in MB;
 * paired comparisons (``report.pairs``): for a pair (a, b), over the seeds where both finished
   (the same seed is the same data, partition and client sampling), the mean paired difference
@@ -262,15 +263,16 @@ class Group:
     mb_total: float | None
     seconds_mean: float | None
     rough_mean: float | None = None
-    reached: int | None = None
-    rounds_to_target: float | None = None
-    mb_to_target: float | None = None
+    # per report target (its f"{t:g}"): (mean rounds to reach it, mean MB, seeds that reached it)
+    to_target: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
     personal: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
     client_report: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
     momentum: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)  # MOMENTUM_SUMMARY's
 
 
-def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Sequence[str], target, lower) -> list[Group]:
+def summarise(
+    cells: Sequence[CellResult], slices: Sequence[str], methods: Sequence[str], targets: Sequence[float], lower: bool
+) -> list[Group]:
     """One :class:`Group` per (slice value combination, method) that has at least one cell."""
     groups: list[Group] = []
     keys: dict[tuple, dict[str, Any]] = {}
@@ -289,11 +291,13 @@ def summarise(cells: Sequence[CellResult], slices: Sequence[str], methods: Seque
             sm, _, _ = mean_std([c.seconds for c in done if c.seconds is not None])
             g = Group(sl, m, n, sorted(c.seed for c in done), fm, fs, am, asd, bm, mbm, sm)
             g.rough_mean = mean_std([c.roughness for c in done])[0]
-            if target is not None and done:
+            for target in targets if done else []:
                 hits = [h for h in (reach(c.curve, target, lower) for c in done) if h]
-                g.reached = len(hits)
-                g.rounds_to_target = mean_std([h[0] for h in hits])[0]
-                g.mb_to_target = mean_std([h[1] for h in hits])[0]
+                g.to_target[f"{target:g}"] = (
+                    mean_std([h[0] for h in hits])[0],
+                    mean_std([h[1] for h in hits])[0],
+                    len(hits),
+                )
             names = sorted({k for c in done for k in c.personal})
             g.personal = {k: mean_std([c.personal[k] for c in done if k in c.personal]) for k in names}
             names = sorted({k for c in done for k in c.client_report})
@@ -384,7 +388,7 @@ class StudyReport:
             "arms": self.spec.arms,
             "metric": self.metric,
             "direction": "lower is better" if self.lower else "higher is better",
-            "target": self.spec.target,
+            "targets": self.spec.targets,
             "headline": "value at the final evaluated round (not the running max); mean and sample std over seeds",
             "cells": [asdict(c) | {"auc": c.auc, "roughness": c.roughness} for c in self.cells],
             "groups": [asdict(g) for g in self.groups],
@@ -424,9 +428,10 @@ class StudyReport:
             "mean ± sample std over seeds (n = seeds finished)",
             "- speed: `mean over rounds` = area under the metric-vs-round curve / rounds"
             + (
-                f"; rounds / MB to reach {metric} {'≤' if self.lower else '≥'} {spec.target:g} "
-                "(mean over the seeds that reached it, k/n reached)"
-                if spec.target is not None
+                f"; rounds / MB to reach {metric} {'≤' if self.lower else '≥'} "
+                + " and ".join(f"{t:g}" for t in spec.targets)
+                + " (mean over the seeds that reached it, k/n reached)"
+                if spec.targets
                 else ""
             ),
             "- smoothness: `mean abs. change / round` = mean |metric(t) − metric(t−1)| over rounds 1..R "
@@ -468,8 +473,10 @@ class StudyReport:
             personal = sorted({k for g in self.groups if slice_name(g.slice) == slice_name(s) for k in g.personal})
             reported = sorted({k for g in self.groups if slice_name(g.slice) == slice_name(s) for k in g.client_report})
             head = ["method", f"final {metric}", "n", "mean over rounds", "mean abs. change / round"]
-            if spec.target is not None:
+            if len(spec.targets) == 1:
                 head += ["rounds to target", "MB to target"]
+            else:
+                head += [f"{what} to {t:g}" for t in spec.targets for what in ("rounds", "MB")]
             head += ["MB total", "s / run"] + [f"{k} (final)" for k in personal]
             head += [f"{k} (mean over rounds)" for k in reported]
             rows = []
@@ -479,9 +486,10 @@ class StudyReport:
                     continue
                 row = [m, fmt_mean_std(g.final_mean, g.final_std), str(g.n), fmt_mean_std(g.auc_mean, g.auc_std)]
                 row.append(fmt_value(g.rough_mean, 3))
-                if spec.target is not None:
-                    if g.reached:
-                        row += [f"{g.rounds_to_target:.1f} ({g.reached}/{g.n})", f"{g.mb_to_target:,.1f}"]
+                for t in spec.targets:
+                    rounds, mb, reached = g.to_target.get(f"{t:g}", (None, None, 0))
+                    if reached:
+                        row += [f"{rounds:.1f} ({reached}/{g.n})", f"{mb:,.1f}"]
                     else:
                         row += [f"not reached (0/{g.n})", "-"]
                 row += [f"{g.mb_total:,.1f}" if g.mb_total is not None else "-", fmt_value(g.seconds_mean, 0)]
@@ -782,7 +790,7 @@ def build_report(spec: StudySpec, extra: dict[str, Any] | None = None, *, plots:
                 results[i] = carried_cell(c, old_cells.get(c.name)) or results[i]
     lower = lower_is_better(metric) if metric else False
     methods = list(dict.fromkeys(c.method for c in cells))
-    groups = summarise(results, spec.slices, methods, spec.target, lower)
+    groups = summarise(results, spec.slices, methods, spec.targets, lower)
     report = StudyReport(spec, metric, lower, results, groups, methods)
     done = report.slice_keys(finished_only=True)
     report.pairs = [compare_pair(results, a, b, s, lower) for a, b in spec.pairs for s in done]

@@ -22,7 +22,8 @@ A study spec is a YAML file::
       fedit+scaffold: {method.name: fedit, train.scaffold: true}
     report:                          # optional
       metric: accuracy               # default: the task's headline metric (first of its eval dict)
-      target: 0.8                    # rounds/MB to reach it (direction from the metric's name)
+      target: 0.8                    # rounds/MB to reach it (direction from the metric's name); or a
+                                     # list, e.g. [0.8, 0.95]: the rounds/MB to reach each
       slices: [partition.alpha, partition.num_clients]   # one table/plot per slice
       pairs: [[fedmomentum, fedit]]  # paired comparisons over seeds (a claim: first beats second)
 
@@ -44,6 +45,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +129,7 @@ class StudySpec:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     metric: str | None = None
-    target: float | None = None
+    targets: list[float] = field(default_factory=list)  # report.target: one number or a list
     slices: list[str] = field(default_factory=list)
     pairs: list[tuple[str, str]] = field(default_factory=list)
     description: str = ""
@@ -340,8 +342,11 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
     if metric is not None and not isinstance(metric, str):
         raise StudySpecError(f"report.metric: expected a metric name, got {metric!r}")
     target = report.get("target")
-    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
-        raise StudySpecError(f"report.target: expected a number, got {target!r}")
+    targets = target if isinstance(target, list) else [] if target is None else [target]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in targets) or (
+        isinstance(target, list) and (not target or len(set(target)) < len(target))
+    ):
+        raise StudySpecError(f"report.target: expected a finite number or a list of distinct ones, got {target!r}")
     default_slices = [a for a in grid if a not in (METHOD_AXIS, ARM_AXIS, SEED_AXIS)]
     slices = report.get("slices", default_slices)
     if not isinstance(slices, list) or any(s not in grid or s in (METHOD_AXIS, ARM_AXIS, SEED_AXIS) for s in slices):
@@ -367,7 +372,7 @@ def parse_spec(raw: Any, spec_dir: Path | str = ".", path: Path | None = None) -
         methods={k: dict(v) for k, v in methods.items()},
         arms={k: dict(v) for k, v in arms.items()},
         metric=metric,
-        target=float(target) if target is not None else None,
+        targets=[float(t) for t in targets],
         slices=list(slices),
         pairs=pairs,
         description=str(raw.get("description") or ""),
