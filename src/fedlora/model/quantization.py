@@ -101,7 +101,28 @@ def check_quantization(quantization: str, device: torch.device, compute_dtype: t
 
 def prepare_quantized(model: Any) -> Any:
     """PEFT's k-bit preparation (float32 norms and embeddings, input gradients), without
-    turning on gradient checkpointing (``train.gradient_checkpointing`` decides that)."""
+    turning on gradient checkpointing (``train.gradient_checkpointing`` decides that), and 4-bit
+    layers kept in their trainable layout (:func:`keep_4bit_layout`)."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return keep_4bit_layout(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+
+
+def keep_4bit_layout(model: Any) -> Any:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights, on every ``Linear4bit`` of ``model``.
+
+    bitsandbytes 0.50 repacks a 4-bit weight, in place, into an AVX512-BF16 layout the first time
+    its layer runs in eval mode on a CPU that has the instructions (``support_avx512bf16_for_cpu``).
+    From then on the layer computes through a kernel with no autograd (the gradient stops at the
+    layer: the LoRA factors below it get none through it) and its weight no longer dequantizes
+    with its quant state (the side path and the backbone checks read garbage). fedlora evaluates
+    between rounds and trains after, on the same model, so the repacking is turned off: the
+    layer keeps the standard layout and bitsandbytes' autograd matmul in both modes (CPU inference
+    loses the fused kernel; GPUs are not affected). Call it before the model's first forward: the
+    repacking's inverse does not restore the block scales exactly, so a repacked weight is refused."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+                raise ValueError("a 4-bit weight was already repacked for the CPU kernel: load the model again")
+            module.support_avx512bf16_for_cpu = False
+    return model
