@@ -135,3 +135,7 @@ def test_without_it_an_eval_forward_repacks_the_weight_and_the_gradient_stops():
     assert x.grad is None  # no autograd through the repacked kernel: nothing reaches the input
     with pytest.raises(ValueError, match="already repacked"):
         Q.keep_4bit_layout(torch.nn.Sequential(layer))
+    from fedlora.model.backbone import dense_weight
+
+    with pytest.raises(ValueError, match="0: its 4-bit weight was repacked"):  # not read as garbage
+        dense_weight(torch.nn.Sequential(layer), "0")

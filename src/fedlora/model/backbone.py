@@ -82,6 +82,8 @@ def dense_weight(model: nn.Module, module: str) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
     base, fan = target_layer(model, module)
+    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise ValueError(f"{module}: its 4-bit weight was repacked for bitsandbytes' CPU kernel (see keep_4bit_layout)")
     w = dequantize_module_weight(base) if is_quantized(base.weight) else base.weight
     w = w.detach().float().cpu().clone()
     return w.T if fan else w
