@@ -460,7 +460,7 @@ def test_files_in_run_lock_do_not_survive():
 
 
 def test_the_evaluation_file_is_hidden_from_the_candidate():
-    from fedlora.tasks.code.sandbox import run_candidate
+    from fedlora.tasks.code.sandbox import PRIVATE_DIRS, run_candidate
     from fedlora.tasks.code.task import humaneval_path
 
     _sandbox_layers_need("private_tmp")
@@ -468,6 +468,8 @@ def test_the_evaluation_file_is_hidden_from_the_candidate():
     body = f"    try:\n        return len(open({path!r}, 'rb').read())\n    except OSError:\n        return -1\n"
     test = "def check(candidate):\n    assert candidate() <= 0\n"
     assert run_candidate("def size():\n", body, test, "size", hide=[path]).passed
+    if any(path.startswith(d + "/") for d in PRIVATE_DIRS):  # e.g. a checkout under /tmp
+        pytest.skip(f"{path} is under a directory every sample gets a fresh tmpfs on: the control cannot see it")
     assert not run_candidate("def size():\n", body, test, "size").passed  # readable when not hidden
 
 
