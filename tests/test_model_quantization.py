@@ -110,7 +110,6 @@ def test_4bit_layers_keep_training_after_an_eval_forward(tmp_path):
     assert torch.allclose(x.grad.float(), before.sum(0).expand_as(x), rtol=2e-2, atol=2e-2)
 
 
-@needs_bnb
 @pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None or not __import__("bitsandbytes").functional.has_avx512bf16(),
     reason="the repacking happens only on CPUs with AVX512-BF16",

@@ -61,6 +61,12 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight).__name__ in QUANTIZED_PARAMS or not weight.is_floating_point()
 
 
+def is_cpu_repacked(weight: torch.Tensor) -> bool:
+    """A 4-bit weight bitsandbytes repacked for its fused CPU kernel (see
+    :func:`fedlora.model.quantization.keep_4bit_layout`): no autograd, no dequantizing."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
 def mergeable(weight: torch.Tensor) -> bool:
     """Whether ``W += delta`` in place is exact up to float32 rounding (float32/float64 weights)."""
     return not is_quantized(weight) and weight.dtype in (torch.float32, torch.float64)
@@ -82,7 +88,7 @@ def dense_weight(model: nn.Module, module: str) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
     base, fan = target_layer(model, module)
-    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+    if is_cpu_repacked(base.weight):
         raise ValueError(f"{module}: its 4-bit weight was repacked for bitsandbytes' CPU kernel (see keep_4bit_layout)")
     w = dequantize_module_weight(base) if is_quantized(base.weight) else base.weight
     w = w.detach().float().cpu().clone()

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from fedlora.model.backbone import is_cpu_repacked
+
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 
 
@@ -122,7 +124,7 @@ def keep_4bit_layout(model: Any) -> Any:
     repacking's inverse does not restore the block scales exactly, so a repacked weight is refused."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            if is_cpu_repacked(module.weight):
                 raise ValueError("a 4-bit weight was already repacked for the CPU kernel: load the model again")
             module.support_avx512bf16_for_cpu = False
     return model
