@@ -86,6 +86,7 @@ def run(preset: str, sets: dict[str, str], out: Path, name: str, threads: int | 
     steps = [sum(s["steps"] for s in r["train"].values()) for r in lines if r.get("phase") == "train"]
     return {
         "train_seconds": train,
+        "median_train_seconds": statistics.median(train[1:] or train),  # round 1 is the warm-up
         "steps": steps,
         "startup_seconds": first[0] if first else None,
         "wall_seconds": wall,
@@ -162,8 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         narrow = run(args.preset, sets, out, "narrow", threads=narrow_threads) if args.ceiling else None
     same = local["records"] == par["records"]
     loss_diff = max((abs(a - b) / abs(a) for a, b in zip(local["losses"], par["losses"])), default=0.0)
-    later = slice(1, None) if len(local["train_seconds"]) > 1 else slice(None)
-    lt, rt = statistics.median(local["train_seconds"][later]), statistics.median(par["train_seconds"][later])
+    lt, rt = local["median_train_seconds"], par["median_train_seconds"]
     result = {
         "settings": vars(args),
         "local": {k: v for k, v in local.items() if k != "records"},
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if narrow is not None:
         # W workers on cores/W threads each can at best train W clients in the time local takes to
         # train one on cores/W threads alone: W x (time on all cores) / (time on cores/W threads).
-        nt = statistics.median(narrow["train_seconds"][later])
+        nt = narrow["median_train_seconds"]
         result["local_narrow"] = {k: v for k, v in narrow.items() if k != "records"}
         result["parallel_ceiling"] = args.workers * lt / nt
     print(f"{args.preset} {' '.join(args.set)}: {args.workers} ray workers on {args.cores} cores")

@@ -5,7 +5,6 @@ path, padding-free batches, DP-SGD, the momentum diagnostics and clients in para
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -160,8 +159,7 @@ def summary(out: Path) -> str:
             lines.append(f"| {name} | {r['aggregate_s']:.3g} | {r['observe_s']:.3g} | {r['ratio']:.2f}x |")
 
     def backends_row(path: Path, b: dict[str, Any]) -> list[list[str]]:
-        later = slice(1, None) if len(b["local"]["train_seconds"]) > 1 else slice(None)
-        lt, rt = (statistics.median(b[k]["train_seconds"][later]) for k in ("local", "ray"))
+        lt, rt = b["local"]["median_train_seconds"], b["ray"]["median_train_seconds"]
         return [[
             path.stem,
             str(b["settings"]["workers"]),
